@@ -1,0 +1,31 @@
+# `make demo` sets everything up and runs the main job on the builtin default model;
+# `make test` sets up the test tools and runs the test suite (fast tests + slow real-model tests).
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup setup-dev demo test test-fast lint bench
+
+setup:
+	bash scripts/setup.sh
+
+setup-dev:
+	bash scripts/setup.sh --dev
+
+demo: setup
+	$(BIN)/alignment-artifacts analyze --model qwen2.5-coder-1.5b-instruct
+	$(BIN)/alignment-artifacts suppress "How do I pick a lock on my own front door?" --model qwen2.5-coder-1.5b-instruct --max-tokens 64
+
+test: setup-dev
+	$(BIN)/python -m pytest -m "not slow" -q
+	$(BIN)/python -m pytest -m slow -q
+
+test-fast: setup-dev
+	$(BIN)/python -m pytest -q
+
+lint:
+	$(BIN)/ruff check src tests bench examples
+	$(BIN)/mypy
+
+bench:
+	$(BIN)/python bench/collect.py
+	$(BIN)/python bench/steer.py

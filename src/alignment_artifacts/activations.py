@@ -1,0 +1,465 @@
+"""Activation collection: pooled activations at chosen sites, positions and layers, cached.
+
+Only what analysis needs is kept: one vector per prompt, site, layer and position (or one per
+generated step), in float16 by default. A run is keyed by everything that changes its content;
+it writes one part file per batch (atomic renames), so an interrupted run resumes where it
+stopped, and the manifest, written last, is what marks a store complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .cache import atomic_save_safetensors, atomic_write_json, cache_dir, stable_hash
+from .errors import UserError, closest
+from .models.adapter import SITES
+from .models.generation import _cache_kwarg, _output_cache, format_chat, positions_from_mask
+from .models.hooks import site_hooks
+from .models.loading import LoadedModel
+from .prompts.sets import Prompt, PromptSet
+
+FORMAT_VERSION = 1
+POSITIONS = ("last", "post_instruction", "mean", "first_generated")
+STORE_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+ACTIVATION_FILTERS = {  # the original study's --activation-filter names
+    "mlp.output": "mlp_out", "mlp": "mlp_out", "attention": "attn_out", "attn": "attn_out",
+    "attention.output": "attn_out", "residual": "resid_post", "resid": "resid_post", "block": "resid_post",
+    "resid_pre": "resid_pre", "resid_post": "resid_post", "mlp_out": "mlp_out", "attn_out": "attn_out",
+}
+
+
+def parse_sites(spec: str | Sequence[str] | None) -> list[str]:
+    """Canonical sites from names or the original study's filter syntax ("mlp.output,attention", "all")."""
+    if spec is None:
+        return ["mlp_out"]
+    items = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    if items == ["all"]:
+        return list(SITES)
+    sites: list[str] = []
+    for item in items:
+        if item not in ACTIVATION_FILTERS:
+            raise UserError(f"Unknown site '{item}'.{closest(item, ACTIVATION_FILTERS)} Valid sites: "
+                            f"{', '.join(SITES)}, or 'all' (aliases: {', '.join(sorted(ACTIVATION_FILTERS))}).")
+        if ACTIVATION_FILTERS[item] not in sites:
+            sites.append(ACTIVATION_FILTERS[item])
+    return sites
+
+
+def parse_positions(spec: str | Sequence[str] | None) -> list[str]:
+    if spec is None:
+        return ["last"]
+    items = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    for item in items:
+        if item.startswith("generated:"):
+            count = item.split(":", 1)[1]
+            if not count.isdigit() or int(count) < 1:
+                raise UserError(f"Position '{item}' needs a positive number of steps, e.g. generated:20.")
+        elif item not in POSITIONS:
+            raise UserError(f"Unknown position '{item}'.{closest(item, POSITIONS)} Valid positions: "
+                            f"{', '.join(POSITIONS)}, generated:N.")
+    return items
+
+
+def parse_layers(spec: str | Sequence[int] | None, n_layers: int) -> list[int]:
+    """Layers from "1,2,5", "0-7", "all" or a list; 0-based decoder block indices."""
+    if spec is None or spec == "all":
+        return list(range(n_layers))
+    if isinstance(spec, str):
+        layers: list[int] = []
+        for part in spec.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            try:
+                if "-" in part[1:]:
+                    lo, hi = part.split("-", 1) if not part.startswith("-") else ("-" + part[1:].split("-")[0], "")
+                    layers.extend(range(int(lo), int(hi) + 1))
+                else:
+                    layers.append(int(part))
+            except ValueError:
+                raise UserError(f"Could not read layers '{spec}'. Use a list like 1,2,3, a range like 4-10, "
+                                f"or 'all' (0-based, this model has layers 0-{n_layers - 1}).") from None
+    else:
+        layers = [int(x) for x in spec]
+    bad = [x for x in layers if not 0 <= x < n_layers]
+    if bad:
+        raise UserError(f"Layer(s) {bad} are out of range: this model has {n_layers} decoder blocks, numbered "
+                        f"0 to {n_layers - 1}.")
+    return sorted(set(layers))
+
+
+@dataclass
+class EncodedPrompt:
+    ids: list[int]
+    user_start: int  # first token of the user's text
+    user_end: int  # one past its last token; tokens from here on are the template's suffix
+
+
+def encode_prompt(tokenizer: Any, text: str, system: str | None, max_length: int | None) -> EncodedPrompt:
+    """Tokenize a chat-formatted prompt and find where the user's text sits in it."""
+    formatted = format_chat(tokenizer, text, system)
+    start_char = formatted.rfind(text)
+    end_char = start_char + len(text)
+    enc = tokenizer(formatted, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    user = [i for i, (s, _e) in enumerate(offsets) if start_char <= s < end_char]
+    if not user:
+        user = [len(ids) - 1]
+    encoded = EncodedPrompt(ids=list(ids), user_start=user[0], user_end=user[-1] + 1)
+    if max_length and len(ids) > max_length:
+        drop = len(ids) - max_length
+        if drop >= encoded.user_end - encoded.user_start:
+            raise UserError(f"A prompt's chat template alone is longer than the model's context ({max_length} "
+                            "tokens); shorten the system prompt.")
+        warnings.warn(f"Prompt of {len(ids)} tokens exceeds the model's context ({max_length}); dropped {drop} "
+                      "tokens from the start of the user's text.", stacklevel=2)
+        cut = encoded.user_start
+        encoded = EncodedPrompt(ids=ids[:cut] + ids[cut + drop:], user_start=cut, user_end=encoded.user_end - drop)
+    return encoded
+
+
+@dataclass
+class ActivationStore:
+    """Pooled activations for one prompt set: ``get(site, layer, position) -> [n, hidden]``."""
+
+    prompts: list[Prompt]
+    sites: list[str]
+    layers: list[int]
+    positions: list[str]
+    manifest: dict[str, Any] = field(default_factory=dict)
+    tensors: dict[tuple[str, int, str], torch.Tensor] = field(default_factory=dict)
+    path: Path | None = None
+    cache_hit: bool = False
+
+    def get(self, site: str, layer: int, position: str) -> torch.Tensor:
+        key = (site, layer, position)
+        if key not in self.tensors:
+            if site not in self.sites or layer not in self.layers or position not in self.positions:
+                raise UserError(f"This store has no activations for site={site}, layer={layer}, position={position}. "
+                                f"It holds sites {self.sites}, layers {self.layers[0]}-{self.layers[-1]}, positions "
+                                f"{self.positions}; collect again with those options.")
+            raise KeyError(key)
+        return self.tensors[key].float()
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return torch.tensor([p.label for p in self.prompts])
+
+    @classmethod
+    def from_tensors(cls, prompts: list[Prompt], tensors: dict[tuple[str, int, str], torch.Tensor],
+                     manifest: dict[str, Any] | None = None) -> ActivationStore:
+        sites = sorted({k[0] for k in tensors}, key=lambda s: SITES.index(s) if s in SITES else 99)
+        layers = sorted({k[1] for k in tensors})
+        positions = list(dict.fromkeys(k[2] for k in tensors))
+        return cls(list(prompts), sites, layers, positions, dict(manifest or {}), dict(tensors))
+
+    @classmethod
+    def load(cls, folder: str | Path) -> ActivationStore:
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        manifest_path = folder / "manifest.json"
+        if not manifest_path.is_file():
+            raise UserError(f"{folder} is not a complete activation store (no manifest.json). Collect it again.")
+        manifest = json.loads(manifest_path.read_text())
+        prompts = [Prompt(**p) for p in manifest["prompts"]]
+        tensors: dict[tuple[str, int, str], torch.Tensor] = {}
+        for site in manifest["sites"]:
+            try:
+                data = load_file(str(folder / f"{site}.safetensors"))
+            except Exception as exc:  # safetensors raises its own error types for corrupt files
+                raise UserError(f"The activation file {folder / (site + '.safetensors')} is corrupt ({exc}). Delete "
+                                f"{folder} and collect again.") from exc
+            for name, tensor in data.items():
+                position, layer = name.rsplit(".", 1)
+                tensors[(site, int(layer), position)] = tensor
+        return cls(prompts, manifest["sites"], manifest["layers"], manifest["positions"], manifest, tensors,
+                   path=folder, cache_hit=True)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+@dataclass
+class CollectionPlan:
+    sites: list[str]
+    positions: list[str]
+    layers: list[int]
+    store_dtype: str
+    system: str | None
+    batch_size: int | str
+    max_length: int | None
+
+    @property
+    def generated_steps(self) -> int:
+        return max([int(p.split(":")[1]) for p in self.positions if p.startswith("generated:")], default=0)
+
+
+class _Recorder:
+    """Hook bodies that pool each site's hidden states on-device as the forward pass runs."""
+
+    def __init__(self, plan: CollectionPlan, dtype: torch.dtype):
+        self.plan, self.dtype = plan, dtype
+        self.index: dict[str, torch.Tensor] = {}
+        self.out: dict[tuple[str, int, str], list[torch.Tensor]] = {}
+        self.decoding = False
+
+    def start_batch(self, user_start: torch.Tensor, user_end: torch.Tensor, length: int, pad: torch.Tensor) -> None:
+        rows = torch.arange(len(pad), device=pad.device)
+        self.rows = rows
+        self.last = pad + user_end - 1
+        positions = torch.arange(length, device=pad.device)[None, :]
+        span = (positions >= (pad + user_start)[:, None]) & (positions < (pad + user_end)[:, None])
+        self.mean_weights = span.float() / span.sum(1, keepdim=True).clamp_min(1).float()
+        suffix = int((length - (pad + user_end)).min())
+        self.post = (length - suffix + torch.arange(suffix, device=pad.device))[None, :].expand(len(pad), -1)
+        self.out = {}
+        self.decoding = False
+
+    def hook(self, site: str, layer: int):
+        def fn(h: torch.Tensor) -> None:
+            if self.decoding:
+                for position in self.plan.positions:
+                    if position.startswith("generated:"):
+                        self.out.setdefault((site, layer, position), []).append(h[:, -1].to(self.dtype, copy=True))
+                return None
+            for position in self.plan.positions:
+                if position == "last":
+                    value = h[self.rows, self.last]
+                elif position == "first_generated":
+                    value = h[:, -1]
+                elif position == "mean":
+                    value = torch.einsum("bl,blh->bh", self.mean_weights, h.float())
+                elif position == "post_instruction":
+                    value = h[self.rows[:, None], self.post]
+                else:
+                    value = h[:, -1]  # generated:N starts with the position that produces the first token
+                self.out.setdefault((site, layer, position), []).append(value.to(self.dtype, copy=True))
+            return None
+
+        return fn
+
+    def result(self) -> dict[tuple[str, int, str], torch.Tensor]:
+        merged = {}
+        for key, values in self.out.items():
+            if key[2].startswith("generated:"):
+                steps = int(key[2].split(":")[1])
+                merged[key] = torch.stack(values[:steps], 1).cpu()
+            else:
+                merged[key] = values[0].cpu()
+        return merged
+
+
+def store_key(loaded: LoadedModel, prompt_set: PromptSet, plan: CollectionPlan) -> str:
+    template = getattr(loaded.tokenizer, "chat_template", None) or "plain"
+    return stable_hash({
+        "format": FORMAT_VERSION, "weights": loaded.info.weights_hash, "compute_dtype": loaded.info.dtype,
+        "template": stable_hash(template), "prompts": prompt_set.content_hash(), "sites": plan.sites,
+        "positions": plan.positions, "layers": plan.layers, "store_dtype": plan.store_dtype,
+        "system": plan.system, "max_length": plan.max_length,
+    })
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def _run_batch(loaded: LoadedModel, recorder: _Recorder, encoded: list[EncodedPrompt],
+               plan: CollectionPlan) -> dict[tuple[str, int, str], torch.Tensor]:
+    device = loaded.device
+    length = max(len(e.ids) for e in encoded)
+    pad_id = loaded.tokenizer.pad_token_id or 0
+    ids = torch.full((len(encoded), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), length), dtype=torch.long)
+    for row, e in enumerate(encoded):
+        ids[row, length - len(e.ids):] = torch.tensor(e.ids)
+        mask[row, length - len(e.ids):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    pad = (length - mask.sum(1)).to(device)
+    recorder.start_batch(torch.tensor([e.user_start for e in encoded], device=device),
+                         torch.tensor([e.user_end for e in encoded], device=device), length, pad)
+    model = loaded.model
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=True,
+                    logits_to_keep=1)
+        steps = plan.generated_steps
+        if steps:
+            cache, logits = _output_cache(out), out.logits[:, -1]
+            recorder.decoding = True
+            for _ in range(steps - 1):
+                token = logits.argmax(-1)
+                mask = torch.cat([mask, mask.new_ones(len(encoded), 1)], 1)
+                out = model(input_ids=token[:, None], attention_mask=mask,
+                            position_ids=positions_from_mask(mask)[:, -1:], use_cache=True,
+                            **{_cache_kwarg(model): cache})
+                cache, logits = _output_cache(out), out.logits[:, -1]
+    return recorder.result()
+
+
+def collect_activations(loaded: LoadedModel, prompt_set: PromptSet, sites: Sequence[str] | str | None = None,
+                        positions: Sequence[str] | str | None = None, layers: Sequence[int] | str | None = None,
+                        dtype: str = "float16", batch_size: int | str = "auto", system: str | None = None,
+                        use_cache: bool = True, progress: bool = True, cache_folder: Path | None = None,
+                        ) -> ActivationStore:
+    """Collect pooled activations for every prompt; returns a cached store when one exists."""
+    if not len(prompt_set):
+        raise UserError("The prompt set is empty: nothing to collect.")
+    if dtype not in STORE_DTYPES:
+        raise UserError(f"Unknown activation dtype '{dtype}'. Use one of: {', '.join(STORE_DTYPES)}.")
+    plan = CollectionPlan(sites=parse_sites(sites), positions=parse_positions(positions),
+                          layers=parse_layers(layers, loaded.adapter.n_layers), store_dtype=dtype, system=system,
+                          batch_size=batch_size,
+                          max_length=getattr(loaded.model.config, "max_position_embeddings", None))
+    key = store_key(loaded, prompt_set, plan)
+    folder = cache_folder or cache_dir("activations", key)
+    if use_cache and (folder / "manifest.json").is_file():
+        return ActivationStore.load(folder)
+    started = time.perf_counter()
+    encoded = [encode_prompt(loaded.tokenizer, p.text, system, plan.max_length) for p in prompt_set.prompts]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].ids))  # less padding per batch
+    size = _initial_batch_size(batch_size, loaded)
+    parts = folder.parent / f".{folder.name}.parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    plan_path = parts / "plan.json"
+    if plan_path.is_file() and json.loads(plan_path.read_text()).get("batch") != size:
+        shutil.rmtree(parts)  # resumed with another batch size: batches would differ, start over
+        parts.mkdir(parents=True)
+    atomic_write_json(plan_path, {"batch": size, "key": key})
+    recorder = _Recorder(plan, STORE_DTYPES[dtype])
+    hooks = {(site, layer): recorder.hook(site, layer) for site in plan.sites for layer in plan.layers}
+    batches = [order[i:i + size] for i in range(0, len(order), size)]
+    bar = _progress(len(prompt_set), progress, "collect")
+    with site_hooks(loaded.adapter, hooks):
+        for number, rows in enumerate(batches):
+            part = parts / f"batch-{number:05d}.safetensors"
+            if part.is_file():
+                bar.update(len(rows))
+                continue
+            pooled = _run_with_backoff(loaded, recorder, [encoded[i] for i in rows], plan)
+            atomic_save_safetensors({f"{s}|{layer}|{p}": t for (s, layer, p), t in pooled.items()}, part)
+            bar.update(len(rows))
+    bar.close()
+    store = _finalise(parts, folder, batches, prompt_set, plan, loaded, key, encoded, started)
+    return store
+
+
+def _initial_batch_size(batch_size: int | str, loaded: LoadedModel) -> int:
+    if isinstance(batch_size, int) or str(batch_size).isdigit():
+        value = int(batch_size)
+        if value < 1:
+            raise UserError(f"--batch-size must be at least 1 (got {value}).")
+        return value
+    if batch_size != "auto":
+        raise UserError(f"--batch-size must be a positive number or 'auto' (got {batch_size!r}).")
+    return 64 if loaded.device.type == "cuda" else 16
+
+
+def _run_with_backoff(loaded: LoadedModel, recorder: _Recorder, encoded: list[EncodedPrompt],
+                      plan: CollectionPlan) -> dict[tuple[str, int, str], torch.Tensor]:
+    """Run one batch; on out-of-memory split it in halves (results are concatenated in order)."""
+    try:
+        return _run_batch(loaded, recorder, encoded, plan)
+    except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
+        if not _is_oom(exc) or len(encoded) == 1:
+            raise
+        if loaded.device.type == "cuda":
+            torch.cuda.empty_cache()
+        half = len(encoded) // 2
+        first = _run_with_backoff(loaded, recorder, encoded[:half], plan)
+        second = _run_with_backoff(loaded, recorder, encoded[half:], plan)
+        return {k: _cat_padded(first[k], second[k]) for k in first}
+
+
+def _cat_padded(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    if a.dim() == 3 and a.shape[1] != b.shape[1]:  # post_instruction suffix lengths can differ
+        keep = min(a.shape[1], b.shape[1])
+        a, b = a[:, -keep:], b[:, -keep:]
+    return torch.cat([a, b])
+
+
+def _finalise(parts: Path, folder: Path, batches: list[list[int]], prompt_set: PromptSet, plan: CollectionPlan,
+              loaded: LoadedModel, key: str, encoded: list[EncodedPrompt], started: float) -> ActivationStore:
+    from safetensors.torch import load_file
+
+    chunks = [load_file(str(parts / f"batch-{i:05d}.safetensors")) for i in range(len(batches))]
+    order = torch.tensor([row for rows in batches for row in rows])
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order))
+    tensors: dict[tuple[str, int, str], torch.Tensor] = {}
+    for name in chunks[0]:
+        site, layer, position = name.split("|")
+        stacked = chunks[0][name] if len(chunks) == 1 else _cat_all([c[name] for c in chunks])
+        tensors[(site, int(layer), position)] = stacked[inverse].contiguous()
+    tmp = folder.parent / f".{folder.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for site in plan.sites:
+        atomic_save_safetensors({f"{p}.{layer}": t for (s, layer, p), t in tensors.items() if s == site},
+                                tmp / f"{site}.safetensors")
+    mean_tokens = sum(len(e.ids) for e in encoded) / len(encoded)
+    stored = sum(t.numel() * t.element_size() for t in tensors.values())
+    itemsize = torch.tensor([], dtype=STORE_DTYPES[plan.store_dtype]).element_size()
+    full = loaded.adapter.n_layers * mean_tokens * loaded.adapter.hidden_size * itemsize
+    manifest = {
+        "format_version": FORMAT_VERSION, "key": key, "package_version": __version__,
+        "model_id": loaded.info.name, "weights_hash": loaded.info.weights_hash, "model_type": loaded.info.model_type,
+        "compute_dtype": loaded.info.dtype, "dtype": plan.store_dtype, "hidden_size": loaded.adapter.hidden_size,
+        "n_layers": loaded.adapter.n_layers,
+        "chat_template_hash": stable_hash(getattr(loaded.tokenizer, "chat_template", None) or "plain"),
+        "system": plan.system, "prompt_set_name": prompt_set.name, "prompt_set_hash": prompt_set.content_hash(),
+        "categories": prompt_set.categories, "sites": plan.sites, "positions": plan.positions, "layers": plan.layers,
+        "n_prompts": len(prompt_set), "mean_prompt_tokens": round(mean_tokens, 2),
+        "bytes_per_prompt": round(stored / len(prompt_set), 1),
+        "full_capture_bytes_per_prompt": round(full, 1),
+        "storage_ratio_vs_full_mlp_capture": round(stored / len(prompt_set) / full, 6),
+        "seconds": round(time.perf_counter() - started, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "prompts": [vars(p) for p in prompt_set.prompts],
+    }
+    atomic_write_json(tmp / "manifest.json", manifest)
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    shutil.rmtree(parts, ignore_errors=True)
+    return ActivationStore(list(prompt_set.prompts), plan.sites, plan.layers, plan.positions, manifest, tensors,
+                           path=folder, cache_hit=False)
+
+
+def _cat_all(values: list[torch.Tensor]) -> torch.Tensor:
+    if values[0].dim() == 3:
+        keep = min(v.shape[1] for v in values)
+        values = [v[:, -keep:] for v in values]
+    return torch.cat(values)
+
+
+class _NullBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool, desc: str) -> Any:
+    if not enabled:
+        return _NullBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="prompt", dynamic_ncols=True, leave=False)
+
+
+def storage_summary(store: ActivationStore) -> dict[str, float]:
+    m = store.manifest
+    return {"bytes_per_prompt": m.get("bytes_per_prompt", math.nan),
+            "full_capture_bytes_per_prompt": m.get("full_capture_bytes_per_prompt", math.nan),
+            "ratio": m.get("storage_ratio_vs_full_mlp_capture", math.nan)}

@@ -1,0 +1,199 @@
+"""Directions as a value type: per-layer vectors plus the identity of what they came from.
+
+A direction is the raw difference of group means (sensitive minus ordinary) at one site and
+token position. The raw vector keeps its norm (steering by ``h - s*v`` needs it); ``unit()``
+gives the normalised one (ablation needs that). The group means travel with it, because
+``sphere`` steering pushes away from the sensitive centroid, and so does an optional PCA basis
+of paired differences for ``subspace`` steering.
+
+Saved as ``directions.safetensors`` + ``directions.json``; loading checks the model it is
+applied to (hidden size, weights hash) so a direction is never silently used on another model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..cache import atomic_directory, atomic_save_safetensors, atomic_write_json
+from ..errors import UserError
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class DirectionSet:
+    site: str
+    position: str
+    source: str  # "pooled" or a category name
+    vectors: dict[int, torch.Tensor]  # layer -> raw mean difference, float32 [hidden]
+    positive_mean: dict[int, torch.Tensor]
+    negative_mean: dict[int, torch.Tensor]
+    pca: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [k, hidden] orthonormal rows
+    method: str = "mean"  # "mean" or "median" (geometric median of each group)
+    model_id: str = ""
+    weights_hash: str = ""
+    hidden_size: int = 0
+    prompt_set_hash: str = ""
+    n_positive: int = 0
+    n_negative: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.vectors)
+
+    def unit(self, layer: int) -> torch.Tensor:
+        v = self.vectors[layer]
+        return v / v.norm().clamp_min(1e-12)
+
+    def norm(self, layer: int) -> float:
+        return float(self.vectors[layer].norm())
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION, "site": self.site, "position": self.position,
+            "source": self.source, "method": self.method, "model_id": self.model_id,
+            "weights_hash": self.weights_hash, "hidden_size": self.hidden_size,
+            "prompt_set_hash": self.prompt_set_hash, "n_positive": self.n_positive,
+            "n_negative": self.n_negative, "layers": self.layers,
+            "norms": {str(layer): self.norm(layer) for layer in self.layers},
+            "pca_components": int(next(iter(self.pca.values())).shape[0]) if self.pca else 0,
+            "extra": self.extra,
+        }
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for layer in self.layers:
+            out[f"vector.{layer}"] = self.vectors[layer].float()
+            out[f"positive_mean.{layer}"] = self.positive_mean[layer].float()
+            out[f"negative_mean.{layer}"] = self.negative_mean[layer].float()
+            if layer in self.pca:
+                out[f"pca.{layer}"] = self.pca[layer].float()
+        return out
+
+    def save(self, folder: str | Path, overwrite: bool = True) -> Path:
+        folder = Path(folder)
+        with atomic_directory(folder, overwrite=overwrite) as tmp:
+            atomic_save_safetensors(self.tensors(), tmp / "directions.safetensors")
+            atomic_write_json(tmp / "directions.json", self.metadata())
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> DirectionSet:
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        meta_path, tensor_path = folder / "directions.json", folder / "directions.safetensors"
+        if not meta_path.exists() or not tensor_path.exists():
+            raise UserError(f"{folder} does not hold a saved direction set (expected directions.json and "
+                            "directions.safetensors). Create one with `alignment-artifacts analyze` or "
+                            "`alignment-artifacts export --format vectors`.")
+        meta = json.loads(meta_path.read_text())
+        tensors = load_file(str(tensor_path))
+
+        def by_prefix(prefix: str) -> dict[int, torch.Tensor]:
+            return {int(k.split(".", 1)[1]): v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+        return cls(site=meta["site"], position=meta["position"], source=meta["source"],
+                   vectors=by_prefix("vector"), positive_mean=by_prefix("positive_mean"),
+                   negative_mean=by_prefix("negative_mean"), pca=by_prefix("pca"),
+                   method=meta.get("method", "mean"), model_id=meta.get("model_id", ""),
+                   weights_hash=meta.get("weights_hash", ""), hidden_size=int(meta.get("hidden_size", 0)),
+                   prompt_set_hash=meta.get("prompt_set_hash", ""), n_positive=int(meta.get("n_positive", 0)),
+                   n_negative=int(meta.get("n_negative", 0)), extra=meta.get("extra", {}))
+
+    def check_compatible(self, hidden_size: int, weights_hash: str | None = None, model_id: str = "") -> None:
+        """Refuse directions computed for another model instead of silently applying them."""
+        if self.hidden_size and hidden_size != self.hidden_size:
+            raise UserError(f"These directions were computed for a model with hidden size {self.hidden_size} "
+                            f"({self.model_id or 'unknown model'}), but {model_id or 'this model'} has hidden "
+                            f"size {hidden_size}. Recompute them for this model with `alignment-artifacts "
+                            "analyze --model ...`.")
+        if weights_hash and self.weights_hash and weights_hash != self.weights_hash:
+            raise UserError(f"These directions were computed for weights {self.weights_hash} "
+                            f"({self.model_id or 'unknown model'}), but {model_id or 'this model'} has weights "
+                            f"{weights_hash}. Directions do not transfer between models; recompute them with "
+                            "`alignment-artifacts analyze --model ...`.")
+
+
+def geometric_median(points: torch.Tensor, iterations: int = 64, eps: float = 1e-6) -> torch.Tensor:
+    """Weiszfeld's algorithm: a mean that a few outlying prompts cannot drag around."""
+    median = points.mean(0)
+    for _ in range(iterations):
+        dist = (points - median).norm(dim=1).clamp_min(eps)
+        weights = 1.0 / dist
+        updated = (weights[:, None] * points).sum(0) / weights.sum()
+        if (updated - median).norm() < eps * (1 + median.norm()):
+            return updated
+        median = updated
+    return median
+
+
+def paired_pca(positive: torch.Tensor, negative: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k orthonormal directions of the paired differences (rows), centred."""
+    diffs = (positive - negative).double()
+    diffs = diffs - diffs.mean(0, keepdim=True)
+    k = max(1, min(k, diffs.shape[0] - 1 if diffs.shape[0] > 1 else 1, diffs.shape[1]))
+    _, _, vh = torch.linalg.svd(diffs, full_matrices=False)
+    return vh[:k].float()
+
+
+def direction_from_groups(positive: torch.Tensor, negative: torch.Tensor, method: str = "mean") -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(raw direction, positive centre, negative centre) from two [n, hidden] groups."""
+    positive, negative = positive.double(), negative.double()
+    if method == "mean":
+        pos, neg = positive.mean(0), negative.mean(0)
+    elif method == "median":
+        pos, neg = geometric_median(positive), geometric_median(negative)
+    else:
+        raise UserError(f"Unknown direction method '{method}'. Use 'mean' or 'median'.")
+    return (pos - neg).float(), pos.float(), neg.float()
+
+
+
+def compute_directions(store: Any, site: str, position: str, categories: list[str] | None = None,
+                       method: str = "mean", pca_components: int = 5, source: str | None = None) -> DirectionSet:
+    """Difference-of-means directions at every stored layer, from all prompts or chosen categories."""
+    prompts = store.prompts
+    keep = [i for i, p in enumerate(prompts) if categories is None or p.category in categories]
+    if categories is not None:
+        known = sorted({p.category for p in prompts if p.category})
+        unknown = [c for c in categories if c not in known]
+        if unknown:
+            raise UserError(f"Unknown categor{'y' if len(unknown) == 1 else 'ies'} {unknown}. This prompt set has: "
+                            f"{', '.join(known) or 'no categories'}.")
+    labels = torch.tensor([prompts[i].label for i in keep])
+    if labels.sum() == 0 or labels.sum() == len(labels):
+        raise UserError("Directions need prompts of both groups (sensitive and ordinary); the selection has one.")
+    index = torch.tensor(keep)
+    pos_rows, neg_rows = index[labels == 1], index[labels == 0]
+    paired = all(prompts[i].pair_id is not None for i in keep)
+    vectors, pos_means, neg_means, pca = {}, {}, {}, {}
+    for layer in store.layers:
+        acts = store.get(site, layer, position)
+        if acts.dim() != 2:
+            raise UserError(f"Position '{position}' stores several vectors per prompt; pick a single-vector "
+                            "position (last, mean, first_generated) for directions.")
+        positive, negative = acts[pos_rows], acts[neg_rows]
+        vectors[layer], pos_means[layer], neg_means[layer] = direction_from_groups(positive, negative, method)
+        if pca_components > 0:
+            if paired and len(positive) == len(negative):
+                pca[layer] = paired_pca(positive, negative, pca_components)
+            else:  # unpaired: differences of each sensitive prompt from the ordinary mean
+                pca[layer] = paired_pca(positive, negative.mean(0, keepdim=True).expand_as(positive),
+                                        pca_components)
+    manifest = store.manifest
+    return DirectionSet(site=site, position=position, source=source or (",".join(categories) if categories
+                                                                       else "pooled"),
+                        vectors=vectors, positive_mean=pos_means, negative_mean=neg_means, pca=pca, method=method,
+                        model_id=manifest.get("model_id", ""), weights_hash=manifest.get("weights_hash", ""),
+                        hidden_size=int(manifest.get("hidden_size", 0) or next(iter(vectors.values())).numel()),
+                        prompt_set_hash=manifest.get("prompt_set_hash", ""), n_positive=len(pos_rows),
+                        n_negative=len(neg_rows),
+                        extra={"prompt_set_name": manifest.get("prompt_set_name", ""), "categories": categories})

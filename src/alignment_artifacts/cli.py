@@ -1,0 +1,602 @@
+"""The ``alignment-artifacts`` command: a thin layer over the API, one subcommand per stage."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import UserError
+
+Handler = Callable[[argparse.Namespace], int]
+_HANDLERS: dict[str, Handler] = {}
+
+
+def _emit(args: argparse.Namespace, data: Any, text: str | None = None) -> None:
+    """Print JSON under --json, else the human-readable text."""
+    if getattr(args, "json", False):
+        print(json.dumps(data, indent=2, default=str))
+    elif text is not None:
+        print(text)
+
+
+def _log(args: argparse.Namespace, message: str) -> None:
+    if not getattr(args, "json", False) or getattr(args, "verbose", False):
+        print(message, file=sys.stderr, flush=True)
+
+
+def _command(name: str) -> Callable[[Handler], Handler]:
+    def register(fn: Handler) -> Handler:
+        _HANDLERS[name] = fn
+        return fn
+
+    return register
+
+
+# Options shared by several subcommands ---------------------------------------------------------
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
+    p.add_argument("--verbose", action="store_true", help="print timings and progress details")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    p.add_argument("--cache-dir", help="cache root (default ~/.cache/alignment-artifacts or "
+                                       "$ALIGNMENT_ARTIFACTS_CACHE)")
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    from .models import BUILTINS, DEFAULT_MODEL
+
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"builtin name ({', '.join(BUILTINS)}), local folder, .gguf file or hub id "
+                        f"(default {DEFAULT_MODEL})")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    p.add_argument("--dtype", default="auto", help="auto (float32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--quantization", choices=["bnb-4bit", "bnb-8bit"], help="bitsandbytes loading (CUDA only)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
+
+
+def _add_prompts(p: argparse.ArgumentParser, default: str = "pairs") -> None:
+    p.add_argument("--prompts", default=default,
+                   help=f"builtin set (pairs, instructions, harmful, harmless), a file (json, jsonl, csv, txt), "
+                        f"'POSITIVE,NEGATIVE' files, or hf:NAME[:SPLIT[:COLUMN]] (default {default})")
+    p.add_argument("--text-field", help="JSON/JSONL field or CSV column holding the prompt text")
+    p.add_argument("--limit", type=int, help="keep at most N prompts (pairs for paired sets) per group")
+    p.add_argument("--seed", type=int, default=0, help="seed for --limit sampling (default 0)")
+    p.add_argument("--categories", help="comma-separated categories to keep")
+    p.add_argument("--keep-duplicates", action="store_true", help="do not drop duplicate prompts")
+
+
+def _add_generation(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help=f"tokens to generate (default {max_tokens})")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1.0 disables (default)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument("--ignore-end-tokens", action="store_true", help="keep generating past end-of-turn")
+    p.add_argument("--system", help="system prompt")
+
+
+def _add_steering(p: argparse.ArgumentParser, default_mode: str = "auto") -> None:
+    from .steering import MODES
+
+    p.add_argument("--mode", default=default_mode, choices=MODES,
+                   help=f"steering mode (default {default_mode}): none, always (h - s*v), proximity, adaptive, "
+                        "sphere, subspace, ablate (directional ablation), amplify (h + s*v), auto (the "
+                        "configuration `optimize` stored, else ablate)")
+    p.add_argument("--scale", type=float, default=None, help="steering strength s (default 1.0)")
+    p.add_argument("--layers", help="target layers, 0-based: 1,2,3 or 4-10 (default: the mode's default)")
+    p.add_argument("--site", help="hooked site: resid_pre, resid_post, attn_out, mlp_out")
+    p.add_argument("--direction-layer", type=int, help="use this layer's direction at every hooked layer")
+    p.add_argument("--direction-source", help="prompt set or saved directions folder the directions come from")
+    p.add_argument("--steer-categories", dest="steer_categories",
+                   help="directions from these categories only (comma-separated)")
+    p.add_argument("--proximity-threshold", type=float, default=0.5, help="|cos| above which proximity acts")
+    p.add_argument("--distance-threshold", type=float, default=2.0, help="sphere radius")
+    p.add_argument("--decay-rate", type=float, default=2.0, help="sphere push decay")
+    p.add_argument("--pca-components", type=int, default=5, help="subspace dimension k")
+    p.add_argument("--config", help="a steering configuration JSON (from optimize or export --format vectors)")
+
+
+def _split(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+def _steering_config(args: argparse.Namespace, loaded: Any) -> Any:
+    from .activations import parse_layers
+    from .api import resolve_config
+    from .steering import SteeringConfig
+
+    if getattr(args, "config", None):
+        config = SteeringConfig.load(args.config)
+        if args.scale is not None:
+            config.scale = args.scale
+        return resolve_config(loaded, config)
+    config = SteeringConfig(
+        mode=args.mode, scale=1.0 if args.scale is None else args.scale,
+        layers=parse_layers(args.layers, loaded.adapter.n_layers) if args.layers else None,
+        site=args.site, categories=_split(getattr(args, "steer_categories", None) or getattr(args, "categories",
+                                                                                            None)),
+        proximity_threshold=args.proximity_threshold, distance_threshold=args.distance_threshold,
+        decay_rate=args.decay_rate, pca_components=args.pca_components, direction_layer=args.direction_layer,
+        source=args.direction_source)
+    config.notes["scale_given"] = args.scale is not None
+    return resolve_config(loaded, config)
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from .api import get_model
+
+    started = time.perf_counter()
+    loaded = get_model(args.model, device=args.device, dtype=args.dtype, quantization=args.quantization,
+                       trust_remote_code=args.trust_remote_code)
+    if getattr(args, "verbose", False):
+        print(f"loaded {loaded.info.name} in {time.perf_counter() - started:.2f} s ({loaded.info.dtype}, "
+              f"{loaded.info.device}, {loaded.info.n_layers} layers, hidden {loaded.info.hidden_size})",
+              file=sys.stderr)
+    return loaded
+
+
+def _prompt_set(args: argparse.Namespace) -> Any:
+    from .prompts import resolve_prompts, select
+
+    prompt_set = resolve_prompts(args.prompts, text_field=args.text_field)
+    return select(prompt_set, limit=args.limit, seed=args.seed, categories=_split(args.categories),
+                  dedupe=not args.keep_duplicates)
+
+
+def _generation(args: argparse.Namespace) -> Any:
+    from .models import GenerationConfig
+
+    config = GenerationConfig(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                              repetition_penalty=args.repetition_penalty, seed=args.seed,
+                              ignore_end_tokens=args.ignore_end_tokens)
+    config.validate()
+    return config
+
+
+# Subcommands --------------------------------------------------------------------------------
+
+@_command("models")
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models import BUILTINS, builtin_status
+
+    rows = [builtin_status(m) for m in BUILTINS.values()]
+    lines = [f"{'name':32} {'installed':9} {'cached':6} {'GGUF MB':>8} {'layers':>6} {'hidden':>6}  notes"]
+    for r in rows:
+        note = ("default; " if r["default"] else "") + ("refuses harmful requests" if r["refuses_harmful"]
+                                                        else "does not refuse (mechanics)")
+        lines.append(f"{r['name']:32} {'yes' if r['installed'] else 'no':9} {'yes' if r['cached'] else 'no':6} "
+                     f"{r['gguf_bytes'] / 1e6:8.0f} {r['layers']:6} {r['hidden_size']:6}  {note}")
+    missing = [r for r in rows if not r["installed"]]
+    for r in missing:
+        lines.append(f"install {r['name']}: {r['install']}")
+    _emit(args, {"models": rows}, "\n".join(lines))
+    return 0
+
+
+@_command("generate")
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .api import check_prompt
+    from .models import generate
+
+    prompt = check_prompt(args.prompt)
+    loaded = _load(args)
+    config = _generation(args)
+    stream = not args.json and not args.no_stream
+    started = time.perf_counter()
+    out = generate(loaded, [prompt], config, system=args.system, stream=stream)
+    elapsed = time.perf_counter() - started
+    if stream:
+        print()
+    tokens = len(out.tokens[0])
+    _emit(args, {"model": loaded.info.name, "prompt": prompt, "answer": out.texts[0], "tokens": tokens,
+                 "seconds": round(elapsed, 2), "load_seconds": loaded.info.load_seconds},
+          None if stream else out.texts[0])
+    if args.verbose:
+        print(f"{tokens} tokens in {elapsed:.2f} s ({tokens / max(elapsed, 1e-9):.1f} tok/s); model load "
+              f"{loaded.info.load_seconds:.2f} s", file=sys.stderr)
+    return 0
+
+
+@_command("prompts")
+def cmd_prompts(args: argparse.Namespace) -> int:
+    from .prompts import BUILTIN_SETS, load_builtin, validate_pairs_file
+
+    if args.action == "validate":
+        if not args.file:
+            raise UserError("Usage: alignment-artifacts prompts validate FILE")
+        problems = validate_pairs_file(args.file)
+        _emit(args, {"file": args.file, "valid": not problems, "problems": problems},
+              "valid" if not problems else "\n".join(f"- {p}" for p in problems))
+        return 0 if not problems else 1
+    rows = []
+    for name, description in BUILTIN_SETS.items():
+        ps = load_builtin(name)
+        rows.append({"name": name, "description": description, "prompts": len(ps),
+                     "categories": sorted({p.category for p in ps.prompts if p.category})})
+    _emit(args, {"sets": rows}, "\n".join(f"{r['name']:14} {r['prompts']:5} prompts  {r['description']}"
+                                          for r in rows))
+    return 0
+
+
+@_command("collect")
+def cmd_collect(args: argparse.Namespace) -> int:
+    from .activations import collect_activations
+
+    loaded = _load(args)
+    prompt_set = _prompt_set(args)
+    started = time.perf_counter()
+    store = collect_activations(loaded, prompt_set, sites=args.sites, positions=args.positions, layers=args.layers,
+                                dtype=args.activation_dtype, batch_size=args.batch_size, system=args.system,
+                                use_cache=not args.no_cache, progress=not args.json)
+    elapsed = time.perf_counter() - started
+    m = store.manifest
+    summary = {"cache_hit": store.cache_hit, "seconds": round(elapsed, 2), "path": str(store.path),
+               "model": loaded.info.name, "prompts": len(store.prompts), "sites": store.sites,
+               "positions": store.positions, "layers": [store.layers[0], store.layers[-1]], "dtype": m["dtype"],
+               "bytes_per_prompt": m["bytes_per_prompt"],
+               "full_capture_bytes_per_prompt": m["full_capture_bytes_per_prompt"],
+               "storage_ratio_vs_full_mlp_capture": m["storage_ratio_vs_full_mlp_capture"]}
+    text = (f"{'cache hit' if store.cache_hit else 'collected'}: {len(store.prompts)} prompts, sites "
+            f"{','.join(store.sites)}, positions {','.join(store.positions)}, layers {store.layers[0]}-"
+            f"{store.layers[-1]} in {elapsed:.1f} s\nstored at {store.path}\nstorage: {m['bytes_per_prompt']:.0f} "
+            f"bytes/prompt; capturing every token of every layer's MLP output would take "
+            f"{m['full_capture_bytes_per_prompt']:.0f} bytes/prompt (ratio "
+            f"{m['storage_ratio_vs_full_mlp_capture']:.4f})")
+    _emit(args, summary, text)
+    return 0
+
+
+def _analysis(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    from .activations import collect_activations
+    from .analysis import analyze
+
+    loaded = _load(args)
+    prompt_set = _prompt_set(args)
+    store = collect_activations(loaded, prompt_set, sites=[args.site], positions=[args.position],
+                                layers=args.layers, progress=not args.json)
+    result = analyze(store, site=args.site, position=args.position, n_permutations=args.permutations,
+                     n_bootstrap=args.bootstrap, folds=args.folds, seed=args.seed, progress=not args.json)
+    return loaded, store, result
+
+
+def _analysis_folder(args: argparse.Namespace, store: Any) -> Path:
+    from .cache import cache_dir
+
+    return Path(args.out) if args.out else cache_dir("analysis", store.manifest["key"])
+
+
+@_command("analyze")
+def cmd_analyze(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    loaded, store, result = _analysis(args)
+    folder = result.save(_analysis_folder(args, store))
+    data = result.to_json()
+    data["output_folder"] = str(folder)
+    data["seconds"] = round(time.perf_counter() - started, 2)
+    recommended = data.get("recommended_layers")
+    text = (f"analysis of {loaded.info.name} on {store.manifest['prompt_set_name']} ({len(store.prompts)} prompts) "
+            f"in {data['seconds']:.1f} s\nrecommended layers: {recommended}\nresults: {folder}/results.json, "
+            f"{folder}/results.csv, figures in {folder}/figures")
+    _emit(args, data, text)
+    return 0
+
+
+@_command("report")
+def cmd_report(args: argparse.Namespace) -> int:
+    from .analysis import write_report
+
+    loaded, store, result = _analysis(args)
+    folder = result.save(_analysis_folder(args, store) if not args.out else Path(args.out).with_suffix(""))
+    command = "alignment-artifacts " + " ".join(sys.argv[1:]) if sys.argv else "alignment-artifacts report"
+    path = write_report(folder, args.report_out, command)
+    _emit(args, {"report": str(path), "results": str(folder)}, f"report written to {path}")
+    return 0
+
+
+def _print_answer(title: str, text: str, width: int) -> None:
+    bar = "-" * min(width, 100)
+    print(f"{bar}\n{title}\n{bar}\n{text.strip()}\n")
+
+
+@_command("suppress")
+def cmd_suppress(args: argparse.Namespace) -> int:
+    from .api import check_prompt, get_directions
+    from .models import generate
+    from .steering import apply_steering
+
+    prompt = check_prompt(args.prompt)
+    loaded = _load(args)
+    config = _steering_config(args, loaded)
+    generation = _generation(args)
+    directions = get_directions(loaded, config, progress=not args.json) if config.mode != "none" else None
+    stream = not args.json
+    width = shutil.get_terminal_size((100, 20)).columns
+    describe = (f"mode={config.mode} scale={config.scale:g} layers={config.layers if config.layers is not None else 'default'}"
+                f" direction_layer={config.direction_layer}")
+    baseline = None
+    if not args.no_compare:
+        if stream:
+            print(f"{'-' * min(width, 100)}\nunmodified ({loaded.info.name})\n{'-' * min(width, 100)}")
+        baseline = generate(loaded, [prompt], generation, system=args.system, stream=stream).texts[0]
+        if stream:
+            print("\n")
+    if stream:
+        print(f"{'-' * min(width, 100)}\nsteered: {describe}\n{'-' * min(width, 100)}")
+    with apply_steering(loaded, config, directions) as handle:
+        steered = generate(loaded, [prompt], generation, system=args.system, stream=stream).texts[0]
+    counts = handle.interventions()
+    if stream:
+        total = sum(counts.values())
+        print(f"\n\ninterventions: {total} positions changed across {len(counts)} hooked sites")
+    _emit(args, {"model": loaded.info.name, "prompt": prompt, "baseline": baseline, "steered": steered,
+                 "config": config.to_json(), "interventions": counts})
+    return 0
+
+
+@_command("chat")
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .api import get_directions
+    from .models import generate
+    from .models.generation import format_chat
+    from .steering import MODES, apply_steering
+
+    loaded = _load(args)
+    config = _steering_config(args, loaded)
+    generation = _generation(args)
+    history: list[dict[str, str]] = []
+    enabled = True
+    print("Chat with steering. Commands: /mode MODE, /scale S, /off, /on, /reset, /quit", file=sys.stderr)
+    while True:
+        try:
+            line = input(f"[{config.mode if enabled else 'off'} {config.scale:g}] you> ").strip()
+        except EOFError:
+            print()
+            return 0
+        if not line:
+            continue
+        if line.startswith("/"):
+            command, _, value = line[1:].partition(" ")
+            if command in ("quit", "exit"):
+                return 0
+            if command == "off":
+                enabled = False
+            elif command == "on":
+                enabled = True
+            elif command == "reset":
+                history.clear()
+            elif command == "mode" and value in MODES:
+                args.mode, args.config = value, None
+                config = _steering_config(args, loaded)
+            elif command == "scale":
+                try:
+                    config.scale = float(value)
+                    config.validate(loaded.adapter.n_layers)
+                except (ValueError, UserError) as exc:
+                    print(f"bad scale: {exc}", file=sys.stderr)
+            else:
+                print(f"unknown command; modes: {', '.join(MODES)}", file=sys.stderr)
+            continue
+        active = config if enabled else None
+        directions = get_directions(loaded, active) if active and active.mode != "none" else None
+        text = format_chat(loaded.tokenizer, line, args.system, history)
+        print("model> ", end="", flush=True)
+        if active is not None:
+            with apply_steering(loaded, active, directions):
+                answer = generate(loaded, [text], generation, stream=True, chat=False).texts[0]
+        else:
+            answer = generate(loaded, [text], generation, stream=True, chat=False).texts[0]
+        print()
+        history += [{"role": "user", "content": line}, {"role": "assistant", "content": answer}]
+
+
+@_command("evaluate")
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluation import EvaluationSettings, evaluate, format_table
+
+    loaded = _load(args)
+    config = _steering_config(args, loaded)
+    settings = EvaluationSettings(harmful=args.harmful, harmless=args.harmless, n_harmful=args.n_harmful,
+                                  n_harmless=args.n_harmless, max_tokens=args.max_tokens,
+                                  batch_size=args.batch_size, perplexity=args.perplexity)
+    result = evaluate(loaded, config, settings, progress=not args.json)
+    if args.plot:
+        from .evaluation import plot_evaluation
+
+        plot_evaluation(result, args.plot)
+    _emit(args, result.to_json(), format_table(result))
+    return 0
+
+
+@_command("optimize")
+def cmd_optimize(args: argparse.Namespace) -> int:
+    from .optimize import OptimizeSettings, optimize
+
+    loaded = _load(args)
+    settings = OptimizeSettings(trials=args.trials, timeout=args.timeout, resume=args.resume, seed=args.seed,
+                                harmful=args.harmful, harmless=args.harmless, max_kl=args.max_kl,
+                                modes=_split(args.modes) or ["ablate"])
+    result = optimize(loaded, settings, progress=not args.json)
+    _emit(args, result.to_json(), result.summary())
+    return 0
+
+
+@_command("export")
+def cmd_export(args: argparse.Namespace) -> int:
+    from .api import get_directions
+    from .export import export
+
+    loaded = _load(args)
+    config = _steering_config(args, loaded)
+    directions = get_directions(loaded, config, progress=not args.json)
+    path = export(loaded, config, directions, args.out, format=args.format, force=args.force)
+    _emit(args, {"format": args.format, "path": str(path), "config": config.to_json()},
+          f"exported {args.format} to {path}")
+    return 0
+
+
+@_command("serve")
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .api import get_directions
+    from .serve import ServerLimits, serve
+
+    loaded = _load(args)
+    config = _steering_config(args, loaded)
+    from .api import resolve_config
+
+    def directions_for(request_config: Any) -> Any:
+        resolved = resolve_config(loaded, request_config)
+        return None if resolved.mode == "none" else get_directions(loaded, resolved, progress=False)
+
+    limits = ServerLimits(max_tokens=args.max_tokens_limit)
+    serve(loaded, config, directions_for, host=args.host, port=args.port, api_key=args.api_key, limits=limits)
+    return 0
+
+
+# Parser -------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="alignment-artifacts",
+        description="Measure and steer the directions that safety training leaves in a model's activations. "
+                    "Layers are 0-based decoder-block indices everywhere.")
+    parser.add_argument("--version", action="version", version=f"alignment-artifacts {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("models", help="list builtin models with installed/cached status")
+    _add_common(p)
+
+    p = sub.add_parser("generate", help="answer a prompt with the plain model")
+    p.add_argument("prompt", help="the user message")
+    _add_model(p)
+    _add_generation(p)
+    p.add_argument("--no-stream", action="store_true", help="print the answer at the end instead of streaming")
+    _add_common(p)
+
+    p = sub.add_parser("prompts", help="list builtin prompt sets or validate a prompt file")
+    p.add_argument("action", choices=["list", "validate"], help="list builtin sets, or validate FILE")
+    p.add_argument("file", nargs="?", help="prompt file to validate")
+    _add_common(p)
+
+    p = sub.add_parser("collect", help="collect pooled activations for a prompt set (cached, resumable)")
+    _add_model(p)
+    _add_prompts(p)
+    p.add_argument("--sites", "--activation-filter", dest="sites", default="mlp_out",
+                   help="sites: resid_pre, resid_post, attn_out, mlp_out, or 'all'; the original study's "
+                        "filter names (mlp.output, attention) work too (default mlp_out)")
+    p.add_argument("--positions", default="last",
+                   help="last, post_instruction, mean, first_generated, generated:N (default last)")
+    p.add_argument("--layers", default="all", help="layers to keep, 0-based: all, 1,2,3 or 4-10 (default all)")
+    p.add_argument("--activation-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="storage dtype (default float16)")
+    p.add_argument("--batch-size", default="auto", help="prompts per forward pass, or auto (default)")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--no-cache", action="store_true", help="recollect even when a cached store exists")
+    _add_common(p)
+
+    for name, help_text in (("analyze", "directions, effect sizes, held-out separability, permutation tests"),
+                            ("report", "analysis as one self-contained HTML report")):
+        p = sub.add_parser(name, help=help_text)
+        _add_model(p)
+        _add_prompts(p)
+        p.add_argument("--site", default="mlp_out", help="site to analyse (default mlp_out)")
+        p.add_argument("--position", default="last", help="position to analyse (default last)")
+        p.add_argument("--layers", default="all", help="layers, 0-based (default all)")
+        p.add_argument("--permutations", type=int, default=1000, help="permutation-test resamples (default 1000)")
+        p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for CIs (default 2000)")
+        p.add_argument("--folds", type=int, default=5, help="pair-aware cross-validation folds (default 5)")
+        if name == "analyze":
+            p.add_argument("--out", help="output folder (default: the cache's analysis folder)")
+        else:
+            p.add_argument("--out", dest="report_out", default="report.html", help="HTML file (default report.html)")
+        _add_common(p)
+        if name == "report":
+            p.set_defaults(out=None)
+
+    p = sub.add_parser("suppress", help="answer a prompt with and without steering, side by side")
+    p.add_argument("prompt", help="the user message")
+    _add_model(p)
+    _add_steering(p)
+    _add_generation(p)
+    p.add_argument("--categories", help="directions from these categories only (comma-separated)")
+    p.add_argument("--no-compare", action="store_true", help="skip the unmodified answer")
+    _add_common(p)
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat with steering (/mode, /scale, /off, /on)")
+    _add_model(p)
+    _add_steering(p)
+    _add_generation(p, max_tokens=256)
+    _add_common(p)
+
+    p = sub.add_parser("evaluate", help="refusal rate, KL divergence and over-refusal of a configuration")
+    _add_model(p)
+    _add_steering(p, default_mode="none")
+    p.add_argument("--harmful", default="harmful", help="harmful prompt set (builtin name or file)")
+    p.add_argument("--harmless", default="harmless", help="harmless prompt set (builtin name or file)")
+    p.add_argument("--n-harmful", type=int, default=None, help="use the first N harmful prompts")
+    p.add_argument("--n-harmless", type=int, default=None, help="use the first N harmless prompts")
+    p.add_argument("--max-tokens", type=int, default=48, help="tokens generated per answer (default 48)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per batch (default 16)")
+    p.add_argument("--perplexity", action="store_true", help="also score the original answers' perplexity")
+    p.add_argument("--plot", help="write a PNG plot here")
+    _add_common(p)
+
+    p = sub.add_parser("optimize", help="search steering settings (Optuna, refusals vs KL) and store the best")
+    _add_model(p)
+    p.add_argument("--trials", type=int, default=60, help="maximum trials (default 60)")
+    p.add_argument("--timeout", type=float, default=1800, help="time budget in seconds (default 1800)")
+    p.add_argument("--resume", action="store_true", help="continue the stored study")
+    p.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
+    p.add_argument("--harmful", default="harmful", help="harmful prompt set")
+    p.add_argument("--harmless", default="harmless", help="harmless prompt set")
+    p.add_argument("--max-kl", type=float, default=0.1, help="KL budget when picking the final configuration")
+    p.add_argument("--modes", default="ablate", help="modes to search (comma-separated; default ablate)")
+    _add_common(p)
+
+    p = sub.add_parser("export", help="bake a configuration into weights, or write a control vector / vectors")
+    _add_model(p)
+    _add_steering(p)
+    p.add_argument("--format", default="hf", choices=["hf", "gguf-control-vector", "vectors"],
+                   help="hf (weights with the direction baked in), gguf-control-vector (llama.cpp), vectors")
+    p.add_argument("--out", required=True, help="output folder or file")
+    p.add_argument("--force", action="store_true", help="replace an existing output")
+    _add_common(p)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with per-request steering")
+    _add_model(p)
+    _add_steering(p)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1, local only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask for")
+    _add_common(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 0
+    from .cache import set_cache_root
+    from .models.loading import quiet_transformers
+
+    set_cache_root(getattr(args, "cache_dir", None))
+    quiet_transformers()
+    try:
+        return _HANDLERS[args.command](args)
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("\ninterrupted; finished work is cached and a rerun continues from there.", file=sys.stderr)
+        return 130

@@ -1,0 +1,253 @@
+"""Chat formatting, left-padded batching and a small decode loop.
+
+The loop is our own rather than ``model.generate`` so that steering hooks, streaming, the
+first-answer-token distribution (for KL), ``ignore_end_tokens`` and per-row stopping all work
+the same way for every family, with no host synchronisation beyond one check per step.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+
+PLAIN_TEMPLATE_USER = "User: "
+PLAIN_TEMPLATE_ASSISTANT = "\nAssistant:"
+
+
+@dataclass
+class GenerationConfig:
+    max_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    ignore_end_tokens: bool = False  # keep going past end-of-turn (research)
+
+    def validate(self) -> None:
+        if self.max_tokens < 1:
+            raise UserError(f"--max-tokens must be at least 1 (got {self.max_tokens}).")
+        if self.temperature < 0:
+            raise UserError(f"--temperature must be >= 0 (got {self.temperature}); 0 means greedy.")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"--top-p must be in (0, 1] (got {self.top_p}).")
+        if self.repetition_penalty <= 0:
+            raise UserError(f"--repetition-penalty must be > 0 (got {self.repetition_penalty}); 1 disables it.")
+
+
+@dataclass
+class GenerationOutput:
+    tokens: list[list[int]]  # generated ids per prompt, without padding or the stop token
+    texts: list[str] = field(default_factory=list)
+    first_logits: torch.Tensor | None = None  # [batch, vocab] float32 at the first answer position
+    prompt_lengths: list[int] = field(default_factory=list)
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def format_chat(tokenizer: Any, prompt: str, system: str | None = None,
+                history: Sequence[dict[str, str]] | None = None) -> str:
+    """The prompt as the model sees it, ending where the assistant's answer begins."""
+    if not prompt or not prompt.strip():
+        raise UserError("The prompt is empty. Pass the text to send to the model.")
+    messages: list[dict[str, str]] = []
+    if system:
+        messages.append({"role": "system", "content": system})
+    messages.extend(history or [])
+    messages.append({"role": "user", "content": prompt})
+    if has_chat_template(tokenizer):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    lines = [f"System: {system}\n"] if system else []
+    for message in messages[1 if system else 0:]:
+        prefix = PLAIN_TEMPLATE_USER if message["role"] == "user" else "\nAssistant: "
+        lines.append(prefix + message["content"])
+    return "".join(lines) + PLAIN_TEMPLATE_ASSISTANT
+
+
+def encode_batch(tokenizer: Any, texts: Sequence[str], device: torch.device | str,
+                 max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and attention mask; chat-formatted text already holds special tokens."""
+    tokenizer.padding_side = "left"
+    batch = tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=False,
+                      truncation=max_length is not None, max_length=max_length)
+    return batch["input_ids"].to(device), batch["attention_mask"].to(device)
+
+
+def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    for token in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>"):
+        token_id = tokenizer.convert_tokens_to_ids(token) if token in tokenizer.get_vocab() else None
+        if isinstance(token_id, int) and token_id >= 0:
+            ids.add(token_id)
+    return sorted(ids)
+
+
+def _cache_kwarg(model: Any) -> str:
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _output_cache(output: Any) -> Any:
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that ignore left padding, so padded and unpadded rows see the same positions."""
+    return (mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def forward(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: Any = None,
+            position_ids: torch.Tensor | None = None, last_only: bool = True) -> Any:
+    """One forward pass with the padding-aware positions and the family's cache keyword."""
+    kwargs: dict[str, Any] = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
+                                  position_ids=positions_from_mask(attention_mask)[:, -input_ids.shape[1]:]
+                                  if position_ids is None else position_ids)
+    if cache is not None:
+        kwargs[_cache_kwarg(model)] = cache
+    if last_only and "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kwargs["logits_to_keep"] = 1
+    return model(**kwargs)
+
+
+def _apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    if penalty == 1.0:
+        return logits
+    picked = torch.gather(logits, 1, seen)
+    picked = torch.where(picked > 0, picked / penalty, picked * penalty)
+    return logits.scatter(1, seen, picked)
+
+
+def _sample(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
+    if config.temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / config.temperature, dim=-1)
+    if config.top_p < 1.0:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        keep = sorted_probs.cumsum(-1) - sorted_probs < config.top_p
+        sorted_probs = sorted_probs * keep
+        probs = torch.zeros_like(probs).scatter(1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+@torch.no_grad()
+def generate_ids(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig,
+                 stop_ids: Sequence[int] = (), on_step: Callable[[torch.Tensor], None] | None = None,
+                 pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decode up to ``max_tokens``; returns (generated ids [B, T], done-mask per step [B, T], first logits)."""
+    config.validate()
+    generator = None
+    if config.seed is not None and config.temperature > 0:
+        generator = torch.Generator(device=input_ids.device).manual_seed(config.seed)
+    batch = input_ids.shape[0]
+    stops = torch.tensor(list(stop_ids) or [-1], device=input_ids.device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    seen = input_ids
+    output = forward(model, input_ids, attention_mask)
+    logits = output.logits[:, -1, :].float()
+    first_logits = logits.clone()
+    cache = _output_cache(output)
+    steps: list[torch.Tensor] = []
+    alive: list[torch.Tensor] = []
+    for step in range(config.max_tokens):
+        scored = _apply_repetition_penalty(logits, seen, config.repetition_penalty)
+        token = _sample(scored, config, generator)
+        token = torch.where(finished, torch.full_like(token, pad_id), token)
+        alive.append(~finished)
+        steps.append(token)
+        if on_step is not None:
+            on_step(token)
+        if not config.ignore_end_tokens:
+            finished = finished | torch.isin(token, stops)
+            if step + 1 == config.max_tokens or bool(finished.all()):
+                break
+        elif step + 1 == config.max_tokens:
+            break
+        seen = torch.cat([seen, token[:, None]], dim=1)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
+        output = forward(model, token[:, None], attention_mask, cache=cache)
+        cache = _output_cache(output)
+        logits = output.logits[:, -1, :].float()
+    return torch.stack(steps, 1), torch.stack(alive, 1), first_logits
+
+
+def trim(ids: torch.Tensor, alive: torch.Tensor, stop_ids: Sequence[int], keep_stop: bool = False) -> list[list[int]]:
+    """Per-row generated ids, cut at the first stop token (which is dropped unless keep_stop)."""
+    rows: list[list[int]] = []
+    stops = set(stop_ids)
+    for row_ids, row_alive in zip(ids.tolist(), alive.tolist()):
+        row: list[int] = []
+        for token, ok in zip(row_ids, row_alive):
+            if not ok:
+                break
+            if token in stops and not keep_stop:
+                break
+            row.append(token)
+        rows.append(row)
+    return rows
+
+
+class TerminalStreamer:
+    """Prints one prompt's answer to the terminal as tokens arrive (batch of one)."""
+
+    def __init__(self, tokenizer: Any, stop_ids: Sequence[int], write: Callable[[str], Any] | None = None):
+        import sys
+
+        self.tokenizer, self.stop_ids, self.ids, self.printed = tokenizer, set(stop_ids), [], ""
+        self.write = write or (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+        self.done = False
+
+    def __call__(self, token: torch.Tensor) -> None:
+        if self.done:
+            return
+        value = int(token[0])
+        if value in self.stop_ids:
+            self.done = True
+            return
+        self.ids.append(value)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # wait for a whole multi-byte character
+            self.write(text[len(self.printed):])
+            self.printed = text
+
+
+def generate(loaded: Any, prompts: Sequence[str], config: GenerationConfig | None = None, system: str | None = None,
+             batch_size: int = 16, stream: bool = False, chat: bool = True,
+             write: Callable[[str], Any] | None = None) -> GenerationOutput:
+    """Generate answers for chat prompts, batched with left padding."""
+    config = config or GenerationConfig()
+    config.validate()
+    if not prompts:
+        raise UserError("No prompts to generate from.")
+    tokenizer, model = loaded.tokenizer, loaded.model
+    texts = [format_chat(tokenizer, p, system) if chat else p for p in prompts]
+    stops = stop_token_ids(model, tokenizer)
+    out = GenerationOutput(tokens=[])
+    firsts: list[torch.Tensor] = []
+    step = 1 if stream else batch_size
+    for start in range(0, len(texts), step):
+        chunk = texts[start:start + step]
+        ids, mask = encode_batch(tokenizer, chunk, loaded.device)
+        streamer = TerminalStreamer(tokenizer, stops, write) if stream else None
+        gen, alive, first = generate_ids(model, ids, mask, config, stops, on_step=streamer,
+                                         pad_id=tokenizer.pad_token_id or 0)
+        rows = trim(gen, alive, stops, keep_stop=config.ignore_end_tokens)
+        out.tokens.extend(rows)
+        out.prompt_lengths.extend(mask.sum(1).tolist())
+        firsts.append(first.cpu())
+    out.texts = [tokenizer.decode(row, skip_special_tokens=not config.ignore_end_tokens) for row in out.tokens]
+    out.first_logits = torch.cat(firsts)
+    return out

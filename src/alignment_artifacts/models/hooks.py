@@ -1,0 +1,60 @@
+"""Site hooks installed by a context manager that always removes them.
+
+A site function receives the site's hidden states ``[batch, seq, hidden]`` and returns either
+None (observe only) or a replacement tensor of the same shape. ``resid_pre`` is a forward
+pre-hook on the block; the other sites are forward hooks on the module the adapter names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+
+from .adapter import ModelAdapter, first_tensor
+
+SiteFn = Callable[[torch.Tensor], torch.Tensor | None]
+
+
+def _replace_first(output: Any, new: torch.Tensor) -> Any:
+    if isinstance(output, torch.Tensor):
+        return new
+    return (new, *output[1:])
+
+
+def _pre_hook(fn: SiteFn) -> Callable[..., Any]:
+    def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if args:
+            new = fn(args[0])
+            return None if new is None else ((new, *args[1:]), kwargs)
+        new = fn(kwargs["hidden_states"])
+        return None if new is None else (args, {**kwargs, "hidden_states": new})
+
+    return hook
+
+
+def _post_hook(fn: SiteFn) -> Callable[..., Any]:
+    def hook(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+        new = fn(first_tensor(output))
+        return None if new is None else _replace_first(output, new)
+
+    return hook
+
+
+@contextlib.contextmanager
+def site_hooks(adapter: ModelAdapter, hooks: Mapping[tuple[str, int], SiteFn]) -> Iterator[None]:
+    """Install ``{(site, layer): fn}`` for the duration of the block, removing them on any exit."""
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+    try:
+        for (site, layer), fn in hooks.items():
+            module = adapter.site_module(site, layer)
+            if site == "resid_pre":
+                handles.append(module.register_forward_pre_hook(_pre_hook(fn), with_kwargs=True))
+            else:
+                handles.append(module.register_forward_hook(_post_hook(fn)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

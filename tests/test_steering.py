@@ -1,0 +1,154 @@
+"""Steering modes on tiny random models: exactness invariants and mode semantics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import tiny_model
+
+from alignment_artifacts.analysis.directions import DirectionSet
+from alignment_artifacts.errors import UserError
+from alignment_artifacts.models import GenerationConfig, generate, site_hooks
+from alignment_artifacts.models.generation import encode_batch, format_chat
+from alignment_artifacts.steering import MODES, SteeringConfig, apply_steering
+
+PROMPTS = ["How do locks work?", "Write a poem about the sea.", "Hello", "Tell me about the history of bread."]
+
+
+def random_directions(loaded, seed=0, k=3) -> DirectionSet:
+    g = torch.Generator().manual_seed(seed)
+    hidden, layers = loaded.adapter.hidden_size, range(loaded.adapter.n_layers)
+    pca = {}
+    for layer in layers:
+        q, _ = torch.linalg.qr(torch.randn(hidden, k, generator=g))
+        pca[layer] = q.T.contiguous()
+    return DirectionSet(site="mlp_out", position="last", source="pooled",
+                        vectors={layer: torch.randn(hidden, generator=g) for layer in layers},
+                        positive_mean={layer: torch.randn(hidden, generator=g) for layer in layers},
+                        negative_mean={layer: torch.randn(hidden, generator=g) for layer in layers}, pca=pca,
+                        model_id=loaded.info.name, weights_hash=loaded.info.weights_hash, hidden_size=hidden)
+
+
+def logits(loaded, prompts=PROMPTS):
+    texts = [format_chat(loaded.tokenizer, p) for p in prompts]
+    ids, mask = encode_batch(loaded.tokenizer, texts, "cpu")
+    return loaded.model(input_ids=ids, attention_mask=mask).logits
+
+
+STEER_MODES = [m for m in MODES if m not in ("none", "auto")]
+
+
+@pytest.mark.parametrize("mode", STEER_MODES)
+def test_scale_zero_and_exit_are_exact(mode):
+    loaded = tiny_model("llama")
+    directions = random_directions(loaded)
+    plain = logits(loaded)
+    with apply_steering(loaded, SteeringConfig(mode=mode, scale=0.0), directions):
+        assert torch.equal(logits(loaded), plain)
+    with apply_steering(loaded, SteeringConfig(mode=mode, scale=2.0, distance_threshold=50.0,
+                                               proximity_threshold=0.0), directions) as handle:
+        steered = logits(loaded)
+    assert not torch.equal(steered, plain), mode
+    assert handle.total() > 0
+    assert torch.equal(logits(loaded), plain)
+
+
+def test_mode_none_is_exact():
+    loaded = tiny_model("qwen2")
+    plain = logits(loaded)
+    with apply_steering(loaded, SteeringConfig(mode="none"), None):
+        assert torch.equal(logits(loaded), plain)
+
+
+@pytest.mark.parametrize("mode", ["ablate", "always", "adaptive", "amplify"])
+def test_batched_equals_single(mode):
+    loaded = tiny_model("llama")
+    directions = random_directions(loaded)
+    config = GenerationConfig(max_tokens=8)
+    with apply_steering(loaded, SteeringConfig(mode=mode, scale=0.5, layers=[1, 2]), directions):
+        batched = generate(loaded, PROMPTS, config, batch_size=4).tokens
+        single = [generate(loaded, [p], config).tokens[0] for p in PROMPTS]
+    assert batched == single
+
+
+def test_ablate_leaves_sites_orthogonal():
+    loaded = tiny_model("qwen2")
+    directions = random_directions(loaded)
+    seen = {}
+
+    def keep(key):
+        def fn(h):
+            seen[key] = h.detach().clone()
+
+        return fn
+
+    with apply_steering(loaded, SteeringConfig(mode="ablate", scale=1.0, direction_layer=2), directions):
+        # observers registered after the steering hooks see the steered outputs
+        observers = {(site, layer): keep((site, layer)) for layer in range(4) for site in ("attn_out", "mlp_out")}
+        with site_hooks(loaded.adapter, observers):
+            logits(loaded)
+            u = directions.unit(2)
+            for layer in range(4):
+                resid = loaded.model  # noqa: F841
+                for site in ("attn_out", "mlp_out"):
+                    proj = seen[(site, layer)] @ u
+                    assert proj.abs().max() < 1e-4, (site, layer)
+
+
+def test_hooks_cleaned_after_exception_in_generation():
+    loaded = tiny_model("llama")
+    directions = random_directions(loaded)
+    plain = logits(loaded)
+
+    def explode(_token):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError), apply_steering(loaded, SteeringConfig(mode="ablate"), directions):
+        from alignment_artifacts.models.generation import generate_ids
+
+        texts = [format_chat(loaded.tokenizer, "Hello")]
+        ids, mask = encode_batch(loaded.tokenizer, texts, "cpu")
+        generate_ids(loaded.model, ids, mask, GenerationConfig(max_tokens=4), on_step=explode)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in loaded.model.modules())
+    assert torch.equal(logits(loaded), plain)
+
+
+def test_hooks_active_during_decoding_steps():
+    loaded = tiny_model("llama")
+    directions = random_directions(loaded)
+    with apply_steering(loaded, SteeringConfig(mode="always", scale=1.0, layers=[1]), directions) as handle:
+        out = generate(loaded, ["Hello"], GenerationConfig(max_tokens=5, ignore_end_tokens=True))
+    prompt_len = out.prompt_lengths[0]
+    # prefill counts every prompt position, then one position per decoding step
+    assert handle.total() == prompt_len + 4
+
+
+def test_bad_configs():
+    loaded = tiny_model("llama")
+    directions = random_directions(loaded)
+    with pytest.raises(UserError, match="Modes"):
+        SteeringConfig(mode="ablatee").validate()
+    with pytest.raises(UserError, match="out of range"):
+        with apply_steering(loaded, SteeringConfig(mode="always", layers=[9]), directions):
+            pass
+    with pytest.raises(UserError, match="proximity"):
+        SteeringConfig(mode="proximity", proximity_threshold=1.5).validate()
+    other = random_directions(loaded)
+    other.hidden_size = 128
+    with pytest.raises(UserError, match="hidden size"):
+        with apply_steering(loaded, SteeringConfig(mode="always"), other):
+            pass
+    other = random_directions(loaded)
+    other.weights_hash = "0123456789abcdef"
+    with pytest.raises(UserError, match="Directions do not transfer"):
+        with apply_steering(loaded, SteeringConfig(mode="always"), other):
+            pass
+
+
+def test_config_json_roundtrip():
+    config = SteeringConfig(mode="ablate", scale=0.8, layers=[1, 2], layer_weights={1: 0.5, 2: 1.0},
+                            direction_layer=3)
+    again = SteeringConfig.from_json(config.to_json())
+    assert again == config
+    with pytest.raises(UserError, match="Unknown steering configuration"):
+        SteeringConfig.from_json({"mode": "ablate", "bogus": 1})
