@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import tiny_model
 
 from alignment_artifacts import activations as act
 from alignment_artifacts.errors import UserError
 from alignment_artifacts.models.generation import positions_from_mask
 from alignment_artifacts.prompts.sets import Prompt, PromptSet
+from tiny_models import tiny_model
 
 TEXTS = ["How do locks work?", "Write a poem about the sea.", "What is the capital of France?",
          "Tell me about bread", "Hello", "Explain the printing press and its history in detail please.",

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import FAMILIES, tiny_model
 
 from alignment_artifacts.errors import UserError
 from alignment_artifacts.models import SITES, site_hooks
 from alignment_artifacts.models.adapter import spec_for
+from tiny_models import FAMILIES, tiny_model
 
 
 def _capture(loaded, ids, mask):

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import tiny_model
 
 from alignment_artifacts.analysis.directions import DirectionSet
 from alignment_artifacts.errors import UserError
 from alignment_artifacts.models import GenerationConfig, generate, site_hooks
 from alignment_artifacts.models.generation import encode_batch, format_chat
 from alignment_artifacts.steering import MODES, SteeringConfig, apply_steering
+from tiny_models import tiny_model
 
 PROMPTS = ["How do locks work?", "Write a poem about the sea.", "Hello", "Tell me about the history of bread."]
 
@@ -89,7 +89,6 @@ def test_ablate_leaves_sites_orthogonal():
             logits(loaded)
             u = directions.unit(2)
             for layer in range(4):
-                resid = loaded.model  # noqa: F841
                 for site in ("attn_out", "mlp_out"):
                     proj = seen[(site, layer)] @ u
                     assert proj.abs().max() < 1e-4, (site, layer)
@@ -128,21 +127,20 @@ def test_bad_configs():
     directions = random_directions(loaded)
     with pytest.raises(UserError, match="Modes"):
         SteeringConfig(mode="ablatee").validate()
-    with pytest.raises(UserError, match="out of range"):
-        with apply_steering(loaded, SteeringConfig(mode="always", layers=[9]), directions):
-            pass
+    with pytest.raises(UserError, match="out of range"), apply_steering(
+            loaded, SteeringConfig(mode="always", layers=[9]), directions):
+        pass
     with pytest.raises(UserError, match="proximity"):
         SteeringConfig(mode="proximity", proximity_threshold=1.5).validate()
     other = random_directions(loaded)
     other.hidden_size = 128
-    with pytest.raises(UserError, match="hidden size"):
-        with apply_steering(loaded, SteeringConfig(mode="always"), other):
-            pass
+    with pytest.raises(UserError, match="hidden size"), apply_steering(loaded, SteeringConfig(mode="always"), other):
+        pass
     other = random_directions(loaded)
     other.weights_hash = "0123456789abcdef"
-    with pytest.raises(UserError, match="Directions do not transfer"):
-        with apply_steering(loaded, SteeringConfig(mode="always"), other):
-            pass
+    with pytest.raises(UserError, match="Directions do not transfer"), apply_steering(
+            loaded, SteeringConfig(mode="always"), other):
+        pass
 
 
 def test_config_json_roundtrip():
@@ -152,3 +150,16 @@ def test_config_json_roundtrip():
     assert again == config
     with pytest.raises(UserError, match="Unknown steering configuration"):
         SteeringConfig.from_json({"mode": "ablate", "bogus": 1})
+
+
+def test_shared_prefix_logits_match_plain_forward():
+    from alignment_artifacts.models.generation import next_token_logits
+
+    loaded = tiny_model("llama")
+    texts = [format_chat(loaded.tokenizer, p, system="You are a helpful assistant who answers well.")
+             for p in PROMPTS]
+    shared = next_token_logits(loaded.model, loaded.tokenizer, texts, batch_size=3, min_shared=4)
+    plain = next_token_logits(loaded.model, loaded.tokenizer, texts, batch_size=3, min_shared=10_000)
+    torch.testing.assert_close(shared, plain, rtol=1e-4, atol=1e-4)
+    single = torch.cat([logits(loaded, [p])[:, -1] for p in PROMPTS])  # no system prompt: differs
+    assert single.shape == plain.shape

@@ -49,7 +49,7 @@ def stored_config(loaded: LoadedModel) -> SteeringConfig | None:
     if not path.is_file():
         return None
     data = json.loads(path.read_text())
-    config = SteeringConfig.from_json(data["config"] if "config" in data else data)
+    config = SteeringConfig.from_json(data.get("config", data))
     if config.weights_hash and config.weights_hash != loaded.info.weights_hash:
         warnings.warn(f"Ignoring the stored configuration {path}: it was optimised for other weights "
                       f"({config.weights_hash}, this model is {loaded.info.weights_hash}).", stacklevel=2)

@@ -292,7 +292,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from .analysis import write_report
 
-    loaded, store, result = _analysis(args)
+    _, store, result = _analysis(args)
     folder = result.save(_analysis_folder(args, store) if not args.out else Path(args.out).with_suffix(""))
     command = "alignment-artifacts " + " ".join(sys.argv[1:]) if sys.argv else "alignment-artifacts report"
     path = write_report(folder, args.report_out, command)
@@ -318,8 +318,8 @@ def cmd_suppress(args: argparse.Namespace) -> int:
     directions = get_directions(loaded, config, progress=not args.json) if config.mode != "none" else None
     stream = not args.json
     width = shutil.get_terminal_size((100, 20)).columns
-    describe = (f"mode={config.mode} scale={config.scale:g} layers={config.layers if config.layers is not None else 'default'}"
-                f" direction_layer={config.direction_layer}")
+    layers = config.layers if config.layers is not None else "default"
+    describe = f"mode={config.mode} scale={config.scale:g} layers={layers} direction_layer={config.direction_layer}"
     baseline = None
     if not args.no_compare:
         if stream:

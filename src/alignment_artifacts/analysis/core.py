@@ -46,7 +46,7 @@ import torch
 from ..cache import atomic_directory, atomic_write_bytes, atomic_write_json
 from ..errors import UserError, closest
 from . import stats
-from .directions import DirectionSet, direction_from_groups, paired_pca
+from .directions import DirectionSet, direction_from_groups
 
 if TYPE_CHECKING:
     from ..activations import ActivationStore
@@ -73,7 +73,9 @@ def package_version() -> str:
     try:
         return version("alignment-artifacts")
     except PackageNotFoundError:
-        return "unknown (not installed)"
+        from .. import __version__
+
+        return str(__version__)
 
 
 def clean(value: Any) -> Any:
@@ -323,7 +325,6 @@ class _Source:
     design: stats.Design
     fold: np.ndarray
     boot: np.ndarray
-    jack: np.ndarray
     perms: np.ndarray
     replicates: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> [B] refit held-out g
 
@@ -332,23 +333,23 @@ class _Source:
               folds: stats.Folds, n_bootstrap: int, n_permutations: int) -> _Source:
         fold_rng, boot_rng, perm_rng = (np.random.default_rng([seed, index, k]) for k in range(3))
         return cls(name, rows, design, stats.assign_folds(design, folds, fold_rng),
-                   stats.resample_weights(design, n_bootstrap, boot_rng), stats.jackknife_weights(design),
+                   stats.resample_weights(design, n_bootstrap, boot_rng),
                    stats.permuted_labels(design, n_permutations, perm_rng))
 
 
-def _cell(src: _Source, layer: int, x: torch.Tensor, level: float, heldout_test: bool) -> CellStats:
-    """All statistics of one source at one layer; refit bootstrap replicates are kept on ``src``."""
+def _cell(src: _Source, layer: int, x: torch.Tensor, g: np.ndarray, level: float, heldout_test: bool
+          ) -> CellStats:
+    """All statistics of one source at one layer (``g``: its centred Gram); refit bootstrap
+    replicates are kept on ``src`` for the hypotheses."""
     design, pos = src.design, src.design.positive
-    g = stats.gram(x)
     sep = stats.separability_from_gram(g, design, src.fold)
     perm = stats.permutation_test_from_gram(g, design, src.perms, src.fold if heldout_test else None)
     reps = stats.refit_g(g, pos, src.boot, src.fold)
-    ci_low, ci_high = stats.interval(sep.heldout_g, reps, stats.refit_g(g, pos, src.jack, src.fold), level)
-    in_low, in_high = stats.interval(sep.in_sample_g, stats.refit_g(g, pos, src.boot),
-                                     stats.refit_g(g, pos, src.jack), level)
+    ci_low, ci_high = stats.interval(sep.heldout_g, reps, None, level, "centred")
+    in_low, in_high = stats.interval(sep.in_sample_g, stats.refit_g(g, pos, src.boot), None, level, "centred")
     src.replicates[layer] = reps
-    xd = x.double()
-    norm = float((xd[torch.as_tensor(pos)].mean(0) - xd[torch.as_tensor(~pos)].mean(0)).norm())
+    xd = x.numpy().astype(np.float64)
+    norm = float(np.linalg.norm(xd[pos].mean(0) - xd[~pos].mean(0)))
     return CellStats(src.name, layer, design.n, design.n_positive, design.n_negative,
                      design.n_clusters if design.paired else 0, design.paired, sep.heldout_g, ci_low, ci_high,
                      sep.heldout_accuracy, sep.heldout_auroc, sep.in_sample_g, in_low, in_high,
@@ -362,28 +363,26 @@ def _direction_parts(x: torch.Tensor, design: stats.Design, method: str, k: int
     i.e. the principal variation of the sensitive group around its own mean."""
     pos_t, neg_t = torch.as_tensor(design.positive), torch.as_tensor(~design.positive)
     vector, pos_centre, neg_centre = direction_from_groups(x[pos_t], x[neg_t], method)
+    rows = x.numpy().astype(np.float64)
     if design.paired:
         pos_idx, neg_idx = design.pairs()
-        basis = paired_pca(x[torch.as_tensor(pos_idx)], x[torch.as_tensor(neg_idx)], k)
+        diffs = rows[pos_idx] - rows[neg_idx]
     else:
-        positives = x[pos_t]
-        basis = paired_pca(positives, neg_centre.expand_as(positives), k)
-    return vector, pos_centre, neg_centre, basis
+        diffs = rows[design.positive] - neg_centre.numpy().astype(np.float64)
+    return vector, pos_centre, neg_centre, stats.principal_axes(diffs, k)
 
 
 def _projection(x: torch.Tensor, design: stats.Design, prompts: Sequence[Prompt], rows: np.ndarray,
                 layer: int, source: str) -> dict[str, Any]:
     """x: projection on the (in-sample) unit direction; y: first PC of what is orthogonal to it."""
-    xc = x.double() - x.double().mean(0, keepdim=True)
-    pos_t = torch.as_tensor(design.positive)
-    direction = xc[pos_t].mean(0) - xc[~pos_t].mean(0)
-    unit = direction / direction.norm().clamp_min(1e-12)
-    along = xc @ unit
+    xc = x.numpy().astype(np.float64)
+    xc -= xc.mean(0, keepdims=True)
+    direction = xc[design.positive].mean(0) - xc[~design.positive].mean(0)
+    unit = direction / max(float(np.linalg.norm(direction)), 1e-12)
+    along = stats.matmul(xc, unit)
     residual = xc - along[:, None] * unit[None, :]
-    _, _, vh = torch.linalg.svd(residual, full_matrices=False)
-    across = residual @ vh[0]
-    return {"source": source, "layer": layer,
-            "x": np.round(along.numpy(), 5), "y": np.round(across.numpy(), 5),
+    across = stats.matmul(residual, stats.principal_axes(residual, 1)[0].numpy().astype(np.float64))
+    return {"source": source, "layer": layer, "x": np.round(along, 5), "y": np.round(across, 5),
             "label": design.positive.astype(int), "category": [prompts[i].category or "" for i in rows]}
 
 
@@ -402,7 +401,21 @@ def analyze(store: ActivationStore, *, site: str | None = None, position: str | 
     the statistics always use the mean difference, whose linearity makes refitting per fold and
     per permutation exact and cheap. Folds, bootstrap resamples and permutations are drawn once per
     source from ``seed`` and shared by all layers, so layers are compared on the same resamples.
+    ``permutation_statistic``: "in_sample" (refit in-sample g) or "heldout" (refit cross-fitted g,
+    more powerful when activations are anisotropic; see ``stats.permutation_test``). Runs with one
+    torch thread (restored afterwards), which is fastest for these small problems.
     """
+    with stats.threads(1):
+        return _analyze(store, site=site, position=position, layers=layers, categories=categories,
+                        n_permutations=n_permutations, n_bootstrap=n_bootstrap, folds=folds,
+                        pca_components=pca_components, method=method, seed=seed, progress=progress, alpha=alpha,
+                        ci_level=ci_level, permutation_statistic=permutation_statistic)
+
+
+def _analyze(store: ActivationStore, *, site: str | None, position: str | None, layers: Sequence[int] | None,
+             categories: Sequence[str] | None, n_permutations: int, n_bootstrap: int, folds: stats.Folds,
+             pca_components: int, method: str, seed: int, progress: bool, alpha: float, ci_level: float,
+             permutation_statistic: str) -> AnalysisResult:
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
@@ -440,13 +453,17 @@ def analyze(store: ActivationStore, *, site: str | None = None, position: str | 
     parts: dict[tuple[str, int], tuple[torch.Tensor, ...]] = {}
     hidden = 0
     bar = tqdm(total=len(sources) * len(layer_list), desc="analyze", unit="cell", disable=not progress)
+    used = np.unique(np.concatenate([src.rows for src in sources]))
     for layer in layer_list:
         acts = store.get(site, layer, position).float()
         hidden = int(acts.shape[-1])
+        full_gram = np.zeros((acts.shape[0], acts.shape[0]))
+        full_gram[np.ix_(used, used)] = stats.gram(acts[torch.as_tensor(used)])
         for src in sources:
             bar.set_postfix_str(f"{src.name} L{layer}", refresh=False)
             x = acts[torch.as_tensor(src.rows)]
-            cells[src.name, layer] = _cell(src, layer, x, ci_level, permutation_statistic == "heldout")
+            g = stats.centre_gram(full_gram[np.ix_(src.rows, src.rows)])
+            cells[src.name, layer] = _cell(src, layer, x, g, ci_level, permutation_statistic == "heldout")
             parts[src.name, layer] = _direction_parts(x, src.design, method, pca_components)
             bar.update()
     bar.close()

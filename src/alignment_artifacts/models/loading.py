@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
-from ..cache import atomic_write_json, cache_dir, stable_hash
+from ..cache import cache_dir, stable_hash
 from ..errors import UserError, closest
 from .adapter import ModelAdapter
 from .builtin import BUILTINS, convert_gguf, drop_cached, ensure_converted, get_builtin
@@ -236,7 +237,7 @@ def load_model(spec: str, device: str = "auto", dtype: str | torch.dtype = "auto
         tokenizer = _load_tokenizer(str(folder), trust_remote_code, **tokenizer_kw)
     except UserError:
         raise
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         if kind == "builtin":
             drop_cached(get_builtin(spec))
             raise UserError(f"The cached copy of '{spec}' could not be loaded ({exc}); it has been removed. Run the "
@@ -295,4 +296,4 @@ def quiet_transformers() -> None:
         pass
 
 
-__all__ = ["DEVICES", "DTYPES", "LoadedModel", "ModelInfo", "load_model", "wrap_model", "json"]
+__all__ = ["DEVICES", "DTYPES", "LoadedModel", "ModelInfo", "json", "load_model", "wrap_model"]

@@ -1,0 +1,438 @@
+"""Export a steering intervention so that it runs without this package.
+
+Three formats (see docs/export.md):
+
+``hf``
+    Directional ablation baked into a copy of the weights: every matrix that writes into the
+    residual stream at a hooked site is orthogonalised against the direction, so plain
+    transformers (or vLLM, or any HF-compatible server) reproduces ``mode='ablate'``.
+``gguf-control-vector``
+    The additive modes (``always``, ``amplify``) as a llama.cpp control vector.
+``vectors``
+    Directions plus the configuration, for :func:`load_steering` and ``apply_steering``.
+
+Every export is written into a temporary sibling that is renamed into place, so an interrupted
+export (disk full, crash) never leaves something that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .analysis.directions import DirectionSet
+from .cache import atomic_directory, atomic_save_safetensors, atomic_write_bytes, atomic_write_json
+from .errors import UserError, closest
+from .models.adapter import ModelAdapter, get_submodule
+from .steering import ADDITIVE_MODES, LINEAR_MODES, SteeringConfig, _direction_at, hook_targets
+
+FORMATS = ("hf", "gguf-control-vector", "vectors")
+EXPORT_MANIFEST = "alignment_artifacts_export.json"
+STEERING_FILE = "steering.json"
+CONTROL_VECTOR_FILE = "control_vector.gguf"
+CONTROL_VECTOR_ARCH = "controlvector"
+EXPORT_VERSION = 1
+MEMORY_NOTE = ("Baking copies the model: peak memory is about twice the loaded model (2x the float32 size "
+               "for a float32 model), plus one float32 matrix at a time for the arithmetic.")
+_FORMAT_ADVICE = ("Formats by mode: 'ablate' -> hf (weights) or vectors; 'always'/'amplify' -> "
+                  "gguf-control-vector or vectors; every other mode -> vectors (apply it with "
+                  "alignment_artifacts.export.load_steering + apply_steering).")
+
+
+def export(loaded: Any, config: SteeringConfig, directions: DirectionSet, out: str | Path, format: str = "hf",
+           force: bool = False, evaluation: dict[str, Any] | None = None) -> Path:
+    """Write ``config`` + ``directions`` for ``loaded`` to ``out`` in ``format``; returns what was written.
+
+    ``config`` must be resolved (no ``auto``). The caller's model is never modified.
+    """
+    if format not in FORMATS:
+        raise UserError(f"Unknown export format '{format}'.{closest(format, FORMATS)} Formats: "
+                        f"{', '.join(FORMATS)}.")
+    adapter = loaded.adapter
+    if config.mode == "auto":
+        raise UserError("Resolve mode 'auto' before exporting (alignment_artifacts.api.resolve_config), "
+                        "so the export records the concrete intervention.")
+    config.validate(adapter.n_layers)
+    directions.check_compatible(adapter.hidden_size, loaded.info.weights_hash, loaded.info.name)
+    out = Path(out).expanduser()
+    if format == "hf":
+        return _export_hf(loaded, config, directions, out, force, evaluation)
+    if format == "gguf-control-vector":
+        return _export_control_vector(loaded, config, directions, out, force, evaluation)
+    return _export_vectors(loaded, config, directions, out, force, evaluation)
+
+
+# Shared pieces ------------------------------------------------------------------------------
+
+def _check_target(out: Path, force: bool, folder: bool = True) -> None:
+    """Refuse to replace an existing export unless asked, or to replace a file by a folder (or back)."""
+    if not out.exists():
+        return
+    if not force:
+        raise UserError(f"{out} already exists. Choose another output path, or pass force=True (--force) to "
+                        "replace it.")
+    if out.is_dir() != folder:
+        have, want = ("folder" if out.is_dir() else "file"), ("folder" if folder else "file")
+        raise UserError(f"{out} exists and is a {have}, but this export writes a {want}. Remove it or "
+                        "choose another path.")
+
+
+def _manifest(loaded: Any, config: SteeringConfig, directions: DirectionSet, format: str,
+              evaluation: dict[str, Any] | None, **extra: Any) -> dict[str, Any]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        package_version = version("alignment-artifacts")
+    except PackageNotFoundError:
+        package_version = "unknown"
+    return {"export_version": EXPORT_VERSION, "format": format, "package_version": package_version,
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "base_model": loaded.info.to_json(), "steering": config.to_json(),
+            "directions": directions.metadata(), "evaluation": evaluation, **extra}
+
+
+def _direction_summary(config: SteeringConfig, directions: DirectionSet) -> str:
+    layer = ("each layer's own direction" if config.direction_layer is None
+             else f"layer {config.direction_layer}'s direction at every layer")
+    prompt_set = directions.extra.get("prompt_set_name") or directions.source
+    return (f"difference of {directions.method}s at site `{directions.site}`, position "
+            f"`{directions.position}`, from prompt set `{prompt_set}` "
+            f"({directions.n_positive} sensitive vs {directions.n_negative} ordinary prompts, hash "
+            f"`{directions.prompt_set_hash or 'n/a'}`); {layer}")
+
+
+def _evaluation_lines(evaluation: dict[str, Any] | None) -> list[str]:
+    if not evaluation:
+        return ["No evaluation numbers were supplied with this export."]
+    return ["| metric | value |", "| --- | --- |", *(f"| {k} | {v} |" for k, v in evaluation.items())]
+
+
+def _write_card(folder: Path, title: str, manifest: dict[str, Any], body: list[str]) -> None:
+    info = manifest["base_model"]
+    front = ["---", "tags:", "- alignment-artifacts", "- steering"]
+    if info.get("kind") == "hub":
+        front += [f"base_model: {info['source']}"]
+    lines = [*front, "---", "", f"# {title}", "", *body, "", "## Evaluation", "",
+             *_evaluation_lines(manifest.get("evaluation")), "", "## Steering configuration", "", "```json",
+             json.dumps(manifest["steering"], indent=2, default=str), "```", "",
+             "## Direction metadata", "", "```json",
+             json.dumps(manifest["directions"], indent=2, default=str), "```", "",
+             f"Made with alignment-artifacts {manifest['package_version']} on {manifest['created']}.", ""]
+    atomic_write_bytes(folder / "README.md", "\n".join(lines).encode())
+
+
+# hf: ablation baked into weights --------------------------------------------------------------
+
+def _bake_plan(config: SteeringConfig, adapter: ModelAdapter, directions: DirectionSet
+               ) -> list[tuple[str, int, int, float]]:
+    """(site, layer, direction layer, scale) for every hook that ablation would install."""
+    if config.mode not in LINEAR_MODES:
+        raise UserError(f"Mode '{config.mode}' cannot be baked into weights: only 'ablate' is a fixed linear "
+                        f"projection of what each layer writes. {_FORMAT_ADVICE}")
+    if config.site in ("resid_pre", "resid_post"):
+        raise UserError(f"Ablation at site '{config.site}' projects the residual stream itself, which no "
+                        "single weight matrix produces, so it cannot be baked exactly. Bake the default "
+                        "(site unset: every writer into the residual stream) or site attn_out/mlp_out, "
+                        "or export --format vectors.")
+    plan = []
+    for site, layer in hook_targets(config, adapter.n_layers, directions):
+        weight = 1.0 if config.layer_weights is None else float(config.layer_weights.get(layer, 0.0))
+        if weight != 0.0 and config.scale != 0.0:
+            plan.append((site, layer, _direction_at(directions, config, layer), float(config.scale) * weight))
+    return plan
+
+
+def _writers_at(adapter: ModelAdapter, site: str, layer: int) -> list[tuple[str, nn.Module]]:
+    """The modules whose outputs a hook at (site, layer) sees, by their dotted names."""
+    spec = adapter.spec
+    if site == "resid_pre":  # only layer 0 with the default site: the embeddings' sum
+        return [(name, get_submodule(adapter.model, name)) for name in spec.embeddings]
+    names = [spec.attn_proj] if site == "attn_out" else [spec.mlp_proj, *spec.expert_projs]
+    return [(f"{spec.blocks}.{layer}.{name}", get_submodule(adapter.blocks[layer], name)) for name in names]
+
+
+@torch.no_grad()
+def _orthogonalise(module: nn.Module, name: str, u: torch.Tensor, s: float, conv1d: bool) -> None:
+    """Make ``module``'s output lose ``s`` times its component along unit ``u`` (in place, float32 maths)."""
+    weight = module.weight
+    if not weight.dtype.is_floating_point:
+        raise UserError(f"{name} holds quantized weights ({weight.dtype}); baking needs real-valued "
+                        "weights. Load the model without --quantization (float16, bfloat16 or float32) and "
+                        "export again.")
+    w = weight.float()
+    u = u.to(device=w.device, dtype=torch.float32)
+    if isinstance(module, nn.Embedding) or conv1d:  # rows (or Conv1D outputs) live in residual space
+        w = w - s * torch.outer(w @ u, u)
+    elif isinstance(module, nn.Linear):  # [hidden_out, in]: columns live in residual space
+        w = w - s * torch.outer(u, u @ w)
+    else:
+        raise UserError(f"{name} is a {type(module).__name__}, which export does not know how to "
+                        "orthogonalise. Export --format vectors instead.")
+    weight.copy_(w.to(weight.dtype))
+    bias = getattr(module, "bias", None)
+    if isinstance(bias, torch.Tensor):
+        b = bias.float()
+        bias.copy_((b - s * (b @ u) * u).to(bias.dtype))
+
+
+def _tied(model: nn.Module) -> bool:
+    out = model.get_output_embeddings()
+    return out is not None and out.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+
+
+def _untie(model: nn.Module) -> None:
+    """Give the LM head its own copy of the weights so editing the embeddings leaves the head intact."""
+    head = model.get_output_embeddings()
+    head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    for cfg in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        cfg.tie_word_embeddings = False
+
+
+def _clear_quantization(model: nn.Module) -> None:
+    """Drop quantizer state so save_pretrained writes (and from_pretrained reads) plain tensors."""
+    for attr in ("hf_quantizer", "quantization_method"):
+        if getattr(model, attr, None) is not None:
+            setattr(model, attr, None)
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def bake_ablation(loaded: Any, config: SteeringConfig, directions: DirectionSet
+                  ) -> tuple[nn.Module, list[str]]:
+    """A deep copy of the model with the ablation baked in, and the names of the matrices changed."""
+    adapter: ModelAdapter = loaded.adapter
+    plan = _bake_plan(config, adapter, directions)
+    model = copy.deepcopy(loaded.model)
+    copied = ModelAdapter(model)
+    if any(site == "resid_pre" for site, *_ in plan) and _tied(model):
+        _untie(model)
+    changed = []
+    for site, layer, source, s in plan:
+        u = directions.unit(source)
+        for name, module in _writers_at(copied, site, layer):
+            _orthogonalise(module, name, u, s, adapter.spec.conv1d)
+            changed.append(name)
+    _clear_quantization(model)
+    return model, changed
+
+
+@torch.no_grad()
+def bake_error(loaded: Any, baked: nn.Module, config: SteeringConfig, directions: DirectionSet,
+               text: str = "Explain how locks and keys work.") -> dict[str, float]:
+    """Max |logit difference| between the hooked model and the baked copy, absolute and relative."""
+    from .steering import apply_steering
+
+    ids = loaded.tokenizer(text, return_tensors="pt").input_ids.to(loaded.device)
+    with apply_steering(loaded, config, directions):
+        hooked = loaded.model(input_ids=ids).logits.float()
+    baked_logits = baked(input_ids=ids.to(baked.get_input_embeddings().weight.device)).logits.float()
+    diff = (hooked - baked_logits.to(hooked.device)).abs().max().item()
+    return {"max_abs_logit_diff": diff, "relative": diff / max(hooked.abs().max().item(), 1e-12)}
+
+
+def _export_hf(loaded: Any, config: SteeringConfig, directions: DirectionSet, out: Path, force: bool,
+               evaluation: dict[str, Any] | None) -> Path:
+    _bake_plan(config, loaded.adapter, directions)  # refuse before copying gigabytes
+    _check_target(out, force)
+    baked, changed = bake_ablation(loaded, config, directions)
+    notes = []
+    if not loaded.adapter.bake_is_exact:
+        norms = ", ".join(loaded.adapter.spec.post_norms)
+        notes.append(f"Approximate: {loaded.adapter.model_type} applies a norm after each output projection "
+                     f"({norms}), so orthogonalising the projections does not remove the direction exactly; "
+                     "logits differ from the hooked model (see bake_check).")
+        warnings.warn(notes[-1], stacklevel=3)
+    check = bake_error(loaded, baked, config, directions)
+    manifest = _manifest(loaded, config, directions, "hf", evaluation, exact=loaded.adapter.bake_is_exact,
+                         warnings=notes, bake_check=check, modified=changed, memory_note=MEMORY_NOTE)
+    body = [f"`{loaded.info.name}` with directional ablation baked into its weights by "
+            "alignment-artifacts.", "",
+            f"- Base model: `{loaded.info.name}` ({loaded.info.model_type}, {loaded.info.n_layers} layers, "
+            f"weights `{loaded.info.weights_hash}`, source `{loaded.info.source}`)",
+            f"- Direction: {_direction_summary(config, directions)}",
+            f"- Intervention: `ablate`, scale {config.scale}, {len(changed)} residual-writing matrices "
+            "orthogonalised",
+            f"- Agreement with the hooked model: max |logit diff| {check['max_abs_logit_diff']:.3g} "
+            f"(relative {check['relative']:.3g})",
+            *(f"- **Warning:** {note}" for note in notes), "", "## How it was made", "",
+            "For unit direction u and scale s, every matrix that writes into the residual stream at a hooked "
+            "site was replaced so its output loses s times its component along u: embeddings "
+            "E' = E - s(Eu)u^T (only when layer 0 is targeted), linear projections W' = W - s u(u^T W) and "
+            "b' = b - s u(u.b). "
+            "This equals `apply_steering(mode='ablate')` with the configuration below.", "",
+            f"Memory: {MEMORY_NOTE}", "", "## Usage", "", "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "model = AutoModelForCausalLM.from_pretrained(PATH)",
+            "tokenizer = AutoTokenizer.from_pretrained(PATH)",
+            "```", "", "or `vllm serve PATH`."]
+    with atomic_directory(out, overwrite=force) as tmp:
+        baked.save_pretrained(tmp)
+        loaded.tokenizer.save_pretrained(tmp)
+        atomic_write_json(tmp / EXPORT_MANIFEST, manifest)
+        _write_card(tmp, f"{loaded.info.name} (ablated)", manifest, body)
+    del baked
+    return out
+
+
+# gguf-control-vector ----------------------------------------------------------------------------
+
+def control_vector_index(site: str, layer: int) -> int:
+    """The llama.cpp ``direction.N`` index that adds a constant vector where a hook at (site, layer) does.
+
+    llama.cpp adds ``direction.N`` to the output of 0-based block N (``build_cvec(cur, il)`` after the
+    block's last residual add; the loader puts ``direction.N`` at data offset (N-1)*n_embd, which
+    ``llama_adapter_cvec::apply`` copies into ``tensors[N]``). A constant added to mlp_out or
+    resid_post of block L reaches the residual stream at block L's output; resid_pre of block L is
+    block L-1's output. ``direction.0`` does not exist (llama.cpp rejects it).
+    """
+    if site == "attn_out":
+        raise UserError("A control vector cannot reproduce steering at site attn_out: the vector lands in "
+                        "the middle of the block, where the MLP reads it, while llama.cpp adds control "
+                        "vectors only to block outputs. Use site mlp_out or resid_post (the same thing for a "
+                        "constant vector) or export --format vectors.")
+    index = layer - 1 if site == "resid_pre" else layer
+    if index < 1:
+        where = "the embeddings" if index < 0 else "block 0's output"
+        raise UserError(f"Site {site} of layer {layer} adds to {where}, which llama.cpp control vectors "
+                        "cannot reach (direction.N is added to block N's output for N >= 1). Target later "
+                        "layers: mlp_out/resid_post of layer >= 1, or resid_pre of layer >= 2.")
+    return index
+
+
+def control_vectors(loaded: Any, config: SteeringConfig, directions: DirectionSet) -> dict[int, np.ndarray]:
+    """{llama.cpp layer index N: float32 vector} equal to the additive hooks of ``config``."""
+    if config.mode not in ADDITIVE_MODES:
+        raise UserError(f"Mode '{config.mode}' is not a constant vector, so it cannot be a llama.cpp control "
+                        f"vector (only {', '.join(ADDITIVE_MODES)} are). {_FORMAT_ADVICE}")
+    sign = -1.0 if config.mode == "always" else 1.0
+    vectors: dict[int, np.ndarray] = {}
+    for site, layer in hook_targets(config, loaded.adapter.n_layers, directions):
+        weight = 1.0 if config.layer_weights is None else float(config.layer_weights.get(layer, 0.0))
+        if weight == 0.0:
+            continue
+        index = control_vector_index(site, layer)
+        v = directions.vectors[_direction_at(directions, config, layer)].double()
+        delta = (sign * float(config.scale) * weight * v).numpy()
+        vectors[index] = vectors.get(index, 0.0) + delta
+    if not vectors:
+        raise UserError("This configuration adds nothing at any layer (all layer weights are 0); there is no "
+                        "control vector to write.")
+    return {n: vectors[n].astype(np.float32) for n in sorted(vectors)}
+
+
+def _write_gguf(path: Path, vectors: dict[int, np.ndarray], model_hint: str,
+                manifest: dict[str, Any]) -> None:
+    """Write the control vector atomically: a temporary sibling renamed into place."""
+    import gguf
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        writer = gguf.GGUFWriter(tmp, arch=CONTROL_VECTOR_ARCH)
+        writer.add_string(f"{CONTROL_VECTOR_ARCH}.model_hint", model_hint)
+        writer.add_uint32(f"{CONTROL_VECTOR_ARCH}.layer_count", len(vectors))
+        writer.add_string("alignment_artifacts.export", json.dumps(manifest, default=str))
+        for index, vector in vectors.items():
+            writer.add_tensor(f"direction.{index}", vector)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _export_control_vector(loaded: Any, config: SteeringConfig, directions: DirectionSet, out: Path,
+                           force: bool, evaluation: dict[str, Any] | None) -> Path:
+    vectors = control_vectors(loaded, config, directions)
+    _check_target(out, force, folder=out.suffix != ".gguf")
+    manifest = _manifest(loaded, config, directions, "gguf-control-vector", evaluation,
+                         control_vector_layers={f"direction.{n}": f"added to the output of 0-based block {n}"
+                                                for n in vectors})
+    if out.suffix == ".gguf":
+        _write_gguf(out, vectors, loaded.info.model_type, manifest)
+        return out
+    body = [f"A llama.cpp control vector for `{loaded.info.name}` ({loaded.info.model_type}), mode "
+            f"`{config.mode}`, scale {config.scale}.", "",
+            f"- Direction: {_direction_summary(config, directions)}",
+            f"- Tensors: {', '.join(f'direction.{n}' for n in vectors)} (direction.N is added to the "
+            "output of 0-based block N)", "", "## Usage", "", "```sh",
+            f"llama-cli -m MODEL.gguf --control-vector-scaled {CONTROL_VECTOR_FILE} 1.0", "```"]
+    with atomic_directory(out, overwrite=force) as tmp:
+        _write_gguf(tmp / CONTROL_VECTOR_FILE, vectors, loaded.info.model_type, manifest)
+        atomic_write_json(tmp / EXPORT_MANIFEST, manifest)
+        _write_card(tmp, f"{loaded.info.name} control vector ({config.mode})", manifest, body)
+    return out
+
+
+def read_control_vector(path: str | Path) -> dict[str, Any]:
+    """Read a control vector back: arch, model_hint, layer_count and {tensor name: float32 array}."""
+    import gguf
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / CONTROL_VECTOR_FILE
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; expected a .gguf control vector (or a folder holding "
+                        f"{CONTROL_VECTOR_FILE}).")
+    reader = gguf.GGUFReader(path)
+
+    def value(key: str) -> Any:
+        field = reader.fields.get(key)
+        return None if field is None else field.contents()
+
+    return {"arch": value("general.architecture"), "model_hint": value(f"{CONTROL_VECTOR_ARCH}.model_hint"),
+            "layer_count": value(f"{CONTROL_VECTOR_ARCH}.layer_count"),
+            "tensors": {t.name: np.array(t.data, dtype=np.float32) for t in reader.tensors}}
+
+
+# vectors ----------------------------------------------------------------------------------------
+
+def _export_vectors(loaded: Any, config: SteeringConfig, directions: DirectionSet, out: Path, force: bool,
+                    evaluation: dict[str, Any] | None) -> Path:
+    if config.mode == "none":
+        raise UserError("Mode 'none' steers nothing; there is nothing to export.")
+    _check_target(out, force)
+    manifest = _manifest(loaded, config, directions, "vectors", evaluation)
+    body = [f"Steering directions and configuration for `{loaded.info.name}` (mode `{config.mode}`).", "",
+            f"- Direction: {_direction_summary(config, directions)}", "", "## Usage", "", "```python",
+            "from alignment_artifacts.export import load_steering",
+            "from alignment_artifacts.steering import apply_steering",
+            "config, directions = load_steering(PATH)",
+            "with apply_steering(loaded, config, directions):", "    ...", "```"]
+    with atomic_directory(out, overwrite=force) as tmp:
+        atomic_save_safetensors(directions.tensors(), tmp / "directions.safetensors")
+        atomic_write_json(tmp / "directions.json", directions.metadata())
+        atomic_write_json(tmp / STEERING_FILE, config.to_json())
+        atomic_write_json(tmp / EXPORT_MANIFEST, manifest)
+        _write_card(tmp, f"{loaded.info.name} steering vectors ({config.mode})", manifest, body)
+    return out
+
+
+def load_steering(path: str | Path) -> tuple[SteeringConfig, DirectionSet]:
+    """The configuration and directions of a ``vectors`` export, ready for ``apply_steering``."""
+    path = Path(path).expanduser()
+    if not (path / STEERING_FILE).is_file():
+        raise UserError(f"{path} is not a steering export: it has no {STEERING_FILE}. Create one with "
+                        "`alignment-artifacts export --format vectors`.")
+    return SteeringConfig.load(path / STEERING_FILE), DirectionSet.load(path)
+
