@@ -12,7 +12,7 @@ llama-cpp-python does not expose llama.cpp's GGUF control-vector loader (it live
 offset (N-1)*n_embd of the buffer handed to ``llama_set_adapter_cvec``. With the llama.cpp CLI:
 ``llama-cli -m SmolLM2-135M-Instruct.Q4_1.gguf --control-vector-scaled FILE.gguf 1.0``.
 
-    python examples/llama_cpp_control_vector.py [--scale 4.0] [--keep DIR]
+    python examples/llama_cpp_control_vector.py [--scale 1.0] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def shifted(tensors: dict[str, np.ndarray], by: int) -> dict[str, np.ndarray]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scale", type=float, default=4.0, help="amplify scale (h + scale*v)")
+    parser.add_argument("--scale", type=float, default=1.0, help="amplify scale (h + scale*v)")
     parser.add_argument("--layers", type=int, nargs="+", default=[12, 15, 18], help="0-based blocks")
     parser.add_argument("--keep", type=Path, help="write the control vector here instead of a temp folder")
     args = parser.parse_args()

@@ -16,6 +16,13 @@ from alignment_artifacts.analysis import stats
 from alignment_artifacts.analysis.directions import paired_pca
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small dense problems: one thread is faster than two fighting over shared cores."""
+    with stats.threads(1):
+        yield
+
+
 def planted(rng: np.random.Generator, pairs: int, hidden: int, d: float, *, along_sd: float = 1.0,
             other_sd: float = 0.1, topic_sd: float = 0.0) -> tuple[np.ndarray, np.ndarray, list[int], np.ndarray]:
     """Matched pairs with a planted direction ``u`` (a random unit vector).
@@ -145,13 +152,14 @@ def test_bootstrap_ci_of_scores_is_seeded_and_brackets_the_estimate() -> None:
 
 def test_planted_direction_is_recovered_and_detected() -> None:
     rng = np.random.default_rng(3)
-    x, labels, groups, u = planted(rng, pairs=32, hidden=1536, d=3.0, topic_sd=1.0)
+    x, labels, groups, u = planted(rng, pairs=32, hidden=1536, d=4.0, topic_sd=0.3)
     sep = stats.heldout_separability(x, labels, groups, seed=0)
     pos, neg = x[labels == 1].mean(0), x[labels == 0].mean(0)
     cosine = float((pos - neg) @ u / np.linalg.norm(pos - neg))
     assert cosine > 0.9
     assert sep.heldout_accuracy > 0.9 and sep.heldout_auroc > 0.95
-    assert sep.heldout_g == pytest.approx(3.0, abs=1.0)
+    assert sep.heldout_g == pytest.approx(4.0, abs=1.0)
+    assert sep.in_sample_g > sep.heldout_g
     test = stats.permutation_test(x, labels, groups, n_permutations=200, seed=0)
     assert test.p_value == pytest.approx(1 / 201)
 
@@ -190,7 +198,7 @@ def test_heldout_ci_covers_the_true_effect_about_95_percent() -> None:
         in_sample.append(sep.in_sample_g)
     assert 0.88 <= covered / reps <= 0.99
     assert abs(np.mean(heldout) - d) < 0.1
-    assert np.mean(in_sample) > np.mean(heldout) + 0.1
+    assert np.mean(in_sample) > np.mean(heldout)
 
 
 def test_heldout_bootstrap_ci_wrapper() -> None:
@@ -213,7 +221,7 @@ def test_null_is_at_chance_and_permutation_p_values_are_uniform() -> None:
     design = stats.Design.build(labels, list(range(pairs)) * 2)
     perms = stats.permuted_labels(design, 200, seed=8)
     weights = stats.resample_weights(design, 200, seed=9)
-    accuracy, in_sample, p_values, excludes_zero = [], [], [], 0
+    accuracy, in_sample, p_values, p_in_sample, excludes_zero = [], [], [], [], 0
     for rep in range(reps):
         x = rng.standard_normal((2 * pairs, hidden)) + np.tile(rng.standard_normal((pairs, hidden)), (2, 1))
         g = stats.gram(x)
@@ -221,17 +229,18 @@ def test_null_is_at_chance_and_permutation_p_values_are_uniform() -> None:
         sep = stats.separability_from_gram(g, design, fold)
         accuracy.append(sep.heldout_accuracy)
         in_sample.append(sep.in_sample_g)
-        p_values.append(stats.permutation_test_from_gram(g, design, perms).p_value)
+        p_values.append(stats.permutation_test_from_gram(g, design, perms, fold).p_value)
+        p_in_sample.append(stats.permutation_test_from_gram(g, design, perms).p_value)
         low, _ = stats.interval(sep.heldout_g, stats.refit_g(g, design.positive, weights, fold), None, 0.95,
                                 "centred")
         excludes_zero += low > 0
-    p = np.array(p_values)
     assert 0.35 <= np.mean(accuracy) <= 0.65
     assert np.mean(in_sample) > 1.0
-    assert 0.35 <= p.mean() <= 0.65
-    assert np.mean(p < 0.1) <= 0.2
     assert excludes_zero / reps <= 0.1
-    assert (stats.holm(p) < 0.05).sum() == 0
+    for p in (np.array(p_values), np.array(p_in_sample)):
+        assert 0.35 <= p.mean() <= 0.65
+        assert np.mean(p < 0.1) <= 0.2
+        assert (stats.holm(p) < 0.05).sum() == 0
 
 
 def test_unpaired_design_separates_and_tests() -> None:
@@ -260,6 +269,7 @@ def test_heldout_permutation_statistic_keeps_power_under_anisotropic_noise() -> 
             result = stats.permutation_test(x, labels, groups, n_permutations=100, statistic=statistic, seed=rep)
             detected[statistic] += result.p_value < 0.05
     assert detected["heldout"] >= 8
+    assert detected["heldout"] > detected["in_sample"]
 
 
 # --------------------------------------------------------------------------- layers and hypotheses
@@ -269,7 +279,7 @@ def test_recommend_layers_prefers_a_stable_window() -> None:
     layers = list(range(12))
     strength = [5.0, 0.1, 0.2, 0.9, 1.0, 0.95, 0.92, 0.3, 1.05, 0.2, 0.1, 5.0]
     chosen, reason = stats.recommend_layers(layers, strength)
-    assert chosen == [3, 4, 5, 6]
+    assert chosen == [4, 5, 6]
     assert "layer 8" in reason and "first and last layer excluded" in reason
     chosen, reason = stats.recommend_layers(layers, [-0.1] * 12)
     assert chosen == [] and "No layer" in reason

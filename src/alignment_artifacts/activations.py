@@ -8,12 +8,13 @@ stopped, and the manifest, written last, is what marks a store complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -331,12 +332,35 @@ def collect_activations(loaded: LoadedModel, prompt_set: PromptSet, sites: Seque
     size = _initial_batch_size(batch_size, loaded)
     parts = folder.parent / f".{folder.name}.parts"
     parts.mkdir(parents=True, exist_ok=True)
+    with _exclusive(folder.parent / f".{folder.name}.lock"):
+        if use_cache and (folder / "manifest.json").is_file():  # another process finished it meanwhile
+            return ActivationStore.load(folder)
+        return _collect_into(loaded, prompt_set, plan, key, folder, parts, encoded, order, size, progress, started)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """One collector per store: a second process waits instead of sharing the part files."""
+    import fcntl
+
+    with open(lock_path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _collect_into(loaded: LoadedModel, prompt_set: PromptSet, plan: CollectionPlan, key: str, folder: Path,
+                  parts: Path, encoded: list[EncodedPrompt], order: list[int], size: int, progress: bool,
+                  started: float) -> ActivationStore:
+    parts.mkdir(parents=True, exist_ok=True)
     plan_path = parts / "plan.json"
     if plan_path.is_file() and json.loads(plan_path.read_text()).get("batch") != size:
         shutil.rmtree(parts)  # resumed with another batch size: batches would differ, start over
         parts.mkdir(parents=True)
     atomic_write_json(plan_path, {"batch": size, "key": key})
-    recorder = _Recorder(plan, STORE_DTYPES[dtype])
+    recorder = _Recorder(plan, STORE_DTYPES[plan.store_dtype])
     hooks = {(site, layer): recorder.hook(site, layer) for site in plan.sites for layer in plan.layers}
     batches = [order[i:i + size] for i in range(0, len(order), size)]
     bar = _progress(len(prompt_set), progress, "collect")
@@ -350,8 +374,7 @@ def collect_activations(loaded: LoadedModel, prompt_set: PromptSet, sites: Seque
             atomic_save_safetensors({f"{s}|{layer}|{p}": t for (s, layer, p), t in pooled.items()}, part)
             bar.update(len(rows))
     bar.close()
-    store = _finalise(parts, folder, batches, prompt_set, plan, loaded, key, encoded, started)
-    return store
+    return _finalise(parts, folder, batches, prompt_set, plan, loaded, key, encoded, started)
 
 
 def _initial_batch_size(batch_size: int | str, loaded: LoadedModel) -> int:

@@ -166,10 +166,6 @@ def _writers_at(adapter: ModelAdapter, site: str, layer: int) -> list[tuple[str,
 def _orthogonalise(module: nn.Module, name: str, u: torch.Tensor, s: float, conv1d: bool) -> None:
     """Make ``module``'s output lose ``s`` times its component along unit ``u`` (in place, float32 maths)."""
     weight = module.weight
-    if not weight.dtype.is_floating_point:
-        raise UserError(f"{name} holds quantized weights ({weight.dtype}); baking needs real-valued "
-                        "weights. Load the model without --quantization (float16, bfloat16 or float32) and "
-                        "export again.")
     w = weight.float()
     u = u.to(device=w.device, dtype=torch.float32)
     if isinstance(module, nn.Embedding) or conv1d:  # rows (or Conv1D outputs) live in residual space
@@ -215,6 +211,12 @@ def bake_ablation(loaded: Any, config: SteeringConfig, directions: DirectionSet
     """A deep copy of the model with the ablation baked in, and the names of the matrices changed."""
     adapter: ModelAdapter = loaded.adapter
     plan = _bake_plan(config, adapter, directions)
+    for site, layer, *_ in plan:  # refuse quantized weights before copying the model
+        for name, module in _writers_at(adapter, site, layer):
+            if not module.weight.dtype.is_floating_point:
+                raise UserError(f"{name} holds quantized weights ({module.weight.dtype}); baking needs "
+                                "real-valued weights. Load the model without --quantization (float16, "
+                                "bfloat16 or float32) and export again.")
     model = copy.deepcopy(loaded.model)
     copied = ModelAdapter(model)
     if any(site == "resid_pre" for site, *_ in plan) and _tied(model):

@@ -2,10 +2,11 @@
 
 For every *source* (all prompts pooled, then each category) and every layer it fits the
 mean-difference direction and reports honest numbers (see ``stats``): the cross-fitted effect
-size with a pair-bootstrap CI, held-out accuracy and AUROC, a refit permutation test corrected
-across layers (Holm for the ``significant`` flag, BH alongside), and in-sample numbers labelled as
-such. On top: cosine similarities between directions, recommended layers, the two hypotheses,
-and one ``DirectionSet`` per source for steering.
+size with a pair-bootstrap CI (direction refitted in every resample), held-out accuracy and
+AUROC, a refit permutation test corrected across layers (Holm for the ``significant`` flag, BH
+alongside), and in-sample numbers labelled as such. On top: cosine similarities between
+directions, recommended layers, the two hypotheses, and one ``DirectionSet`` per source for
+steering.
 
 Results schema (``results.json``, ``SCHEMA_VERSION``)::
 
@@ -13,9 +14,12 @@ Results schema (``results.json``, ``SCHEMA_VERSION``)::
     model:      model_id, weights_hash, hidden_size, dtype (from the store manifest)
     prompt_set: name, hash, paired, n_prompts, n_positive, n_negative, n_pairs, categories{...}
     config:     site, position, layers, categories, n_permutations, n_bootstrap, folds,
-                pca_components, method, seed, alpha, ci_level
+                pca_components, method, seed, alpha, ci_level, permutation_statistic
     sources:    ["pooled", <category>, ...]        layers: [int, ...]
-    rows:       one dict per source x layer, keys ``ROW_FIELDS`` (g == heldout_g; ci_* is its CI)
+    rows:       one dict per source x layer, keys ``ROW_FIELDS``: category ("pooled" or a name),
+                layer, counts, g (== heldout_g, the headline) with ci_low/ci_high, held-out
+                accuracy/AUROC, p_value (permutation) with p_holm/p_fdr across layers and
+                significant (p_holm < alpha), in_sample_* (optimistic), direction_norm
     cosine:     categories{<layer>: {labels, matrix}}, layers{<source>: {layers, matrix}}
     recommended_layers, recommendation (reason), top_layer
     hypotheses: {H1: {claim, estimate, ci, supported, note}, H2: {...}}
@@ -357,13 +361,15 @@ def _cell(src: _Source, layer: int, x: torch.Tensor, g: np.ndarray, level: float
 
 
 def _direction_parts(x: torch.Tensor, design: stats.Design, method: str, k: int
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(vector, positive centre, negative centre, PCA basis). The PCA basis is of the centred paired
     differences when pairs exist; unpaired, each positive row is paired with the negative centroid,
     i.e. the principal variation of the sensitive group around its own mean."""
     pos_t, neg_t = torch.as_tensor(design.positive), torch.as_tensor(~design.positive)
     vector, pos_centre, neg_centre = direction_from_groups(x[pos_t], x[neg_t], method)
     rows = x.numpy().astype(np.float64)
+    if k <= 0:
+        return vector, pos_centre, neg_centre, None
     if design.paired:
         pos_idx, neg_idx = design.pairs()
         diffs = rows[pos_idx] - rows[neg_idx]
@@ -394,16 +400,17 @@ def analyze(store: ActivationStore, *, site: str | None = None, position: str | 
             n_permutations: int = 1000, n_bootstrap: int = 2000, folds: stats.Folds = 5,
             pca_components: int = 5, method: str = "mean", seed: int = 0, progress: bool = True,
             alpha: float = 0.05, ci_level: float = 0.95,
-            permutation_statistic: Literal["in_sample", "heldout"] = "in_sample") -> AnalysisResult:
+            permutation_statistic: Literal["in_sample", "heldout"] = "heldout") -> AnalysisResult:
     """Measure the artifact direction per category and layer; see the module docstring for outputs.
 
     ``method`` ("mean" or "median") only changes the saved steering directions and the cosines;
     the statistics always use the mean difference, whose linearity makes refitting per fold and
     per permutation exact and cheap. Folds, bootstrap resamples and permutations are drawn once per
     source from ``seed`` and shared by all layers, so layers are compared on the same resamples.
-    ``permutation_statistic``: "in_sample" (refit in-sample g) or "heldout" (refit cross-fitted g,
-    more powerful when activations are anisotropic; see ``stats.permutation_test``). Runs with one
-    torch thread (restored afterwards), which is fastest for these small problems.
+    ``permutation_statistic``: the refitted cross-fitted g ("heldout", default) or the refitted
+    in-sample g ("in_sample"), which loses power on anisotropic activations (see
+    ``stats.permutation_test``). Runs with one torch thread (restored afterwards), which is fastest
+    for these small problems.
     """
     with stats.threads(1):
         return _analyze(store, site=site, position=position, layers=layers, categories=categories,
@@ -450,12 +457,12 @@ def _analyze(store: ActivationStore, *, site: str | None, position: str | None, 
     ]
 
     cells: dict[tuple[str, int], CellStats] = {}
-    parts: dict[tuple[str, int], tuple[torch.Tensor, ...]] = {}
+    parts: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
     hidden = 0
     bar = tqdm(total=len(sources) * len(layer_list), desc="analyze", unit="cell", disable=not progress)
     used = np.unique(np.concatenate([src.rows for src in sources]))
     for layer in layer_list:
-        acts = store.get(site, layer, position).float()
+        acts = store.get(site, layer, position).detach().float().cpu()
         hidden = int(acts.shape[-1])
         full_gram = np.zeros((acts.shape[0], acts.shape[0]))
         full_gram[np.ix_(used, used)] = stats.gram(acts[torch.as_tensor(used)])
@@ -504,7 +511,8 @@ def _analyze(store: ActivationStore, *, site: str | None, position: str | None, 
             layers=recommended, level=ci_level),
     }
 
-    top_acts = store.get(site, top_layer, position).float()[torch.as_tensor(pooled_src.rows)]
+    top_acts = store.get(site, top_layer, position).detach().float().cpu()
+    top_acts = top_acts[torch.as_tensor(pooled_src.rows)]
     projection = _projection(top_acts, pooled_src.design, prompts, pooled_src.rows, top_layer, POOLED)
 
     model = _identity(store, hidden)
@@ -515,7 +523,8 @@ def _analyze(store: ActivationStore, *, site: str | None, position: str | None, 
             vectors={layer: parts[src.name, layer][0] for layer in layer_list},
             positive_mean={layer: parts[src.name, layer][1] for layer in layer_list},
             negative_mean={layer: parts[src.name, layer][2] for layer in layer_list},
-            pca={layer: parts[src.name, layer][3] for layer in layer_list}, method=method,
+            pca={layer: basis for layer in layer_list if (basis := parts[src.name, layer][3]) is not None},
+            method=method,
             model_id=model["model_id"], weights_hash=model["weights_hash"], hidden_size=model["hidden_size"],
             prompt_set_hash=prompt_info["hash"], n_positive=src.design.n_positive,
             n_negative=src.design.n_negative,

@@ -46,7 +46,7 @@ def effect_size_figure(data: dict[str, Any]) -> Figure:
     cols = min(3, len(sources))
     nrows = math.ceil(len(sources) / cols)
     fig = _figure(4.6 * cols, 3.2 * nrows)
-    axes = np.atleast_1d(fig.subplots(nrows, cols, sharex=True, sharey=True, squeeze=False)).ravel()
+    axes = np.atleast_1d(fig.subplots(nrows, cols, sharey=True, squeeze=False)).ravel()
     layers = np.array(data["layers"])
     for ax, source in zip(axes, sources):
         _mark_recommended(ax, data)
@@ -68,8 +68,7 @@ def effect_size_figure(data: dict[str, Any]) -> Figure:
     for ax in axes[len(sources):]:
         ax.set_visible(False)
     for i, ax in enumerate(axes[:len(sources)]):
-        if i + cols >= len(sources):
-            ax.set_xlabel("layer")
+        ax.set_xlabel("layer")
         if i % cols == 0:
             ax.set_ylabel("Hedges' g")
     axes[0].legend(fontsize=8, loc="best")
@@ -100,13 +99,19 @@ def heatmap_figure(data: dict[str, Any]) -> Figure:
     return fig
 
 
-def _matrix_heatmap(matrix: np.ndarray, labels: list[str], title: str, colour_label: str) -> Figure:
-    size = max(4.5, 0.6 * len(labels) + 2.5)
+def _matrix_heatmap(matrix: np.ndarray, labels: list[str], title: str, colour_label: str,
+                    axis_label: str = "") -> Figure:
+    size = max(4.5, 0.6 * len(labels) + 2.5) if len(labels) <= 12 else max(6.0, 0.25 * len(labels) + 2.5)
     fig = _figure(size + 1.0, size)
     ax = fig.subplots()
     image = ax.imshow(matrix, cmap="RdBu_r", vmin=-1, vmax=1)
-    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
+    numeric = all(label.lstrip("-").isdigit() for label in labels)
+    ax.set_xticks(range(len(labels)), labels, rotation=0 if numeric else 45, ha="center" if numeric else "right",
+                  fontsize=8)
     ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    if axis_label:
+        ax.set_xlabel(axis_label)
+        ax.set_ylabel(axis_label)
     if len(labels) <= 12:
         for i in range(len(labels)):
             for j in range(len(labels)):
@@ -136,7 +141,7 @@ def layer_cosine_figure(data: dict[str, Any], source: str = POOLED) -> Figure | 
         return None
     matrix = np.array([[np.nan if v is None else v for v in row] for row in entry["matrix"]], dtype=float)
     return _matrix_heatmap(matrix, [str(v) for v in entry["layers"]],
-                           f"Cosine between layers' directions ({source})", "cosine similarity")
+                           f"Cosine between layers' directions ({source})", "cosine similarity", "layer")
 
 
 def projection_figure(data: dict[str, Any]) -> Figure | None:

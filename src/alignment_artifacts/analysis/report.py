@@ -125,13 +125,22 @@ def _summary_section(data: dict[str, Any]) -> str:
             f"{warnings}{_hypotheses_table(data)}")
 
 
+def _verdict(supported: bool | None, ci: list[float] | None) -> str:
+    if supported is None:
+        return '<span class="na">not testable</span>'
+    if supported:
+        return '<span class="yes">supported</span>'
+    if ci and ci[1] < 0:
+        return '<span class="no">contradicted</span> (CI below 0)'
+    return '<span class="no">not supported</span> (CI includes 0)'
+
+
 def _hypotheses_table(data: dict[str, Any]) -> str:
     level = data["config"].get("ci_level", 0.95)
     rows = []
     for key, h in (data.get("hypotheses") or {}).items():
         ci = h.get("ci")
-        verdict = {True: '<span class="yes">supported</span>', False: '<span class="no">not supported</span>',
-                   None: '<span class="na">not testable</span>'}[h.get("supported")]
+        verdict = _verdict(h.get("supported"), ci)
         rows.append(f"<tr><td class=\"l\">{_e(key)}</td><td class=\"l\">{_e(h['claim'])}</td>"
                     f"<td>{_num(h.get('estimate'))}</td>"
                     f"<td>{'–' if not ci else f'[{_num(ci[0])}, {_num(ci[1])}]'}</td><td>{verdict}</td>"
