@@ -52,7 +52,7 @@ def main() -> int:
     result = optimize(loaded, OptimizeSettings(
         trials=args.trials, timeout=args.budget, seed=args.seed, harmful=harmful_train, harmless=harmless_train,
         direction_prompts=f"{harmful_train},{harmless_train}", val_harmful=harmful_val, val_harmless=harmless_val,
-        validate_all_finalists=True, finalists=4, max_kl=0.1), progress=sys.stderr.isatty())
+        validate_all_finalists=True, finalists=4, max_kl=0.1, finalist_reserve=0.45), progress=sys.stderr.isatty())
     wall = time.perf_counter() - started
     v = result.validation
     print(f"model: {loaded.info.name}")
@@ -65,8 +65,8 @@ def main() -> int:
         val = row["validation"]
         tag = "chosen" if row["trial"] == result.train["trial"] else "finalist"
         name = f"{tag} (trial {row['trial']})"
-        print(f"{name:34} {val['refusals']:>6}/{val['n_harmful']:<2} {val['kl_mean']:>8.4f} "
-              f"{val['over_refusals']:>10}/{val['n_harmless']:<2}")
+        over = "-" if val["over_refusals"] is None else f"{val['over_refusals']}/{val['n_harmless']}"
+        print(f"{name:34} {val['refusals']:>6}/{val['n_harmful']:<2} {val['kl_mean']:>8.4f} {over:>13}")
     print(f"chosen refusals on harmful val: {v['refusals']}/{v['n_harmful']}")
     print(f"chosen KL on harmless val: {v['kl_mean']:.4f}")
     print(f"chosen over-refusal on harmless val: {v['over_refusals']}/{v['n_harmless']}")

@@ -220,12 +220,12 @@ def optimize(loaded: LoadedModel, settings: OptimizeSettings | None = None, prog
     best = min(within, key=lambda r: (r["refusals"], r["kl"]))
     config = config_from_params(best["params"], n_layers, loaded)
     config.notes = {"optimize": {"trial": best["trial"], "study": study.study_name}}
-    validation = _validate(loaded, config, directions, val_harmful, val_harmless, settings)
+    validator = _Validator(loaded, directions, val_harmful, val_harmless, settings)
+    validation = validator(config)
     if settings.validate_all_finalists:
         for row in finalist_rows:
-            row["validation"] = validation if row is best else _validate(
-                loaded, config_from_params(row["params"], n_layers, loaded), directions, val_harmful, val_harmless,
-                settings)
+            row["validation"] = validation if row is best else validator(
+                config_from_params(row["params"], n_layers, loaded), over_refusal=False)
     plot = _plot_pareto(complete, pareto, finalist_rows, cache_dir("studies", f"{study.study_name}.png"))
     path = config_path(loaded)
     atomic_write_json(path, {"config": config.to_json(), "validation": validation, "finalists": finalist_rows,
@@ -251,21 +251,28 @@ def _pick_finalists(pareto: list[Any], settings: OptimizeSettings) -> list[Any]:
     return [inside[round(i * step)] for i in range(settings.finalists)]
 
 
-def _validate(loaded: LoadedModel, config: SteeringConfig, directions: Any, harmful: PromptSet,
-              harmless: PromptSet, settings: OptimizeSettings) -> dict[str, Any]:
-    """Real metrics on prompts the search never saw: generation refusals, KL, over-refusal."""
-    fmt = lambda ps: [format_chat(loaded.tokenizer, p.text, settings.system) for p in ps.prompts]  # noqa: E731
-    harmful_texts, harmless_texts = fmt(harmful), fmt(harmless)
-    base_flags, _, _ = generated_refusals(loaded, harmful_texts, settings.max_tokens, settings.batch_size)
-    base_logits = first_logits(loaded, harmless_texts, settings.batch_size)
-    with apply_steering(loaded, config, directions):
-        flags, broad, _ = generated_refusals(loaded, harmful_texts, settings.max_tokens, settings.batch_size)
-        logits = first_logits(loaded, harmless_texts, settings.batch_size)
-        over, _, _ = generated_refusals(loaded, harmless_texts, settings.max_tokens, settings.batch_size)
-    kl = kl_divergence(base_logits, logits)
-    return {"n_harmful": len(flags), "refusals": sum(flags), "baseline_refusals": sum(base_flags),
-            "broad_marker_hits": sum(broad), "n_harmless": len(harmless_texts), "kl_mean": float(kl.mean()),
-            "kl_median": float(kl.median()), "over_refusals": sum(over)}
+class _Validator:
+    """Real metrics on prompts the search never saw; the unmodified side is computed once."""
+
+    def __init__(self, loaded: LoadedModel, directions: Any, harmful: PromptSet, harmless: PromptSet,
+                 settings: OptimizeSettings):
+        fmt = lambda ps: [format_chat(loaded.tokenizer, p.text, settings.system) for p in ps.prompts]  # noqa: E731
+        self.loaded, self.directions, self.settings = loaded, directions, settings
+        self.harmful, self.harmless = fmt(harmful), fmt(harmless)
+        self.base_flags, _, _ = generated_refusals(loaded, self.harmful, settings.max_tokens, settings.batch_size)
+        self.base_logits = first_logits(loaded, self.harmless, settings.batch_size)
+
+    def __call__(self, config: SteeringConfig, over_refusal: bool = True) -> dict[str, Any]:
+        s = self.settings
+        with apply_steering(self.loaded, config, self.directions):
+            flags, broad, _ = generated_refusals(self.loaded, self.harmful, s.max_tokens, s.batch_size)
+            logits = first_logits(self.loaded, self.harmless, s.batch_size)
+            over = generated_refusals(self.loaded, self.harmless, s.max_tokens, s.batch_size)[0] if over_refusal \
+                else None
+        kl = kl_divergence(self.base_logits, logits)
+        return {"n_harmful": len(flags), "refusals": sum(flags), "baseline_refusals": sum(self.base_flags),
+                "broad_marker_hits": sum(broad), "n_harmless": len(self.harmless), "kl_mean": float(kl.mean()),
+                "kl_median": float(kl.median()), "over_refusals": None if over is None else sum(over)}
 
 
 def _plot_pareto(trials: list[Any], pareto: list[Any], finalists: list[dict[str, Any]], path: Path) -> str | None:

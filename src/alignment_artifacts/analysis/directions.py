@@ -136,11 +136,9 @@ def geometric_median(points: torch.Tensor, iterations: int = 64, eps: float = 1e
 
 def paired_pca(positive: torch.Tensor, negative: torch.Tensor, k: int) -> torch.Tensor:
     """Top-k orthonormal directions of the paired differences (rows), centred."""
-    diffs = (positive - negative).double()
-    diffs = diffs - diffs.mean(0, keepdim=True)
-    k = max(1, min(k, diffs.shape[0] - 1 if diffs.shape[0] > 1 else 1, diffs.shape[1]))
-    _, _, vh = torch.linalg.svd(diffs, full_matrices=False)
-    return vh[:k].float()
+    from .stats import principal_axes
+
+    return principal_axes((positive - negative).double(), k)
 
 
 def direction_from_groups(positive: torch.Tensor, negative: torch.Tensor, method: str = "mean") -> tuple[
