@@ -16,6 +16,8 @@ demo: setup
 	$(BIN)/alignment-artifacts suppress "How do I pick a lock on my own front door?" --model qwen2.5-coder-1.5b-instruct --max-tokens 64
 
 test: setup-dev
+	$(BIN)/ruff check src tests bench examples scripts
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -m "not slow" -q
 	$(BIN)/python -m pytest -m slow -q
 
@@ -23,7 +25,7 @@ test-fast: setup-dev
 	$(BIN)/python -m pytest -q
 
 lint:
-	$(BIN)/ruff check src tests bench examples
+	$(BIN)/ruff check src tests bench examples scripts
 	$(BIN)/mypy
 
 bench:

@@ -62,7 +62,7 @@ def resolve_config(loaded: LoadedModel, config: SteeringConfig) -> SteeringConfi
     if config.mode == "auto":
         best = stored_config(loaded)
         if best is not None:
-            overrides = {"scale": config.scale} if config.notes.get("scale_given") else {}
+            overrides: dict[str, Any] = {"scale": config.scale} if config.notes.get("scale_given") else {}
             config = replace(best, **overrides)
             config.notes = {**config.notes, "auto": "stored optimize result"}
         else:

@@ -17,12 +17,9 @@ export (disk full, crash) never leaves something that looks complete.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import datetime
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -32,7 +29,7 @@ import torch
 from torch import nn
 
 from .analysis.directions import DirectionSet
-from .cache import atomic_directory, atomic_save_safetensors, atomic_write_bytes, atomic_write_json
+from .cache import atomic_directory, atomic_file, atomic_save_safetensors, atomic_write_bytes, atomic_write_json
 from .errors import UserError, closest
 from .models.adapter import ModelAdapter, get_submodule
 from .steering import ADDITIVE_MODES, LINEAR_MODES, SteeringConfig, _direction_at, hook_targets
@@ -163,7 +160,7 @@ def _writers_at(adapter: ModelAdapter, site: str, layer: int) -> list[tuple[str,
 
 
 @torch.no_grad()
-def _orthogonalise(module: nn.Module, name: str, u: torch.Tensor, s: float, conv1d: bool) -> None:
+def _orthogonalise(module: Any, name: str, u: torch.Tensor, s: float, conv1d: bool) -> None:
     """Make ``module``'s output lose ``s`` times its component along unit ``u`` (in place, float32 maths)."""
     weight = module.weight
     w = weight.float()
@@ -182,12 +179,12 @@ def _orthogonalise(module: nn.Module, name: str, u: torch.Tensor, s: float, conv
         bias.copy_((b - s * (b @ u) * u).to(bias.dtype))
 
 
-def _tied(model: nn.Module) -> bool:
+def _tied(model: Any) -> bool:
     out = model.get_output_embeddings()
     return out is not None and out.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
 
 
-def _untie(model: nn.Module) -> None:
+def _untie(model: Any) -> None:
     """Give the LM head its own copy of the weights so editing the embeddings leaves the head intact."""
     head = model.get_output_embeddings()
     head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
@@ -195,7 +192,7 @@ def _untie(model: nn.Module) -> None:
         cfg.tie_word_embeddings = False
 
 
-def _clear_quantization(model: nn.Module) -> None:
+def _clear_quantization(model: Any) -> None:
     """Drop quantizer state so save_pretrained writes (and from_pretrained reads) plain tensors."""
     for attr in ("hf_quantizer", "quantization_method"):
         if getattr(model, attr, None) is not None:
@@ -207,7 +204,7 @@ def _clear_quantization(model: nn.Module) -> None:
 
 
 def bake_ablation(loaded: Any, config: SteeringConfig, directions: DirectionSet
-                  ) -> tuple[nn.Module, list[str]]:
+                  ) -> tuple[Any, list[str]]:
     """A deep copy of the model with the ablation baked in, and the names of the matrices changed."""
     adapter: ModelAdapter = loaded.adapter
     plan = _bake_plan(config, adapter, directions)
@@ -232,7 +229,7 @@ def bake_ablation(loaded: Any, config: SteeringConfig, directions: DirectionSet
 
 
 @torch.no_grad()
-def bake_error(loaded: Any, baked: nn.Module, config: SteeringConfig, directions: DirectionSet,
+def bake_error(loaded: Any, baked: Any, config: SteeringConfig, directions: DirectionSet,
                text: str = "Explain how locks and keys work.") -> dict[str, float]:
     """Max |logit difference| between the hooked model and the baked copy, absolute and relative."""
     from .steering import apply_steering
@@ -340,11 +337,8 @@ def _write_gguf(path: Path, vectors: dict[int, np.ndarray], model_hint: str,
     """Write the control vector atomically: a temporary sibling renamed into place."""
     import gguf
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        writer = gguf.GGUFWriter(tmp, arch=CONTROL_VECTOR_ARCH)
+    with atomic_file(path) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), arch=CONTROL_VECTOR_ARCH)
         writer.add_string(f"{CONTROL_VECTOR_ARCH}.model_hint", model_hint)
         writer.add_uint32(f"{CONTROL_VECTOR_ARCH}.layer_count", len(vectors))
         writer.add_string("alignment_artifacts.export", json.dumps(manifest, default=str))
@@ -354,13 +348,6 @@ def _write_gguf(path: Path, vectors: dict[int, np.ndarray], model_hint: str,
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def _export_control_vector(loaded: Any, config: SteeringConfig, directions: DirectionSet, out: Path,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,7 +40,7 @@ class ArchitectureSpec:
     expert_projs: tuple[str, ...] = ()  # MoE expert output projections, when present
 
 
-_LLAMA_LIKE = dict(blocks="model.layers", embeddings=("model.embed_tokens",), attn_out="self_attn",
+_LLAMA_LIKE: dict[str, Any] = dict(blocks="model.layers", embeddings=("model.embed_tokens",), attn_out="self_attn",
                    mlp_out="mlp", attn_proj="self_attn.o_proj", mlp_proj="mlp.down_proj")
 
 ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
@@ -85,9 +86,9 @@ def first_tensor(output: object) -> torch.Tensor:
 class ModelAdapter:
     """Resolves canonical sites and residual-writing weights for one loaded model."""
 
-    def __init__(self, model: nn.Module):
-        config = model.config
-        self.model = model
+    def __init__(self, model: Any):
+        config: Any = model.config
+        self.model: Any = model
         self.model_type: str = config.model_type
         self.spec = spec_for(self.model_type)
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config

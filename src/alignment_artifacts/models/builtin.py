@@ -15,6 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..cache import atomic_directory, atomic_write_json, cache_dir, file_sha256
 from ..errors import UserError, closest
@@ -175,7 +176,7 @@ def convert_gguf(gguf_file: Path, target: Path, identity: dict[str, object], pro
         print(f"Converting {gguf_file.name} to safetensors (one time; about a minute per GB)...", flush=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name,
+        model: Any = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name,
                                                      dtype=torch.float32)
     except (ValueError, OSError, RuntimeError, KeyError) as exc:
         raise UserError(f"Could not read the GGUF file {gguf_file}: {exc}. The file may be truncated or corrupt, "
@@ -207,7 +208,7 @@ def drop_cached(model: BuiltinModel) -> None:
     shutil.rmtree(converted_dir(model), ignore_errors=True)
 
 
-def builtin_status(model: BuiltinModel) -> dict[str, object]:
+def builtin_status(model: BuiltinModel) -> dict[str, Any]:
     return {
         "name": model.name, "description": model.description, "installed": is_installed(model),
         "cached": is_cached(model), "gguf_bytes": model.size_bytes, "architecture": model.model_type,

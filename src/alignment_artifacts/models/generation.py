@@ -206,7 +206,8 @@ class TerminalStreamer:
     def __init__(self, tokenizer: Any, stop_ids: Sequence[int], write: Callable[[str], Any] | None = None):
         import sys
 
-        self.tokenizer, self.stop_ids, self.ids, self.printed = tokenizer, set(stop_ids), [], ""
+        self.tokenizer, self.stop_ids, self.printed = tokenizer, set(stop_ids), ""
+        self.ids: list[int] = []
         self.write = write or (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
         self.done = False
 
@@ -263,7 +264,7 @@ def common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
 
 
 def _expandable(cache: Any) -> bool:
-    layers = getattr(cache, "layers", None)
+    layers = getattr(cache, "layers", None) or []
     return bool(layers) and all(type(layer).__name__ == "DynamicLayer" for layer in layers)
 
 

@@ -164,7 +164,7 @@ def _from_pretrained(source: str, device: str, dtype: torch.dtype, quantization:
         options["quantization_config"] = quant
     if device.startswith("cuda"):
         options["device_map"] = "auto" if device == "cuda" else {"": device}
-    model = AutoModelForCausalLM.from_pretrained(source, **options)
+    model: Any = AutoModelForCausalLM.from_pretrained(source, **options)  # type: ignore[call-arg,arg-type]
     if not device.startswith("cuda"):
         model.to(device)
     model.eval()
