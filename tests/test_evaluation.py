@@ -88,3 +88,20 @@ def test_optimize_bad_input(cache_root, tmp_path):
 def test_layer_kernel_shape():
     weights = layer_weights(10, centre=4, width=2, floor=0.25)
     assert weights[4] == 1.0 and weights[0] == 0.25 and weights[5] == pytest.approx(0.625)
+
+
+def test_exported_folder_evaluates_like_hooked_configuration(cache_root, prompt_files, tmp_path):
+    from alignment_artifacts.api import get_directions
+    from alignment_artifacts.export import export
+    from alignment_artifacts.models import load_model
+
+    loaded = tiny_model("qwen2", layers=3)
+    harmful, harmless = prompt_files
+    settings = EvaluationSettings(harmful=harmful, harmless=harmless, max_tokens=4, batch_size=4)
+    config = resolve_config(loaded, SteeringConfig(mode="ablate", scale=1.0, source=f"{harmful},{harmless}"))
+    hooked = evaluate(loaded, config, settings, progress=False)
+    folder = export(loaded, config, get_directions(loaded, config, progress=False), tmp_path / "baked")
+    exported = load_model(str(folder), device="cpu")
+    baked = evaluate(exported, SteeringConfig(mode="none"), settings, progress=False, reference=loaded)
+    assert baked.refusals == hooked.refusals and baked.baseline_refusals == hooked.baseline_refusals
+    assert baked.kl_mean == pytest.approx(hooked.kl_mean, rel=1e-3, abs=1e-6)

@@ -402,16 +402,33 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     loaded = _load(args)
     config = _steering_config(args, loaded)
+    reference = _reference_model(args, loaded)
     settings = EvaluationSettings(harmful=args.harmful, harmless=args.harmless, n_harmful=args.n_harmful,
                                   n_harmless=args.n_harmless, max_tokens=args.max_tokens,
                                   batch_size=args.batch_size, perplexity=args.perplexity)
-    result = evaluate(loaded, config, settings, progress=not args.json)
+    result = evaluate(loaded, config, settings, progress=not args.json, reference=reference)
     if args.plot:
         from .evaluation import plot_evaluation
 
         plot_evaluation(result, args.plot)
     _emit(args, result.to_json(), format_table(result))
     return 0
+
+
+def _reference_model(args: argparse.Namespace, loaded: Any) -> Any:
+    """The unmodified model to compare against: --baseline-model, or an export's recorded base model."""
+    from .api import get_model
+    from .export import EXPORT_MANIFEST
+
+    name = args.baseline_model
+    manifest = Path(args.model) / EXPORT_MANIFEST
+    if name is None and manifest.is_file():
+        base = json.loads(manifest.read_text())["base_model"]
+        name = base["name"] if base.get("kind") == "builtin" else base["source"]
+        _log(args, f"comparing with the export's base model {name} (override with --baseline-model)")
+    if name is None:
+        return None
+    return get_model(name, device=args.device, dtype=args.dtype)
 
 
 @_command("optimize")
@@ -545,6 +562,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="prompts per batch (default 16)")
     p.add_argument("--perplexity", action="store_true", help="also score the original answers' perplexity")
     p.add_argument("--plot", help="write a PNG plot here")
+    p.add_argument("--baseline-model", help="unmodified model to compare with (default: the model itself, or the "
+                                            "base model recorded in an exported folder)")
     _add_common(p)
 
     p = sub.add_parser("optimize", help="search steering settings (Optuna, refusals vs KL) and store the best")

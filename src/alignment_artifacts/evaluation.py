@@ -182,6 +182,7 @@ class Baseline:
     """The unmodified model's side of every comparison, computed once and cached on disk."""
 
     def __init__(self, loaded: LoadedModel, harmful: PromptSet, harmless: PromptSet, settings: EvaluationSettings):
+        """``loaded`` is the reference model: the evaluated one, or the base model of an export."""
         self.loaded, self.settings = loaded, settings
         self.harmful_texts = _texts(loaded, harmful, settings.system)
         self.harmless_texts = _texts(loaded, harmless, settings.system)
@@ -237,8 +238,13 @@ class Baseline:
 
 
 def evaluate(loaded: LoadedModel, config: Any, settings: EvaluationSettings | None = None, progress: bool = True,
-             directions: Any = None, baseline: Baseline | None = None) -> EvaluationResult:
-    """Evaluate one resolved steering configuration against the unmodified model."""
+             directions: Any = None, baseline: Baseline | None = None,
+             reference: LoadedModel | None = None) -> EvaluationResult:
+    """Evaluate one steering configuration against the unmodified model.
+
+    ``reference`` replaces the unmodified side, e.g. the base model when ``loaded`` is an exported
+    folder with the direction baked into its weights (then ``config`` is usually mode ``none``).
+    """
     from .api import get_directions, resolve_config
     from .steering import apply_steering
 
@@ -246,7 +252,7 @@ def evaluate(loaded: LoadedModel, config: Any, settings: EvaluationSettings | No
     started = time.perf_counter()
     config = resolve_config(loaded, config)
     harmful, harmless = load_eval_sets(settings)
-    baseline = baseline or Baseline(loaded, harmful, harmless, settings)
+    baseline = baseline or Baseline(reference or loaded, harmful, harmless, settings)
     if directions is None and config.mode != "none" and config.scale != 0:
         directions = get_directions(loaded, config, progress=progress)
     opening = refusal_opening_ids(loaded.tokenizer)
@@ -254,7 +260,7 @@ def evaluate(loaded: LoadedModel, config: Any, settings: EvaluationSettings | No
     bar = _bar(total, progress)
     base_counts = baseline.counts(bar)
     base_harmless, base_harmful = baseline.harmless_logits(), baseline.harmful_logits()
-    if config.mode == "none" or config.scale == 0:  # identical to the baseline by construction
+    if reference is None and (config.mode == "none" or config.scale == 0):  # identical to the baseline
         bar.close()
         kl0 = torch.zeros(len(harmless))
         flags0 = base_counts["harmful_refusals"]
