@@ -2,6 +2,8 @@
 
 Prints tokens/s for each and the ratio steered/plain (goal >= 0.95). Each mode's steered run is
 bracketed by plain runs on the same inputs; the plain figure is the mean of the two brackets.
+With ``--repeats N`` each mode is measured N times and the median ratio is reported, which
+damps noise from other processes on the machine.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from alignment_artifacts.models.generation import encode_batch, format_chat, gen
 from alignment_artifacts.prompts import load_builtin
 from alignment_artifacts.steering import SteeringConfig, apply_steering
 
-MODES = ("always", "proximity", "adaptive", "sphere", "subspace", "ablate", "amplify")
+MODES = ("always", "proximity", "adaptive", "sphere", "subspace", "ablate", "clamp", "amplify")
 
 
 def timed(loaded, ids, mask, tokens):
@@ -31,6 +33,7 @@ def main() -> None:
     parser.add_argument("--model", default="qwen2.5-coder-1.5b-instruct")
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--batch-sizes", default="1,16")
+    parser.add_argument("--repeats", type=int, default=1, help="measurements per mode; the median ratio is kept")
     args = parser.parse_args()
     torch.manual_seed(0)
     loaded = get_model(args.model)
@@ -44,11 +47,14 @@ def main() -> None:
         timed(loaded, ids, mask, 2)
         ratios = []
         for mode in MODES:
-            before = timed(loaded, ids, mask, args.tokens)
-            with apply_steering(loaded, configs[mode], directions[mode]):
-                steered = timed(loaded, ids, mask, args.tokens)
-            after = timed(loaded, ids, mask, args.tokens)
-            plain = (before + after) / 2
+            runs = []
+            for _ in range(args.repeats):
+                before = timed(loaded, ids, mask, args.tokens)
+                with apply_steering(loaded, configs[mode], directions[mode]):
+                    steered = timed(loaded, ids, mask, args.tokens)
+                after = timed(loaded, ids, mask, args.tokens)
+                runs.append(((before + after) / 2, steered))
+            plain, steered = sorted(runs, key=lambda r: r[1] / r[0])[len(runs) // 2]
             ratios.append(steered / plain)
             print(f"batch {batch_size} {mode} plain tok/s: {plain:.2f}")
             print(f"batch {batch_size} {mode} steered tok/s: {steered:.2f}")

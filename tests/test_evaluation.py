@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
+from alignment_artifacts.analysis.directions import DirectionSet
 from alignment_artifacts.api import resolve_config, stored_config
 from alignment_artifacts.errors import UserError
 from alignment_artifacts.evaluation import (
     EvaluationSettings,
     evaluate,
+    generated_refusals,
     is_refusal,
     kl_divergence,
     refusal_log_odds,
 )
+from alignment_artifacts.models.generation import format_chat
 from alignment_artifacts.optimize import OptimizeSettings, layer_weights, optimize
 from alignment_artifacts.steering import SteeringConfig
 from tiny_models import tiny_model
@@ -52,6 +56,8 @@ def test_evaluate_none_is_exact_and_ablate_moves(cache_root, prompt_files):
     settings = EvaluationSettings(harmful=harmful, harmless=harmless, max_tokens=4, batch_size=4)
     none = evaluate(loaded, SteeringConfig(mode="none"), settings, progress=False)
     assert none.kl_mean == 0.0 and none.refusals == none.baseline_refusals and none.n_harmful == 10
+    texts = [format_chat(loaded.tokenizer, line) for line in Path(harmful).read_text().splitlines()]
+    assert none.broad_marker_hits == sum(generated_refusals(loaded, texts, 4, 4)[1])  # measured, not assumed
     ablate = evaluate(loaded, SteeringConfig(mode="ablate", scale=1.0, source=f"{harmful},{harmless}"), settings,
                       progress=False)
     assert ablate.kl_mean > 0 and ablate.n_harmless == 10
@@ -61,13 +67,14 @@ def test_evaluate_none_is_exact_and_ablate_moves(cache_root, prompt_files):
 def test_optimize_stores_config_used_by_auto_and_resumes(cache_root, prompt_files):
     loaded = tiny_model("llama", layers=4)
     harmful, harmless = prompt_files
-    settings = OptimizeSettings(trials=3, timeout=120, harmful=harmful, harmless=harmless,
-                                direction_prompts=f"{harmful},{harmless}", max_tokens=4, batch_size=8, finalists=2,
-                                max_kl=10.0)
+    settings = OptimizeSettings(trials=3, timeout=120, harmful=harmful, harmless=harmless, max_tokens=4,
+                                batch_size=8, finalists=2, max_kl=10.0)
     result = optimize(loaded, settings, progress=False)
     assert result.trials == 3 and result.validation["n_harmful"] == 5
     stored = stored_config(loaded)
-    assert stored is not None and stored.mode == "ablate" and stored.layer_weights
+    assert stored is not None and stored.mode in ("clamp", "ablate") and stored.layer_weights
+    used = DirectionSet.load(stored.source)  # the stored config carries the search's own directions,
+    assert used.n_positive == 5 and used.n_negative == 5  # computed on the training split only
     auto = resolve_config(loaded, SteeringConfig(mode="auto"))
     assert auto.direction_layer == stored.direction_layer and auto.scale == stored.scale
     settings.resume, settings.trials = True, 5
@@ -83,6 +90,20 @@ def test_optimize_bad_input(cache_root, tmp_path):
                  progress=False)
     with pytest.raises(UserError, match="too short"):
         optimize(loaded, OptimizeSettings(timeout=1), progress=False)
+    with pytest.raises(UserError, match="--modes ablate"):
+        optimize(loaded, OptimizeSettings(modes=["sphere"]), progress=False)
+
+
+def test_optimize_ablate_only_keeps_the_result_bakeable(cache_root, prompt_files):
+    loaded = tiny_model("llama", layers=3)
+    harmful, harmless = prompt_files
+    settings = OptimizeSettings(trials=3, timeout=120, harmful=harmful, harmless=harmless, modes=["ablate"],
+                                direction_prompts=f"{harmful},{harmless}", max_tokens=4, batch_size=8, finalists=2,
+                                max_kl=10.0, screen_dtype="bfloat16")
+    result = optimize(loaded, settings, progress=False)
+    assert result.config["mode"] == "ablate" and all(row["mode"] == "ablate" for row in result.finalists)
+    assert all("clamp_scale" not in row["params"] for row in result.pareto)
+    assert all(p.dtype == torch.float32 for p in loaded.model.parameters())  # screening dtype restored
 
 
 def test_layer_kernel_shape():

@@ -124,3 +124,36 @@ def test_every_subcommand_has_help(capsys):
         assert name in commands
         help_text = commands[name].format_help()
         assert "--json" in help_text
+
+
+def test_parameters_as_restores_the_exact_weights_on_any_exit():
+    from alignment_artifacts.models.loading import parameters_as
+
+    loaded = tiny_model("qwen2")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    plain = loaded.model(input_ids=ids).logits
+    originals = [p.data_ptr() for p in loaded.model.parameters()]
+    with parameters_as(loaded, torch.bfloat16):
+        assert all(p.dtype == torch.bfloat16 for p in loaded.model.parameters())
+        low = loaded.model(input_ids=ids).logits
+    assert not torch.equal(low.float(), plain)
+    with pytest.raises(RuntimeError), parameters_as(loaded, torch.bfloat16):
+        raise RuntimeError("interrupted")
+    assert [p.data_ptr() for p in loaded.model.parameters()] == originals  # the same storage, not a re-cast
+    assert torch.equal(loaded.model(input_ids=ids).logits, plain)
+
+
+def test_output_head_gets_a_contiguous_input_and_the_hook_goes_away():
+    from alignment_artifacts.models.generation import forward
+
+    loaded = tiny_model("llama")
+    head = loaded.model.get_output_embeddings()
+    seen = []
+    observer = head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].is_contiguous()))
+    try:
+        ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+        out = forward(loaded.model, ids, torch.ones_like(ids))
+    finally:
+        observer.remove()
+    assert seen == [True] and out.logits.shape[1] == 1
+    assert not head._forward_pre_hooks

@@ -163,3 +163,45 @@ def test_shared_prefix_logits_match_plain_forward():
     torch.testing.assert_close(shared, plain, rtol=1e-4, atol=1e-4)
     single = torch.cat([logits(loaded, [p])[:, -1] for p in PROMPTS])  # no system prompt: differs
     assert single.shape == plain.shape
+
+
+def test_clamp_caps_projection_and_leaves_lower_positions_alone():
+    loaded = tiny_model("qwen2")
+    directions = random_directions(loaded)
+    directions.site = "resid_pre"
+    config = SteeringConfig(mode="clamp", scale=1.0, direction_layer=1, clamp_level=0.5)
+    u = directions.unit(1)
+    caps = {layer: float(directions.negative_mean[layer] @ u
+                         + 0.5 * (directions.positive_mean[layer] - directions.negative_mean[layer]) @ u)
+            for layer in range(4)}
+    before, after = {}, {}
+
+    def keep(store, key):
+        def fn(h):
+            store[key] = h.detach().clone()
+
+        return fn
+
+    # an observer installed first sees the input before the clamp; one installed inside sees it after
+    with (site_hooks(loaded.adapter, {("resid_pre", layer): keep(before, layer) for layer in range(4)}),
+          apply_steering(loaded, config, directions) as handle,
+          site_hooks(loaded.adapter, {("resid_pre", layer): keep(after, layer) for layer in range(4)})):
+        logits(loaded)
+    changed = 0
+    for layer in range(4):
+        proj_before, proj_after = before[layer] @ u, after[layer] @ u
+        assert proj_after.max() <= caps[layer] + 1e-4, layer
+        below = proj_before <= caps[layer]
+        assert torch.equal(after[layer][below], before[layer][below]), layer
+        changed += int((~below).sum())
+    assert handle.total() == changed > 0
+
+
+def test_clamp_needs_means_at_the_hooked_site():
+    loaded = tiny_model("llama")
+    directions = random_directions(loaded)  # measured at mlp_out
+    with pytest.raises(UserError, match="--site mlp_out"), apply_steering(
+            loaded, SteeringConfig(mode="clamp", site="resid_pre"), directions):
+        pass
+    with pytest.raises(UserError, match="clamp-level"):
+        SteeringConfig(mode="clamp", clamp_level=5.0).validate()

@@ -26,7 +26,7 @@ from .cache import atomic_save_safetensors, atomic_write_json, cache_dir, stable
 from .errors import UserError, closest
 from .models.adapter import SITES
 from .models.generation import _cache_kwarg, _output_cache, format_chat, positions_from_mask
-from .models.hooks import site_hooks
+from .models.hooks import contiguous_head_input, site_hooks
 from .models.loading import LoadedModel
 from .prompts.sets import Prompt, PromptSet
 
@@ -291,7 +291,7 @@ def _run_batch(loaded: LoadedModel, recorder: _Recorder, encoded: list[EncodedPr
     recorder.start_batch(torch.tensor([e.user_start for e in encoded], device=device),
                          torch.tensor([e.user_end for e in encoded], device=device), length, pad)
     model = loaded.model
-    with torch.no_grad():
+    with torch.no_grad(), contiguous_head_input(model):
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=True,
                     logits_to_keep=1)
         steps = plan.generated_steps

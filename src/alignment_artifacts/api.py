@@ -16,7 +16,7 @@ from .analysis.directions import DirectionSet, compute_directions
 from .cache import cache_dir, stable_hash
 from .errors import UserError
 from .models import DEFAULT_MODEL, GenerationConfig, LoadedModel, generate, load_model
-from .prompts import resolve_prompts
+from .prompts import PromptSet, resolve_prompts
 from .steering import SteeringConfig, SteeringHandle, apply_steering
 
 _MODELS: dict[tuple[str, str, str], LoadedModel] = {}
@@ -76,7 +76,8 @@ def resolve_config(loaded: LoadedModel, config: SteeringConfig) -> SteeringConfi
     return config
 
 
-def get_directions(loaded: LoadedModel, config: SteeringConfig | None = None, *, source: str | None = None,
+def get_directions(loaded: LoadedModel, config: SteeringConfig | None = None, *,
+                   source: str | PromptSet | None = None,
                    site: str | None = None, position: str | None = None, categories: list[str] | None = None,
                    progress: bool = True) -> DirectionSet:
     """Directions for a model: collected and computed on first use, then read from the cache."""
@@ -85,12 +86,14 @@ def get_directions(loaded: LoadedModel, config: SteeringConfig | None = None, *,
     site = site or config.resolved_direction_site()
     position = position or config.resolved_direction_position()
     categories = categories if categories is not None else config.categories
-    source_path = Path(source)
-    if source_path.is_dir() and (source_path / "directions.json").is_file():
-        directions = DirectionSet.load(source_path)
+    if isinstance(source, PromptSet):
+        prompt_set = source
+    elif Path(source).is_dir() and (Path(source) / "directions.json").is_file():
+        directions = DirectionSet.load(source)
         directions.check_compatible(loaded.adapter.hidden_size, loaded.info.weights_hash, loaded.info.name)
         return directions
-    prompt_set = resolve_prompts(source)
+    else:
+        prompt_set = resolve_prompts(source)
     key = stable_hash({"weights": loaded.info.weights_hash, "dtype": loaded.info.dtype,
                        "prompts": prompt_set.content_hash(), "site": site, "position": position,
                        "categories": categories, "pca": config.pca_components})

@@ -87,7 +87,8 @@ def _add_steering(p: argparse.ArgumentParser, default_mode: str = "auto") -> Non
 
     p.add_argument("--mode", default=default_mode, choices=MODES,
                    help=f"steering mode (default {default_mode}): none, always (h - s*v), proximity, adaptive, "
-                        "sphere, subspace, ablate (directional ablation), amplify (h + s*v), auto (the "
+                        "sphere, subspace, ablate (directional ablation), clamp (ablation capped at a level "
+                        "between the ordinary and sensitive means), amplify (h + s*v), auto (the "
                         "configuration `optimize` stored, else ablate)")
     p.add_argument("--scale", type=float, default=None, help="steering strength s (default 1.0)")
     p.add_argument("--layers", help="target layers, 0-based: 1,2,3 or 4-10 (default: the mode's default)")
@@ -100,6 +101,8 @@ def _add_steering(p: argparse.ArgumentParser, default_mode: str = "auto") -> Non
     p.add_argument("--distance-threshold", type=float, default=2.0, help="sphere radius")
     p.add_argument("--decay-rate", type=float, default=2.0, help="sphere push decay")
     p.add_argument("--pca-components", type=int, default=5, help="subspace dimension k")
+    p.add_argument("--clamp-level", type=float, default=0.2,
+                   help="clamp: cap h.u at this place between the ordinary (0) and sensitive (1) means")
     p.add_argument("--config", help="a steering configuration JSON (from optimize or export --format vectors)")
 
 
@@ -123,7 +126,8 @@ def _steering_config(args: argparse.Namespace, loaded: Any) -> Any:
         site=args.site, categories=_split(getattr(args, "steer_categories", None) or getattr(args, "categories",
                                                                                             None)),
         proximity_threshold=args.proximity_threshold, distance_threshold=args.distance_threshold,
-        decay_rate=args.decay_rate, pca_components=args.pca_components, direction_layer=args.direction_layer,
+        decay_rate=args.decay_rate, pca_components=args.pca_components, clamp_level=args.clamp_level,
+        direction_layer=args.direction_layer,
         source=args.direction_source)
     config.notes["scale_given"] = args.scale is not None
     return resolve_config(loaded, config)
@@ -438,7 +442,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     loaded = _load(args)
     settings = OptimizeSettings(trials=args.trials, timeout=args.timeout, resume=args.resume, seed=args.seed,
                                 harmful=args.harmful, harmless=args.harmless, max_kl=args.max_kl,
-                                modes=_split(args.modes) or ["ablate"])
+                                direction_prompts=args.direction_prompts,
+                                modes=_split(args.modes) or ["clamp", "ablate"], screen_dtype=args.screen_dtype)
     result = optimize(loaded, settings, progress=not args.json)
     _emit(args, result.to_json(), result.summary())
     return 0
@@ -569,13 +574,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("optimize", help="search steering settings (Optuna, refusals vs KL) and store the best")
     _add_model(p)
     p.add_argument("--trials", type=int, default=60, help="maximum trials (default 60)")
-    p.add_argument("--timeout", type=float, default=1800, help="time budget in seconds (default 1800)")
+    p.add_argument("--timeout", type=float, default=1800,
+                   help="total time budget in seconds, checks and validation included (default 1800)")
     p.add_argument("--resume", action="store_true", help="continue the stored study")
     p.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
     p.add_argument("--harmful", default="harmful", help="harmful prompt set")
     p.add_argument("--harmless", default="harmless", help="harmless prompt set")
     p.add_argument("--max-kl", type=float, default=0.1, help="KL budget when picking the final configuration")
-    p.add_argument("--modes", default="ablate", help="modes to search (comma-separated; default ablate)")
+    p.add_argument("--direction-prompts", help="prompt set the direction is computed on (default: the training "
+                                               "splits of --harmful/--harmless, so validation prompts stay unseen)")
+    p.add_argument("--modes", default="clamp,ablate",
+                   help="modes to search, comma-separated (default clamp,ablate; 'ablate' alone keeps the result "
+                        "bakeable into weights for `export --format hf`)")
+    p.add_argument("--screen-dtype", default="auto",
+                   help="dtype of the screening passes: auto (bfloat16 on CPUs that multiply it natively), model, "
+                        "or float32/bfloat16/float16; validation always runs in the model's dtype")
     _add_common(p)
 
     p = sub.add_parser("export", help="bake a configuration into weights, or write a control vector / vectors")

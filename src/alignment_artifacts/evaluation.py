@@ -188,7 +188,7 @@ class Baseline:
         self.harmless_texts = _texts(loaded, harmless, settings.system)
         self.key = stable_hash({"weights": loaded.info.weights_hash, "dtype": loaded.info.dtype,
                                 "harmful": harmful.content_hash(), "harmless": harmless.content_hash(),
-                                "tokens": settings.max_tokens, "system": settings.system, "v": 1})
+                                "tokens": settings.max_tokens, "system": settings.system, "v": 2})
         self.folder = cache_dir("evaluation", self.key)
         self._harmless_logits: torch.Tensor | None = None
         self._harmful_logits: torch.Tensor | None = None
@@ -225,14 +225,14 @@ class Baseline:
         if self._counts is None and path.is_file():
             self._counts = json.loads(path.read_text())
         if self._counts is None:
-            flags, _, answers = generated_refusals(self.loaded, self.harmful_texts, self.settings.max_tokens,
-                                                   self.settings.batch_size, progress)
+            flags, broad, answers = generated_refusals(self.loaded, self.harmful_texts, self.settings.max_tokens,
+                                                       self.settings.batch_size, progress)
             over = None
             if self.settings.over_refusal:
                 over, _, _ = generated_refusals(self.loaded, self.harmless_texts, self.settings.max_tokens,
                                                 self.settings.batch_size, progress)
             self.answers = answers
-            self._counts = {"harmful_refusals": flags, "harmless_refusals": over}
+            self._counts = {"harmful_refusals": flags, "harmful_broad_hits": broad, "harmless_refusals": over}
             atomic_write_json(path, self._counts)
         return self._counts
 
@@ -269,7 +269,8 @@ def evaluate(loaded: LoadedModel, config: Any, settings: EvaluationSettings | No
         return EvaluationResult(
             model=loaded.info.name, config=config.to_json(), n_harmful=len(harmful), n_harmless=len(harmless),
             refusals=sum(flags0), refusal_rate=sum(flags0) / len(flags0), baseline_refusals=sum(flags0),
-            broad_marker_hits=0, first_token_refusal_score=score, baseline_first_token_refusal_score=score,
+            broad_marker_hits=sum(base_counts["harmful_broad_hits"]), first_token_refusal_score=score,
+            baseline_first_token_refusal_score=score,
             kl_mean=float(kl0.mean()), kl_median=0.0, kl_p90=0.0,
             over_refusals=sum(over0) if over0 is not None else None,
             baseline_over_refusals=sum(over0) if over0 is not None else None,

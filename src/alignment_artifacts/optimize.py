@@ -1,8 +1,12 @@
 """Automatic tuning: an Optuna search over ablation settings, refusals against KL.
 
-The search screens trials with cheap proxies measured on a training split: the first-token
-refusal probability on harmful prompts (one forward pass, no generation) and the first-token KL
-on harmless prompts. The Pareto front's finalists are then judged by real greedy generation on
+The search covers two interventions on the refusal direction: ``ablate`` (bakeable into weights)
+and ``clamp`` (ablation capped at a level between the harmless and harmful means, which leaves
+harmless activations alone and so costs less KL; hooks only). It screens trials with cheap
+proxies measured on a training split: the first-token refusal probability on harmful prompts
+(one forward pass, no generation) and the first-token KL on harmless prompts, in bfloat16 where
+the CPU multiplies it natively (about 2.5x faster; screening KLs agree with float32 within about
+0.002). The Pareto front's finalists are then judged by real greedy generation on
 the same split (which also measures how well the proxy agrees with generation), and the chosen
 configuration is scored on a validation split that the search never saw. The study lives in
 Optuna's SQLite storage, so an interrupted search resumes with ``--resume``.
@@ -11,8 +15,10 @@ Optuna's SQLite storage, so an interrupted search resumes with ``--resume``.
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,11 +35,12 @@ from .evaluation import (
     refusal_opening_ids,
 )
 from .models.generation import format_chat
-from .models.loading import LoadedModel
+from .models.loading import LoadedModel, parameters_as, screening_dtype
 from .prompts import PromptSet, resolve_prompts
 from .steering import SteeringConfig, apply_steering
 
 MIN_PER_SPLIT = 4
+SEARCH_MODES = ("clamp", "ablate")
 
 
 @dataclass
@@ -44,17 +51,18 @@ class OptimizeSettings:
     seed: int = 0
     harmful: str = "harmful"
     harmless: str = "harmless"
-    direction_prompts: str = "instructions"  # builtin set, or "HARMFUL_FILE,HARMLESS_FILE"
+    direction_prompts: str | None = None  # None: the training splits; or a set spec ("HARMFUL_FILE,HARMLESS_FILE")
     val_harmful: str | None = None  # explicit validation sets (else a split of harmful/harmless)
     val_harmless: str | None = None
     search_size: int = 32  # prompts of each kind scored per trial
     max_kl: float = 0.1
-    modes: list[str] = field(default_factory=lambda: ["ablate"])
+    modes: list[str] = field(default_factory=lambda: list(SEARCH_MODES))
     finalists: int = 4
     max_tokens: int = 48
     batch_size: int = 16
+    generation_batch_size: int = 64  # decoding is memory-bound on CPUs: wide batches cost little more per step
+    screen_dtype: str = "auto"  # dtype of the screening passes: auto (bfloat16 on CPUs with it), model, or a dtype
     system: str | None = None
-    finalist_reserve: float = 0.3  # share of the time budget kept for finalists and validation
     validate_all_finalists: bool = False  # score every finalist on the validation split (a validated front)
 
 
@@ -79,9 +87,11 @@ class OptimizeResult:
         v, c = self.validation, self.config
         return "\n".join([
             f"optimize: {self.trials} trials in {self.seconds:.0f} s; Pareto front of {len(self.pareto)} points",
-            f"chosen: mode={c['mode']} scale={c['scale']:.3f} direction_layer={c['direction_layer']}",
+            f"chosen: mode={c['mode']} scale={c['scale']:.3f} direction_layer={c['direction_layer']}"
+            + (f" clamp_level={c['clamp_level']:.3f}" if c["mode"] == "clamp" else ""),
             f"validation: refusals {v['refusals']}/{v['n_harmful']} (unmodified {v['baseline_refusals']}), "
-            f"KL {v['kl_mean']:.4f}, over-refusal {v.get('over_refusals')}/{v['n_harmless']}",
+            f"KL {v['kl_mean']:.4f}, over-refusal {v.get('over_refusals')}/{v['n_harmless']} "
+            f"(unmodified {v.get('baseline_over_refusals')})",
             f"proxy/generation agreement on finalists: "
             f"{'n/a' if self.proxy_agreement is None else f'{self.proxy_agreement:.2f}'}",
             f"stored: {self.stored_at} (used by --mode auto)" + (f"\nplot: {self.plot}" if self.plot else ""),
@@ -104,10 +114,15 @@ def layer_weights(n_layers: int, centre: float, width: float, floor: float) -> d
     return {layer: floor + (1 - floor) * max(0.0, 1 - abs(layer - centre) / width) for layer in range(n_layers)}
 
 
-def config_from_params(params: dict[str, Any], n_layers: int, loaded: LoadedModel) -> SteeringConfig:
+def config_from_params(params: dict[str, Any], n_layers: int, loaded: LoadedModel,
+                       default_mode: str = "ablate") -> SteeringConfig:
+    """The steering configuration a trial's parameters describe (scale names are per mode)."""
+    mode = params.get("mode", default_mode)
     weights = layer_weights(n_layers, params["kernel_centre"], params["kernel_width"], params["kernel_floor"])
-    return SteeringConfig(mode="ablate", scale=params["scale"], direction_layer=params["direction_layer"],
-                          layer_weights=weights, model_id=loaded.info.name, weights_hash=loaded.info.weights_hash)
+    scale = params.get(f"{mode}_scale", params.get("scale", 1.0))
+    return SteeringConfig(mode=mode, scale=scale, direction_layer=params["direction_layer"],
+                          clamp_level=params.get("clamp_level", 0.2), layer_weights=weights,
+                          model_id=loaded.info.name, weights_hash=loaded.info.weights_hash)
 
 
 class _Scorer:
@@ -119,6 +134,7 @@ class _Scorer:
         self.base_harmless = first_logits(loaded, harmless, batch_size)
 
     def score(self, config: SteeringConfig, directions: Any) -> tuple[float, float, torch.Tensor]:
+        """(mean refusal-opening probability, mean KL, per-prompt refusal log-odds)."""
         with apply_steering(self.loaded, config, directions):
             harmful_logits = first_logits(self.loaded, self.harmful, self.batch)
             harmless_logits = first_logits(self.loaded, self.harmless, self.batch)
@@ -138,20 +154,22 @@ def _study(loaded: LoadedModel, settings: OptimizeSettings, key: str) -> Any:
     if not settings.resume:
         with contextlib.suppress(KeyError):
             optuna.delete_study(study_name=name, storage=storage)
-    sampler = optuna.samplers.TPESampler(seed=settings.seed, multivariate=True,
+    sampler = optuna.samplers.TPESampler(seed=settings.seed, multivariate=True, group=True,
                                          n_startup_trials=max(4, min(12, settings.trials // 3)))
     return optuna.create_study(study_name=name, storage=storage, directions=["minimize", "minimize"],
                                sampler=sampler, load_if_exists=True)
 
 
 def optimize(loaded: LoadedModel, settings: OptimizeSettings | None = None, progress: bool = True) -> OptimizeResult:
-    """Search ablation settings, pick a configuration, validate it, and store it for ``auto``."""
+    """Search steering settings, pick a configuration, validate it, and store it for ``auto``."""
     from .api import config_path, get_directions
 
     settings = settings or OptimizeSettings()
-    if settings.modes != ["ablate"]:
-        raise UserError("optimize searches mode 'ablate' (the bakeable, exportable intervention); other modes are "
-                        "tuned by hand with `evaluate`. Use --modes ablate.")
+    bad = [m for m in settings.modes if m not in SEARCH_MODES]
+    if bad or not settings.modes:
+        raise UserError(f"optimize searches the modes {', '.join(SEARCH_MODES)} (got {', '.join(bad) or 'none'}); "
+                        "'ablate' alone keeps the result bakeable into weights (--modes ablate). Other modes are "
+                        "tuned by hand with `evaluate`.")
     if settings.timeout < 30:
         raise UserError(f"--timeout {settings.timeout:g} s is too short for even one trial; give at least 60 s.")
     started = time.perf_counter()
@@ -164,72 +182,96 @@ def optimize(loaded: LoadedModel, settings: OptimizeSettings | None = None, prog
         train_harmful, val_harmful = split(harmful_all, settings.seed, "harmful")
         train_harmless, val_harmless = split(harmless_all, settings.seed, "harmless")
     n_layers = loaded.adapter.n_layers
-    directions = get_directions(loaded, SteeringConfig(mode="ablate", source=settings.direction_prompts),
-                                progress=progress)
+    # by default the direction comes from the training splits only, so validation prompts stay unseen
+    direction_source = settings.direction_prompts or PromptSet(
+        "optimize-train", train_harmful.prompts + train_harmless.prompts)
+    directions = get_directions(loaded, SteeringConfig(mode="ablate"), source=direction_source, progress=progress)
     fmt = lambda ps: [format_chat(loaded.tokenizer, p.text, settings.system) for p in ps.prompts]  # noqa: E731
     search_harmful = fmt(train_harmful)[: settings.search_size]
     search_harmless = fmt(train_harmless)[: settings.search_size]
-    scorer = _Scorer(loaded, search_harmful, search_harmless, settings.batch_size)
+    modes = list(dict.fromkeys(settings.modes))
     key = stable_hash({"weights": loaded.info.weights_hash, "settings": {k: v for k, v in asdict(settings).items()
                                                                          if k not in ("trials", "timeout",
                                                                                       "resume")},
                        "directions": directions.prompt_set_hash})
     study = _study(loaded, settings, key)
     lo, hi = max(1, round(0.25 * n_layers)), min(n_layers - 1, round(0.85 * n_layers))
+    screen = screening_dtype(loaded, settings.screen_dtype)
+    to_config = lambda params: config_from_params(params, n_layers, loaded, modes[0])  # noqa: E731
 
     def objective(trial: Any) -> tuple[float, float]:
-        params = {
-            "direction_layer": trial.suggest_int("direction_layer", lo, hi),
-            "scale": trial.suggest_float("scale", 0.3, 1.6),
-            "kernel_centre": trial.suggest_float("kernel_centre", 0, n_layers - 1),
-            "kernel_width": trial.suggest_float("kernel_width", 2, n_layers),
-            "kernel_floor": trial.suggest_float("kernel_floor", 0.0, 1.0),
-        }
-        refusal, kl, _ = scorer.score(config_from_params(params, n_layers, loaded), directions)
+        mode = trial.suggest_categorical("mode", modes) if len(modes) > 1 else modes[0]
+        params: dict[str, Any] = {"direction_layer": trial.suggest_int("direction_layer", lo, hi)}
+        if mode == "clamp":
+            params["clamp_scale"] = trial.suggest_float("clamp_scale", 0.5, 2.0)
+            params["clamp_level"] = trial.suggest_float("clamp_level", -0.2, 0.8)
+        else:  # beyond ~1.2 ablation flips the projection's sign, and KL on unseen prompts jumps
+            params["ablate_scale"] = trial.suggest_float("ablate_scale", 0.3, 1.2)
+        params.update(kernel_centre=trial.suggest_float("kernel_centre", 0, n_layers - 1),
+                      kernel_width=trial.suggest_float("kernel_width", 2, n_layers),
+                      kernel_floor=trial.suggest_float("kernel_floor", 0.0, 1.0))
+        refusal, kl, odds = scorer.score(to_config({"mode": mode, **params}), directions)
         trial.set_user_attr("kl", kl)
         trial.set_user_attr("refusal_prob", refusal)
+        trial.set_user_attr("proxy_refusals", [bool(x) for x in (odds > 0).tolist()])
         return refusal, kl
 
-    search_budget = max(10.0, settings.timeout * (1 - settings.finalist_reserve) - (time.perf_counter() - started))
-    done = len([t for t in study.trials if t.state.name == "COMPLETE"])
-    remaining = max(0, settings.trials - done)
-    if remaining:
-        if not done:  # seed the search with the plain recipe: full ablation with one layer's direction
-            study.enqueue_trial({"direction_layer": round(0.6 * n_layers), "scale": 1.0,
-                                 "kernel_centre": n_layers / 2, "kernel_width": float(n_layers),
-                                 "kernel_floor": 1.0})
-        study.optimize(objective, n_trials=remaining, timeout=search_budget, show_progress_bar=progress,
-                       gc_after_trial=False)
-    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
-    if not complete:
-        raise UserError("No trial finished within the time budget; raise --timeout.")
-    pareto = sorted(study.best_trials, key=lambda t: t.values[0])
-    finalists = _pick_finalists(pareto, settings)
-    finalist_rows, agreements = [], []
-    for trial in finalists:
-        config = config_from_params(trial.params, n_layers, loaded)
-        with apply_steering(loaded, config, directions):
-            flags, _, _ = generated_refusals(loaded, search_harmful, settings.max_tokens, settings.batch_size)
-        _, _, odds = scorer.score(config, directions)
-        proxy_flags = (odds > 0).tolist()
-        agreements.append(sum(a == b for a, b in zip(flags, proxy_flags)) / len(flags))
-        finalist_rows.append({"trial": trial.number, "params": trial.params, "refusals": sum(flags),
-                              "n": len(flags), "kl": trial.user_attrs["kl"],
-                              "refusal_prob": trial.user_attrs["refusal_prob"]})
+    # the unmodified side of validation runs first: its duration prices every later validation, so the
+    # search gets what is left of --timeout after the finalists' checks and validations
+    validator = _Validator(loaded, directions, val_harmful, val_harmless, settings)
+    n_validated = settings.finalists if settings.validate_all_finalists else 1
+    check = validator.seconds * len(search_harmful) / max(1, len(validator.harmful)) * (0.5 if screen else 1.0)
+    reserve = validator.seconds * (n_validated + 2) + check * settings.finalists
+    search_budget = settings.timeout - (time.perf_counter() - started) - reserve
+    if search_budget < 60:
+        warnings.warn(f"--timeout {settings.timeout:g} s leaves {max(search_budget, 0):.0f} s for the search after "
+                      f"validation (about {reserve:.0f} s); running a few trials anyway. Raise --timeout.",
+                      stacklevel=2)
+        search_budget = 60.0
+    with parameters_as(loaded, screen):
+        scorer = _Scorer(loaded, search_harmful, search_harmless, settings.batch_size)
+        done = len([t for t in study.trials if t.state.name == "COMPLETE"])
+        remaining = max(0, settings.trials - done)
+        if remaining:
+            if not done:
+                for trial_params in _seed_trials(modes, n_layers):
+                    study.enqueue_trial(trial_params)
+            study.optimize(objective, n_trials=remaining, timeout=search_budget, show_progress_bar=progress,
+                           gc_after_trial=False)
+        complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+        if not complete:
+            raise UserError("No trial finished within the time budget; raise --timeout.")
+        pareto = sorted(study.best_trials, key=lambda t: t.values[0])
+        finalists = _pick_finalists(pareto, settings)
+        finalist_rows, agreements = [], []
+        for trial in finalists:
+            config = to_config(trial.params)
+            with apply_steering(loaded, config, directions):
+                flags, _, _ = generated_refusals(loaded, search_harmful, settings.max_tokens,
+                                                 settings.generation_batch_size)
+            proxy_flags = trial.user_attrs.get("proxy_refusals")
+            if proxy_flags is None:  # a trial from a study stored before per-prompt flags were kept
+                proxy_flags = (scorer.score(config, directions)[2] > 0).tolist()
+            agreements.append(sum(a == b for a, b in zip(flags, proxy_flags)) / len(flags))
+            finalist_rows.append({"trial": trial.number, "mode": config.mode, "params": trial.params,
+                                  "refusals": sum(flags), "n": len(flags), "kl": trial.user_attrs["kl"],
+                                  "refusal_prob": trial.user_attrs["refusal_prob"]})
     within = [r for r in finalist_rows if r["kl"] <= settings.max_kl] or finalist_rows
     best = min(within, key=lambda r: (r["refusals"], r["kl"]))
-    config = config_from_params(best["params"], n_layers, loaded)
+    config = to_config(best["params"])
     config.notes = {"optimize": {"trial": best["trial"], "study": study.study_name}}
-    validator = _Validator(loaded, directions, val_harmful, val_harmless, settings)
+    path = config_path(loaded)
+    # the stored configuration points at a copy of the very directions the search used
+    config.source = str(directions.save(path.with_name(path.stem + ".directions")))
     validation = validator(config)
     if settings.validate_all_finalists:
         for row in finalist_rows:
-            row["validation"] = validation if row is best else validator(
-                config_from_params(row["params"], n_layers, loaded), over_refusal=False)
+            row["validation"] = validation if row is best else validator(to_config(row["params"]),
+                                                                         over_refusal=False)
     plot = _plot_pareto(complete, pareto, finalist_rows, cache_dir("studies", f"{study.study_name}.png"))
-    path = config_path(loaded)
     atomic_write_json(path, {"config": config.to_json(), "validation": validation, "finalists": finalist_rows,
                              "pareto": [_trial_row(t) for t in pareto], "study": study.study_name,
+                             "screen_dtype": str(screen or loaded.info.dtype),
                              "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
     return OptimizeResult(model=loaded.info.name, config=config.to_json(), train=best, validation=validation,
                           pareto=[_trial_row(t) for t in pareto], finalists=finalist_rows,
@@ -238,17 +280,35 @@ def optimize(loaded: LoadedModel, settings: OptimizeSettings | None = None, prog
                           stored_at=str(path), plot=plot)
 
 
+def _seed_trials(modes: list[str], n_layers: int) -> list[dict[str, Any]]:
+    """Known-good starting points: the plain recipe (full ablation with one layer's direction) and a clamp."""
+    flat = {"direction_layer": round(0.6 * n_layers), "kernel_centre": n_layers / 2, "kernel_width": float(n_layers),
+            "kernel_floor": 1.0}
+    seeds = {"ablate": {"ablate_scale": 1.0}, "clamp": {"clamp_scale": 1.0, "clamp_level": 0.2}}
+    return [{**({"mode": mode} if len(modes) > 1 else {}), **flat, **seeds[mode]} for mode in modes]
+
+
 def _trial_row(trial: Any) -> dict[str, Any]:
-    return {"trial": trial.number, "refusal_prob": trial.values[0], "kl": trial.values[1], "params": trial.params}
+    return {"trial": trial.number, "refusal_prob": trial.values[0], "kl": trial.values[1], "params": trial.params,
+            "proxy_refusals": sum(trial.user_attrs.get("proxy_refusals", []))}
 
 
 def _pick_finalists(pareto: list[Any], settings: OptimizeSettings) -> list[Any]:
-    """Up to ``finalists`` Pareto points inside the KL budget, spread from fewest refusals upward."""
+    """Up to ``finalists`` Pareto points inside the KL budget, spread evenly over log KL.
+
+    Fronts crowd at the low-refusal end (many points with no proxy refusals and rising KL), so an
+    even spread in KL, not in front order, is what covers the trade-off.
+    """
     inside = [t for t in pareto if t.values[1] <= settings.max_kl] or pareto[:1]
     if len(inside) <= settings.finalists:
         return inside
-    step = (len(inside) - 1) / (settings.finalists - 1)
-    return [inside[round(i * step)] for i in range(settings.finalists)]
+    logs = {t.number: math.log(max(t.values[1], 1e-6)) for t in inside}
+    low, high = min(logs.values()), max(logs.values())
+    chosen: list[Any] = []
+    for i in range(settings.finalists):
+        target = low + (high - low) * i / max(1, settings.finalists - 1)
+        chosen.append(min((t for t in inside if t not in chosen), key=lambda t: abs(logs[t.number] - target)))
+    return sorted(chosen, key=lambda t: t.values[0])
 
 
 class _Validator:
@@ -259,20 +319,26 @@ class _Validator:
         fmt = lambda ps: [format_chat(loaded.tokenizer, p.text, settings.system) for p in ps.prompts]  # noqa: E731
         self.loaded, self.directions, self.settings = loaded, directions, settings
         self.harmful, self.harmless = fmt(harmful), fmt(harmless)
-        self.base_flags, _, _ = generated_refusals(loaded, self.harmful, settings.max_tokens, settings.batch_size)
+        started = time.perf_counter()
+        self.base_flags, _, _ = generated_refusals(loaded, self.harmful, settings.max_tokens,
+                                                   settings.generation_batch_size)
         self.base_logits = first_logits(loaded, self.harmless, settings.batch_size)
+        self.seconds = time.perf_counter() - started  # what validating one configuration costs
+        self.base_over, _, _ = generated_refusals(loaded, self.harmless, settings.max_tokens,
+                                                  settings.generation_batch_size)
 
     def __call__(self, config: SteeringConfig, over_refusal: bool = True) -> dict[str, Any]:
         s = self.settings
         with apply_steering(self.loaded, config, self.directions):
-            flags, broad, _ = generated_refusals(self.loaded, self.harmful, s.max_tokens, s.batch_size)
+            flags, broad, _ = generated_refusals(self.loaded, self.harmful, s.max_tokens, s.generation_batch_size)
             logits = first_logits(self.loaded, self.harmless, s.batch_size)
-            over = generated_refusals(self.loaded, self.harmless, s.max_tokens, s.batch_size)[0] if over_refusal \
-                else None
+            over = generated_refusals(self.loaded, self.harmless, s.max_tokens, s.generation_batch_size)[0] \
+                if over_refusal else None
         kl = kl_divergence(self.base_logits, logits)
         return {"n_harmful": len(flags), "refusals": sum(flags), "baseline_refusals": sum(self.base_flags),
                 "broad_marker_hits": sum(broad), "n_harmless": len(self.harmless), "kl_mean": float(kl.mean()),
-                "kl_median": float(kl.median()), "over_refusals": None if over is None else sum(over)}
+                "kl_median": float(kl.median()), "over_refusals": None if over is None else sum(over),
+                "baseline_over_refusals": sum(self.base_over)}
 
 
 def _plot_pareto(trials: list[Any], pareto: list[Any], finalists: list[dict[str, Any]], path: Path) -> str | None:

@@ -118,6 +118,7 @@ class SteeringOverride(_Strict):
     distance_threshold: float | None = None
     decay_rate: float | None = None
     pca_components: int | None = None
+    clamp_level: float | None = None
     direction_layer: int | None = None
     layer_weights: dict[int, float] | None = None
     source: str | None = None

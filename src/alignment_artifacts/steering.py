@@ -10,6 +10,10 @@ adaptive   h - s*|cos(h, u)|*v
 sphere     h + s*exp(-decay*|h-c|/R) * (h-c)/|h-c| where |h-c| < R (c: sensitive centroid)
 subspace   h - s * P^T P (h - m): the top-k PCA subspace of paired differences, centred at m
 ablate     h - s*(h.u)u on everything that writes into the residual stream (or chosen sites)
+clamp      h - s*max(0, h.u - t)u at each layer's residual input, t between the ordinary and
+           the sensitive mean projection (``clamp_level`` 0 and 1): directional ablation that
+           leaves activations already on the ordinary side alone, hence a lower KL on ordinary
+           prompts at the same refusal rate (conditional, so hooks only: not bakeable)
 amplify    h + s*v (induces the artifact, e.g. refusal)
 =========  ===============================================================================
 
@@ -34,7 +38,7 @@ from .errors import UserError, closest
 from .models.adapter import SITES
 from .models.hooks import site_hooks
 
-MODES = ("none", "always", "proximity", "adaptive", "sphere", "subspace", "ablate", "amplify", "auto")
+MODES = ("none", "always", "proximity", "adaptive", "sphere", "subspace", "ablate", "clamp", "amplify", "auto")
 ADDITIVE_MODES = ("always", "amplify")  # a constant vector per layer: exportable as a control vector
 LINEAR_MODES = ("ablate",)  # a projection: bakeable into weights
 CONFIG_VERSION = 1
@@ -53,6 +57,7 @@ class SteeringConfig:
     distance_threshold: float = 2.0
     decay_rate: float = 2.0
     pca_components: int = 5
+    clamp_level: float = 0.2  # clamp: the cap's place between the ordinary (0) and sensitive (1) means
     direction_layer: int | None = None  # use this layer's direction everywhere (None: each layer its own)
     layer_weights: dict[int, float] | None = None  # per-layer multipliers of the scale (a kernel over layers)
     source: str | None = None  # prompt set the directions come from (None: the mode's default)
@@ -75,6 +80,9 @@ class SteeringConfig:
             raise UserError(f"--distance-threshold must be > 0 (got {self.distance_threshold}).")
         if self.decay_rate < 0:
             raise UserError(f"--decay-rate must be >= 0 (got {self.decay_rate}).")
+        if not math.isfinite(self.clamp_level) or not -1 <= self.clamp_level <= 2:
+            raise UserError(f"--clamp-level is a place between the ordinary (0) and sensitive (1) mean projections; "
+                            f"use a value in [-1, 2] (got {self.clamp_level}).")
         if self.pca_components < 1:
             raise UserError(f"--pca-components must be at least 1 (got {self.pca_components}).")
         for name in ("site", "direction_site"):
@@ -126,7 +134,7 @@ class SteeringConfig:
     # Defaults that depend on the mode -------------------------------------------------------
     @property
     def uses_refusal_direction(self) -> bool:
-        return self.mode in ("ablate", "amplify")
+        return self.mode in ("ablate", "clamp", "amplify")
 
     def resolved_source(self) -> str:
         return self.source or ("instructions" if self.uses_refusal_direction else "pairs")
@@ -211,6 +219,14 @@ def _mode_fn(config: SteeringConfig, v: torch.Tensor, weight: float, extra: dict
             return h - s * (coords @ basis), h.shape[0] * h.shape[1]
 
         return subspace
+    if mode == "clamp":
+        cap = extra["threshold"]
+
+        def clamp(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            excess = (h @ u - cap).clamp_min(0)
+            return h - (s * excess)[..., None] * u, (excess > 0).sum()
+
+        return clamp
     raise UserError(f"Mode '{mode}' has no hook (use one of {', '.join(MODES[1:-1])}).")
 
 
@@ -242,11 +258,14 @@ def hook_targets(config: SteeringConfig, n_layers: int, directions: DirectionSet
         layers = config.layers if config.layers is not None else list(range(n_layers))
         targets = [("resid_pre", 0)] if 0 in layers else []  # the embeddings' write
         return targets + [(site, layer) for layer in layers for site in ("attn_out", "mlp_out")]
-    site = config.site or (directions.site if not config.uses_refusal_direction else "resid_pre")
+    own_site = not config.uses_refusal_direction or config.mode == "clamp"  # clamp's caps live at that site
+    site = config.site or (directions.site if own_site else "resid_pre")
     if config.layers is not None:
         layers = list(config.layers)
     elif config.mode == "amplify" and config.direction_layer is not None:
         layers = [config.direction_layer]
+    elif config.mode == "clamp":
+        layers = list(range(n_layers))
     else:
         layers = list(directions.extra.get("recommended_layers") or directions.layers)
     return [(site, layer) for layer in layers]
@@ -258,6 +277,19 @@ def _direction_at(directions: DirectionSet, config: SteeringConfig, layer: int) 
         raise UserError(f"No direction for layer {source}: directions exist for layers {directions.layers}. Pick "
                         "target layers among those, or recollect with those layers.")
     return source
+
+
+def _clamp_threshold(directions: DirectionSet, config: SteeringConfig, site: str, layer: int,
+                     v: torch.Tensor) -> torch.Tensor:
+    """The cap on h.u at a layer, from the two means measured at that very site and layer."""
+    if site != directions.site or layer not in directions.negative_mean:
+        raise UserError(f"Clamp thresholds come from the directions' mean activations, measured at "
+                        f"{directions.site}; hook that site (--site {directions.site}) or collect directions at "
+                        f"{site}.")
+    u = v / v.norm().clamp_min(1e-12)
+    low = directions.negative_mean[layer].to(device=u.device, dtype=torch.float32) @ u
+    high = directions.positive_mean[layer].to(device=u.device, dtype=torch.float32) @ u
+    return low + config.clamp_level * (high - low)
 
 
 @contextlib.contextmanager
@@ -293,6 +325,8 @@ def apply_steering(loaded: Any, config: SteeringConfig, directions: DirectionSet
             extra["basis"] = directions.pca[source][: config.pca_components].to(device=device, dtype=torch.float32)
             extra["mean"] = ((directions.positive_mean[source] + directions.negative_mean[source]) / 2).to(
                 device=device, dtype=torch.float32)
+        if config.mode == "clamp":
+            extra["threshold"] = _clamp_threshold(directions, config, site, layer, v)
         weight = 1.0 if config.layer_weights is None else float(config.layer_weights.get(layer, 0.0))
         if weight == 0.0:
             continue

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
+from .hooks import contiguous_head_input
 
 PLAIN_TEMPLATE_USER = "User: "
 PLAIN_TEMPLATE_ASSISTANT = "\nAssistant:"
@@ -120,6 +121,8 @@ def forward(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, c
         kwargs[_cache_kwarg(model)] = cache
     if last_only and "logits_to_keep" in inspect.signature(model.forward).parameters:
         kwargs["logits_to_keep"] = 1
+        with contiguous_head_input(model):
+            return model(**kwargs)
     return model(**kwargs)
 
 

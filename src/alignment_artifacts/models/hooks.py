@@ -58,3 +58,29 @@ def site_hooks(adapter: ModelAdapter, hooks: Mapping[tuple[str, int], SiteFn]) -
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _contiguous_first(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    if args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
+        return (args[0].contiguous(), *args[1:])
+    return None
+
+
+@contextlib.contextmanager
+def contiguous_head_input(model: Any) -> Iterator[None]:
+    """Hand the output head a contiguous input for the block.
+
+    ``logits_to_keep`` gives the head a strided slice of the hidden states; PyTorch's CPU
+    ``linear`` then copies the whole vocabulary matrix per row (measured on Qwen2.5-1.5B: 32 s
+    instead of 0.05 s per batch in bfloat16, 2x slower in float32). A copy of the few kept rows
+    avoids that on every device.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Module):
+        yield
+        return
+    handle = head.register_forward_pre_hook(_contiguous_first)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,50 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return self.model.get_input_embeddings().weight.device
+
+
+def cpu_has_fast_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), where it runs ~2.5x faster."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def screening_dtype(loaded: LoadedModel, requested: str = "auto") -> torch.dtype | None:
+    """The dtype for cheap screening passes: bfloat16 for a float32 model on a CPU that has it, else none."""
+    if requested == "model":
+        return None
+    if requested != "auto":
+        if requested not in DTYPES:
+            raise UserError(f"Unknown screening dtype '{requested}'. Use auto, model, or one of {', '.join(DTYPES)}.")
+        return DTYPES[requested]
+    param = loaded.model.get_input_embeddings().weight
+    if param.device.type == "cpu" and param.dtype == torch.float32 and cpu_has_fast_bfloat16():
+        return torch.bfloat16
+    return None
+
+
+@contextlib.contextmanager
+def parameters_as(loaded: LoadedModel, dtype: torch.dtype | None) -> Iterator[None]:
+    """Run the block with the model's floating-point parameters cast to ``dtype``, then restore them.
+
+    The original tensors are kept (not re-cast), so the model after the block is bit-identical to
+    the model before it, on any exit. Costs one extra copy of the weights at the smaller dtype.
+    """
+    params = [p for p in loaded.model.parameters() if p.is_floating_point() and p.dtype != dtype]
+    if dtype is None or not params:
+        yield
+        return
+    originals = [p.data for p in params]
+    try:
+        for p in params:
+            p.data = p.data.to(dtype)
+        yield
+    finally:
+        for p, original in zip(params, originals):
+            p.data = original
 
 
 def resolve_device(device: str) -> str:
