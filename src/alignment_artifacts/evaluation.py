@@ -160,7 +160,8 @@ def answer_perplexity(loaded: LoadedModel, texts: Sequence[str], answers: Sequen
     return math.exp(total / max(count, 1))
 
 
-def _texts(loaded: LoadedModel, prompt_set: PromptSet, system: str | None) -> list[str]:
+def chat_texts(loaded: LoadedModel, prompt_set: PromptSet, system: str | None) -> list[str]:
+    """A prompt set rendered with the model's chat template, ready to score or generate from."""
     return [format_chat(loaded.tokenizer, p.text, system) for p in prompt_set.prompts]
 
 
@@ -184,8 +185,8 @@ class Baseline:
     def __init__(self, loaded: LoadedModel, harmful: PromptSet, harmless: PromptSet, settings: EvaluationSettings):
         """``loaded`` is the reference model: the evaluated one, or the base model of an export."""
         self.loaded, self.settings = loaded, settings
-        self.harmful_texts = _texts(loaded, harmful, settings.system)
-        self.harmless_texts = _texts(loaded, harmless, settings.system)
+        self.harmful_texts = chat_texts(loaded, harmful, settings.system)
+        self.harmless_texts = chat_texts(loaded, harmless, settings.system)
         self.key = stable_hash({"weights": loaded.info.weights_hash, "dtype": loaded.info.dtype,
                                 "harmful": harmful.content_hash(), "harmless": harmless.content_hash(),
                                 "tokens": settings.max_tokens, "system": settings.system, "v": 2})

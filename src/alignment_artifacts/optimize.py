@@ -28,13 +28,13 @@ import torch
 from .cache import atomic_write_json, cache_dir, stable_hash
 from .errors import UserError
 from .evaluation import (
+    chat_texts,
     first_logits,
     generated_refusals,
     kl_divergence,
     refusal_log_odds,
     refusal_opening_ids,
 )
-from .models.generation import format_chat
 from .models.loading import LoadedModel, parameters_as, screening_dtype
 from .prompts import PromptSet, resolve_prompts
 from .steering import SteeringConfig, apply_steering
@@ -186,9 +186,8 @@ def optimize(loaded: LoadedModel, settings: OptimizeSettings | None = None, prog
     direction_source = settings.direction_prompts or PromptSet(
         "optimize-train", train_harmful.prompts + train_harmless.prompts)
     directions = get_directions(loaded, SteeringConfig(mode="ablate"), source=direction_source, progress=progress)
-    fmt = lambda ps: [format_chat(loaded.tokenizer, p.text, settings.system) for p in ps.prompts]  # noqa: E731
-    search_harmful = fmt(train_harmful)[: settings.search_size]
-    search_harmless = fmt(train_harmless)[: settings.search_size]
+    search_harmful = chat_texts(loaded, train_harmful, settings.system)[: settings.search_size]
+    search_harmless = chat_texts(loaded, train_harmless, settings.system)[: settings.search_size]
     modes = list(dict.fromkeys(settings.modes))
     key = stable_hash({"weights": loaded.info.weights_hash, "settings": {k: v for k, v in asdict(settings).items()
                                                                          if k not in ("trials", "timeout",
@@ -316,9 +315,9 @@ class _Validator:
 
     def __init__(self, loaded: LoadedModel, directions: Any, harmful: PromptSet, harmless: PromptSet,
                  settings: OptimizeSettings):
-        fmt = lambda ps: [format_chat(loaded.tokenizer, p.text, settings.system) for p in ps.prompts]  # noqa: E731
         self.loaded, self.directions, self.settings = loaded, directions, settings
-        self.harmful, self.harmless = fmt(harmful), fmt(harmless)
+        self.harmful = chat_texts(loaded, harmful, settings.system)
+        self.harmless = chat_texts(loaded, harmless, settings.system)
         started = time.perf_counter()
         self.base_flags, _, _ = generated_refusals(loaded, self.harmful, settings.max_tokens,
                                                    settings.generation_batch_size)
