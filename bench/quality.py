@@ -1,10 +1,12 @@
 """Refusals vs KL on public prompt sets: optimize on train, score on validation.
 
-Uses ../shared/data (AdvBench/HarmBench/Alpaca splits): directions from harmful_train (260) and the
-first 260 of harmless_train; the search scores its trials on train prompts only; the chosen
-configuration and the other finalists are scored on all 39 harmful_val prompts (greedy, 48 new
-tokens, refusal markers) and the first 40 harmless_val prompts (first-token KL). Prints one table
-row per configuration; only counts and divergences are printed, never completions.
+Uses ../shared/data (AdvBench/HarmBench/Alpaca splits): directions from harmful_train[32:] (228)
+and the first 260 of harmless_train; the search scores its trials on other train prompts
+(harmful_train[:32], harmless_train[260:292]: a direction's own prompts make steering look far
+cheaper than it is); the chosen configuration and the other finalists are scored on all 39
+harmful_val prompts (greedy, 48 new tokens, refusal markers) and the first 40 harmless_val prompts
+(first-token KL), which neither the direction nor the search saw. Prints one table row per
+configuration; only counts and divergences are printed, never completions.
 Screening runs in bfloat16 where the CPU has it; every number printed is measured in the model's
 float32. heretic's front, measured on the same machine, model and data (issue #6), is printed
 beside ours with a per-point comparison. heretic is never run or imported by this script.
@@ -40,8 +42,10 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=400)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--data", default=str(DATA))
-    parser.add_argument("--finalists", type=int, default=6, help="Pareto points validated on the val split")
+    parser.add_argument("--finalists", type=int, default=5, help="Pareto points validated on the val split")
     parser.add_argument("--screen-dtype", default="auto", help="dtype of the search's screening passes")
+    parser.add_argument("--max-kl", type=float, default=0.05,
+                        help="finalists come from below this train KL (heretic's points all sit below 0.075)")
     args = parser.parse_args()
     data = Path(args.data)
     if not (data / "harmful_train.json").is_file():
@@ -49,16 +53,19 @@ def main() -> int:
         return 0
     load = lambda name: json.loads((data / name).read_text())  # noqa: E731
     tmp = Path(tempfile.mkdtemp(prefix="aa-quality-"))
-    harmful_train = write(tmp / "harmful_train.json", load("harmful_train.json"))
-    harmless_train = write(tmp / "harmless_train.json", load("harmless_train.json")[:260])
+    harmful, harmless = load("harmful_train.json"), load("harmless_train.json")
+    direction_harmful = write(tmp / "direction_harmful.json", harmful[32:])
+    direction_harmless = write(tmp / "direction_harmless.json", harmless[:260])
+    search_harmful = write(tmp / "search_harmful.json", harmful[:32])
+    search_harmless = write(tmp / "search_harmless.json", harmless[260:292])
     harmful_val = write(tmp / "harmful_val.json", load("harmful_val.json"))
     harmless_val = write(tmp / "harmless_val.json", load("harmless_val.json")[:40])
     loaded = get_model(args.model)
     started = time.perf_counter()
     result = optimize(loaded, OptimizeSettings(
-        trials=args.trials, timeout=args.budget, seed=args.seed, harmful=harmful_train, harmless=harmless_train,
-        direction_prompts=f"{harmful_train},{harmless_train}", val_harmful=harmful_val, val_harmless=harmless_val,
-        validate_all_finalists=True, finalists=args.finalists, max_kl=0.1,
+        trials=args.trials, timeout=args.budget, seed=args.seed, harmful=search_harmful, harmless=search_harmless,
+        direction_prompts=f"{direction_harmful},{direction_harmless}", val_harmful=harmful_val,
+        val_harmless=harmless_val, validate_all_finalists=True, finalists=args.finalists, max_kl=args.max_kl,
         screen_dtype=args.screen_dtype), progress=sys.stderr.isatty())
     wall = time.perf_counter() - started
     v = result.validation

@@ -20,7 +20,8 @@ from alignment_artifacts.evaluation import (
     refusal_log_odds,
 )
 from alignment_artifacts.models.generation import format_chat
-from alignment_artifacts.optimize import OptimizeSettings, layer_weights, optimize
+from alignment_artifacts.optimize import OptimizeSettings, layer_weights, optimize, search_and_direction_sets
+from alignment_artifacts.prompts import resolve_prompts
 from alignment_artifacts.steering import SteeringConfig
 from tiny_models import tiny_model
 
@@ -57,7 +58,7 @@ def test_evaluate_none_is_exact_and_ablate_moves(cache_root, prompt_files):
     none = evaluate(loaded, SteeringConfig(mode="none"), settings, progress=False)
     assert none.kl_mean == 0.0 and none.refusals == none.baseline_refusals and none.n_harmful == 10
     texts = [format_chat(loaded.tokenizer, line) for line in Path(harmful).read_text().splitlines()]
-    assert none.broad_marker_hits == sum(generated_refusals(loaded, texts, 4, 4)[1])  # measured, not assumed
+    assert none.broad_marker_hits == sum(generated_refusals(loaded, texts, 4, 4).broad)  # measured, not assumed
     ablate = evaluate(loaded, SteeringConfig(mode="ablate", scale=1.0, source=f"{harmful},{harmless}"), settings,
                       progress=False)
     assert ablate.kl_mean > 0 and ablate.n_harmless == 10
@@ -73,8 +74,8 @@ def test_optimize_stores_config_used_by_auto_and_resumes(cache_root, prompt_file
     assert result.trials == 3 and result.validation["n_harmful"] == 5
     stored = stored_config(loaded)
     assert stored is not None and stored.mode in ("clamp", "ablate") and stored.layer_weights
-    used = DirectionSet.load(stored.source)  # the stored config carries the search's own directions,
-    assert used.n_positive == 5 and used.n_negative == 5  # computed on the training split only
+    used = DirectionSet.load(stored.source)  # the stored config carries the search's own directions, computed
+    assert used.n_positive == 3 and used.n_negative == 3  # on the training prompts the search does not score
     auto = resolve_config(loaded, SteeringConfig(mode="auto"))
     assert auto.direction_layer == stored.direction_layer and auto.scale == stored.scale
     settings.resume, settings.trials = True, 5
@@ -92,16 +93,40 @@ def test_optimize_bad_input(cache_root, tmp_path):
         optimize(loaded, OptimizeSettings(timeout=1), progress=False)
     with pytest.raises(UserError, match="--modes ablate"):
         optimize(loaded, OptimizeSettings(modes=["sphere"]), progress=False)
+    with pytest.raises(UserError, match="--search-size 2 is too small"):
+        optimize(loaded, OptimizeSettings(search_size=2), progress=False)
 
 
-def test_optimize_ablate_only_keeps_the_result_bakeable(cache_root, prompt_files):
+def test_search_prompts_are_never_direction_prompts(prompt_files, tmp_path):
+    harmful, harmless = (resolve_prompts(path, label=label) for path, label in zip(prompt_files, (1, 0)))
+    search_harmful, search_harmless, direction = search_and_direction_sets(
+        harmful, harmless, OptimizeSettings(search_size=3))
+    assert len(search_harmful) == 3 and len(search_harmless) == 3 and len(direction) == 14
+    assert not set(direction.texts) & set(search_harmful.texts + search_harmless.texts)
+    (tmp_path / "other.txt").write_text("\n".join(f"Describe harbour number {i}." for i in range(6)))
+    explicit = OptimizeSettings(direction_prompts=f"{prompt_files[0]},{tmp_path / 'other.txt'}")
+    with pytest.raises(UserError, match="0 of the 10 harmful training prompts are outside"):
+        search_and_direction_sets(harmful, harmless, explicit)
+    explicit.direction_prompts = f"{tmp_path / 'other.txt'},{prompt_files[1]}"
+    with pytest.raises(UserError, match="harmless training prompts are outside"):
+        search_and_direction_sets(harmful, harmless, explicit)
+
+
+def test_optimize_ablate_only_keeps_the_result_bakeable(cache_root, prompt_files, tmp_path):
     loaded = tiny_model("llama", layers=3)
     harmful, harmless = prompt_files
+    (tmp_path / "dir_harmful.txt").write_text("\n".join(f"Explain how to do wrong deed {i}." for i in range(6)))
+    (tmp_path / "dir_harmless.txt").write_text("\n".join(f"Explain how to bake loaf {i}." for i in range(6)))
     settings = OptimizeSettings(trials=3, timeout=120, harmful=harmful, harmless=harmless, modes=["ablate"],
-                                direction_prompts=f"{harmful},{harmless}", max_tokens=4, batch_size=8, finalists=2,
-                                max_kl=10.0, screen_dtype="bfloat16")
+                                direction_prompts=f"{tmp_path / 'dir_harmful.txt'},{tmp_path / 'dir_harmless.txt'}",
+                                max_tokens=4, batch_size=8, finalists=2, max_kl=10.0, screen_dtype="bfloat16",
+                                validate_all_finalists=True)
     result = optimize(loaded, settings, progress=False)
     assert result.config["mode"] == "ablate" and all(row["mode"] == "ablate" for row in result.finalists)
+    for row in result.finalists:  # each generated on validation, its proxy measured on the same prompts
+        val = row["validation"]
+        assert val["n_harmful"] == 5 and 0 <= val["proxy_refusals"] <= 5 and 0 <= val["proxy_agreement"] <= 1
+    assert result.proxy_agreement is not None
     assert all("clamp_scale" not in row["params"] for row in result.pareto)
     assert all(p.dtype == torch.float32 for p in loaded.model.parameters())  # screening dtype restored
 

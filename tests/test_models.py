@@ -135,11 +135,13 @@ def test_parameters_as_restores_the_exact_weights_on_any_exit():
     originals = [p.data_ptr() for p in loaded.model.parameters()]
     with parameters_as(loaded, torch.bfloat16):
         assert all(p.dtype == torch.bfloat16 for p in loaded.model.parameters())
+        assert loaded.info.dtype == "bfloat16"  # caches filled meanwhile are keyed by the dtype in use
         low = loaded.model(input_ids=ids).logits
-    assert not torch.equal(low.float(), plain)
+    assert not torch.equal(low.float(), plain) and loaded.info.dtype == "float32"
     with pytest.raises(RuntimeError), parameters_as(loaded, torch.bfloat16):
         raise RuntimeError("interrupted")
     assert [p.data_ptr() for p in loaded.model.parameters()] == originals  # the same storage, not a re-cast
+    assert loaded.info.dtype == "float32"
     assert torch.equal(loaded.model(input_ids=ids).logits, plain)
 
 

@@ -62,12 +62,12 @@ def test_qwen_ablate_and_amplify_change_refusals():
     ablate = resolve_config(loaded, SteeringConfig(mode="ablate", scale=1.0))
     amplify = resolve_config(loaded, SteeringConfig(mode="amplify", scale=1.0))
     directions = get_directions(loaded, ablate)
-    base, _, _ = generated_refusals(loaded, harmful, 32)
+    base = generated_refusals(loaded, harmful, 32).flags
     with apply_steering(loaded, ablate, directions):
-        ablated, _, _ = generated_refusals(loaded, harmful, 32)
-    base_harmless, _, _ = generated_refusals(loaded, harmless, 32)
+        ablated = generated_refusals(loaded, harmful, 32).flags
+    base_harmless = generated_refusals(loaded, harmless, 32).flags
     with apply_steering(loaded, amplify, directions):
-        amplified, _, _ = generated_refusals(loaded, harmless, 32)
+        amplified = generated_refusals(loaded, harmless, 32).flags
     print(f"harmful refusals: unmodified {sum(base)}/{len(base)}, ablate {sum(ablated)}/{len(ablated)}; harmless "
           f"refusals: unmodified {sum(base_harmless)}/{len(harmless)}, amplify {sum(amplified)}/{len(harmless)}")
     assert sum(base) >= len(base) // 2

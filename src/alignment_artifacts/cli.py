@@ -442,7 +442,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     loaded = _load(args)
     settings = OptimizeSettings(trials=args.trials, timeout=args.timeout, resume=args.resume, seed=args.seed,
                                 harmful=args.harmful, harmless=args.harmless, max_kl=args.max_kl,
-                                direction_prompts=args.direction_prompts,
+                                direction_prompts=args.direction_prompts, search_size=args.search_size,
                                 modes=_split(args.modes) or ["clamp", "ablate"], screen_dtype=args.screen_dtype)
     result = optimize(loaded, settings, progress=not args.json)
     _emit(args, result.to_json(), result.summary())
@@ -581,8 +581,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--harmful", default="harmful", help="harmful prompt set")
     p.add_argument("--harmless", default="harmless", help="harmless prompt set")
     p.add_argument("--max-kl", type=float, default=0.1, help="KL budget when picking the final configuration")
-    p.add_argument("--direction-prompts", help="prompt set the direction is computed on (default: the training "
-                                               "splits of --harmful/--harmless, so validation prompts stay unseen)")
+    p.add_argument("--direction-prompts", help="prompt set the direction is computed on (default: the part of the "
+                                               "training split the search does not score; validation stays unseen)")
+    p.add_argument("--search-size", type=int, default=32,
+                   help="prompts of each kind that score every trial (default 32; at most half the training split)")
     p.add_argument("--modes", default="clamp,ablate",
                    help="modes to search, comma-separated (default clamp,ablate; 'ablate' alone keeps the result "
                         "bakeable into weights for `export --format hf`)")

@@ -20,7 +20,7 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -125,16 +125,28 @@ def first_logits(loaded: LoadedModel, texts: Sequence[str], batch_size: int = 16
     return next_token_logits(loaded.model, loaded.tokenizer, texts, batch_size, loaded.device)
 
 
+class Generations(NamedTuple):
+    """Judged greedy answers; ``first_logits`` are the first answer position's logits, which give the
+    first-token proxy on the very prompts generation judged (how the proxy's agreement is measured)."""
+
+    flags: list[bool]
+    broad: list[bool]
+    ids: list[list[int]]
+    first_logits: torch.Tensor
+
+
 def generated_refusals(loaded: LoadedModel, texts: Sequence[str], max_tokens: int, batch_size: int = 16,
-                       progress: Any = None) -> tuple[list[bool], list[bool], list[list[int]]]:
-    """(refusal flags, broad-marker flags, generated ids) for greedy answers to chat-formatted texts."""
+                       progress: Any = None) -> Generations:
+    """Refusal flags, broad-marker flags and generated ids for greedy answers to chat-formatted texts."""
     stops = stop_token_ids(loaded.model, loaded.tokenizer)
-    flags, broad, ids_out = [], [], []
+    flags, broad, ids_out, firsts = [], [], [], []
     config = GenerationConfig(max_tokens=max_tokens)
     for start in range(0, len(texts), batch_size):
         chunk = texts[start:start + batch_size]
         ids, mask = encode_batch(loaded.tokenizer, chunk, loaded.device)
-        gen, alive, _ = generate_ids(loaded.model, ids, mask, config, stops, pad_id=loaded.tokenizer.pad_token_id or 0)
+        gen, alive, first = generate_ids(loaded.model, ids, mask, config, stops,
+                                         pad_id=loaded.tokenizer.pad_token_id or 0)
+        firsts.append(first.cpu())
         for row in trim(gen, alive, stops):
             text = loaded.tokenizer.decode(row, skip_special_tokens=True)
             flags.append(is_refusal(text))
@@ -142,7 +154,7 @@ def generated_refusals(loaded: LoadedModel, texts: Sequence[str], max_tokens: in
             ids_out.append(row)
         if progress is not None:
             progress.update(len(chunk))
-    return flags, broad, ids_out
+    return Generations(flags, broad, ids_out, torch.cat(firsts) if firsts else torch.empty(0))
 
 
 def answer_perplexity(loaded: LoadedModel, texts: Sequence[str], answers: Sequence[list[int]]) -> float:
@@ -226,11 +238,11 @@ class Baseline:
         if self._counts is None and path.is_file():
             self._counts = json.loads(path.read_text())
         if self._counts is None:
-            flags, broad, answers = generated_refusals(self.loaded, self.harmful_texts, self.settings.max_tokens,
+            flags, broad, answers, _ = generated_refusals(self.loaded, self.harmful_texts, self.settings.max_tokens,
                                                        self.settings.batch_size, progress)
             over = None
             if self.settings.over_refusal:
-                over, _, _ = generated_refusals(self.loaded, self.harmless_texts, self.settings.max_tokens,
+                over, _, _, _ = generated_refusals(self.loaded, self.harmless_texts, self.settings.max_tokens,
                                                 self.settings.batch_size, progress)
             self.answers = answers
             self._counts = {"harmful_refusals": flags, "harmful_broad_hits": broad, "harmless_refusals": over}
@@ -279,11 +291,11 @@ def evaluate(loaded: LoadedModel, config: Any, settings: EvaluationSettings | No
     with apply_steering(loaded, config, directions):
         steered_harmless = first_logits(loaded, baseline.harmless_texts, settings.batch_size)
         steered_harmful = first_logits(loaded, baseline.harmful_texts, settings.batch_size)
-        flags, broad, _ = generated_refusals(loaded, baseline.harmful_texts, settings.max_tokens,
+        flags, broad, _, _ = generated_refusals(loaded, baseline.harmful_texts, settings.max_tokens,
                                              settings.batch_size, bar)
         over = None
         if settings.over_refusal:
-            over, _, _ = generated_refusals(loaded, baseline.harmless_texts, settings.max_tokens,
+            over, _, _, _ = generated_refusals(loaded, baseline.harmless_texts, settings.max_tokens,
                                             settings.batch_size, bar)
         ppl = None
         if settings.perplexity and baseline.answers is not None:

@@ -6,9 +6,12 @@ harmless activations alone and so costs less KL; hooks only). It screens trials 
 proxies measured on a training split: the first-token refusal probability on harmful prompts
 (one forward pass, no generation) and the first-token KL on harmless prompts, in bfloat16 where
 the CPU multiplies it natively (about 2.5x faster; screening KLs agree with float32 within about
-0.002). The Pareto front's finalists are then judged by real greedy generation on
-the same split (which also measures how well the proxy agrees with generation), and the chosen
-configuration is scored on a validation split that the search never saw. The study lives in
+0.002); the direction is computed in that dtype too, from training prompts the trials are not
+scored on. The Pareto front's finalists are then judged by real greedy generation on the same
+split, and the chosen configuration is scored on a validation split that the search never saw
+(with ``validate_all_finalists`` every finalist is generated on validation instead, so the
+training-split check is skipped). Each generation also yields the first-token proxy on the same
+prompts, which measures how well the proxy agrees. The study lives in
 Optuna's SQLite storage, so an interrupted search resumes with ``--resume``.
 """
 
@@ -51,10 +54,10 @@ class OptimizeSettings:
     seed: int = 0
     harmful: str = "harmful"
     harmless: str = "harmless"
-    direction_prompts: str | None = None  # None: the training splits; or a set spec ("HARMFUL_FILE,HARMLESS_FILE")
+    direction_prompts: str | None = None  # None: training prompts the search does not score; or "HARMFUL,HARMLESS"
     val_harmful: str | None = None  # explicit validation sets (else a split of harmful/harmless)
     val_harmless: str | None = None
-    search_size: int = 32  # prompts of each kind scored per trial
+    search_size: int = 32  # prompts of each kind scored per trial (at most half the training split by default)
     max_kl: float = 0.1
     modes: list[str] = field(default_factory=lambda: list(SEARCH_MODES))
     finalists: int = 4
@@ -109,6 +112,35 @@ def split(prompt_set: PromptSet, seed: int, name: str) -> tuple[PromptSet, Promp
     return pick(order[:half]), pick(order[half:])
 
 
+def search_and_direction_sets(train_harmful: PromptSet, train_harmless: PromptSet,
+                               settings: OptimizeSettings) -> tuple[PromptSet, PromptSet, str | PromptSet]:
+    """Disjoint prompts for computing the direction and for scoring trials.
+
+    A prompt the direction was computed from sits on its own side of the difference of means, so
+    steering barely moves it: scored on such prompts, a trial's KL came out ten times lower than on
+    unseen ones (measured on the builtin Qwen), and the search picked settings that were not cheap at all.
+    """
+    if settings.direction_prompts is None:  # the training split is cut in two: search prompts, direction prompts
+        n_harmful = min(settings.search_size, len(train_harmful) // 2)
+        n_harmless = min(settings.search_size, len(train_harmless) // 2)
+        direction = PromptSet("optimize-direction", train_harmful.prompts[n_harmful:]
+                              + train_harmless.prompts[n_harmless:])
+        return (PromptSet(train_harmful.name, train_harmful.prompts[:n_harmful]),
+                PromptSet(train_harmless.name, train_harmless.prompts[:n_harmless]), direction)
+    source = settings.direction_prompts
+    seen = set() if Path(source).is_dir() else set(resolve_prompts(source).texts)
+    unseen = []
+    for kind, prompt_set in (("harmful", train_harmful), ("harmless", train_harmless)):
+        kept = [p for p in prompt_set.prompts if p.text not in seen][: settings.search_size]
+        if len(kept) < MIN_PER_SPLIT:
+            raise UserError(f"Only {len(kept)} of the {len(prompt_set)} {kind} training prompts are outside "
+                            f"--direction-prompts; the search needs at least {MIN_PER_SPLIT} prompts the direction "
+                            "was not computed from (on the direction's own prompts steering looks far cheaper than "
+                            "it is). Give --harmful/--harmless sets that do not overlap the direction prompts.")
+        unseen.append(PromptSet(prompt_set.name, kept))
+    return unseen[0], unseen[1], source
+
+
 def layer_weights(n_layers: int, centre: float, width: float, floor: float) -> dict[int, float]:
     """A triangular kernel over layers: 1 at the centre, falling to ``floor`` at ``width`` away."""
     return {layer: floor + (1 - floor) * max(0.0, 1 - abs(layer - centre) / width) for layer in range(n_layers)}
@@ -132,6 +164,8 @@ class _Scorer:
         self.loaded, self.harmful, self.harmless, self.batch = loaded, harmful, harmless, batch_size
         self.opening = refusal_opening_ids(loaded.tokenizer)
         self.base_harmless = first_logits(loaded, harmless, batch_size)
+        self.base_refusal = float(torch.sigmoid(refusal_log_odds(first_logits(loaded, harmful, batch_size),
+                                                                 self.opening)).mean())
 
     def score(self, config: SteeringConfig, directions: Any) -> tuple[float, float, torch.Tensor]:
         """(mean refusal-opening probability, mean KL, per-prompt refusal log-odds)."""
@@ -143,7 +177,7 @@ class _Scorer:
         return float(torch.sigmoid(odds).mean()), float(kl.mean()), odds
 
 
-def _study(loaded: LoadedModel, settings: OptimizeSettings, key: str) -> Any:
+def _study(loaded: LoadedModel, settings: OptimizeSettings, key: str, n_startup: int) -> Any:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -155,7 +189,7 @@ def _study(loaded: LoadedModel, settings: OptimizeSettings, key: str) -> Any:
         with contextlib.suppress(KeyError):
             optuna.delete_study(study_name=name, storage=storage)
     sampler = optuna.samplers.TPESampler(seed=settings.seed, multivariate=True, group=True,
-                                         n_startup_trials=max(4, min(12, settings.trials // 3)))
+                                         n_startup_trials=n_startup)
     return optuna.create_study(study_name=name, storage=storage, directions=["minimize", "minimize"],
                                sampler=sampler, load_if_exists=True)
 
@@ -170,6 +204,9 @@ def optimize(loaded: LoadedModel, settings: OptimizeSettings | None = None, prog
         raise UserError(f"optimize searches the modes {', '.join(SEARCH_MODES)} (got {', '.join(bad) or 'none'}); "
                         "'ablate' alone keeps the result bakeable into weights (--modes ablate). Other modes are "
                         "tuned by hand with `evaluate`.")
+    if settings.search_size < MIN_PER_SPLIT:
+        raise UserError(f"--search-size {settings.search_size} is too small; trials need at least {MIN_PER_SPLIT} "
+                        "prompts of each kind.")
     if settings.timeout < 30:
         raise UserError(f"--timeout {settings.timeout:g} s is too short for even one trial; give at least 60 s.")
     started = time.perf_counter()
@@ -182,20 +219,22 @@ def optimize(loaded: LoadedModel, settings: OptimizeSettings | None = None, prog
         train_harmful, val_harmful = split(harmful_all, settings.seed, "harmful")
         train_harmless, val_harmless = split(harmless_all, settings.seed, "harmless")
     n_layers = loaded.adapter.n_layers
-    # by default the direction comes from the training splits only, so validation prompts stay unseen
-    direction_source = settings.direction_prompts or PromptSet(
-        "optimize-train", train_harmful.prompts + train_harmless.prompts)
-    directions = get_directions(loaded, SteeringConfig(mode="ablate"), source=direction_source, progress=progress)
-    search_harmful = chat_texts(loaded, train_harmful, settings.system)[: settings.search_size]
-    search_harmless = chat_texts(loaded, train_harmless, settings.system)[: settings.search_size]
+    search_set_harmful, search_set_harmless, direction_source = search_and_direction_sets(
+        train_harmful, train_harmless, settings)
+    screen = screening_dtype(loaded, settings.screen_dtype)
+    with parameters_as(loaded, screen):  # a mean over many prompts: screening precision is plenty, and 2.5x faster
+        directions = get_directions(loaded, SteeringConfig(mode="ablate"), source=direction_source,
+                                    progress=progress)
+    search_harmful = chat_texts(loaded, search_set_harmful, settings.system)
+    search_harmless = chat_texts(loaded, search_set_harmless, settings.system)
     modes = list(dict.fromkeys(settings.modes))
     key = stable_hash({"weights": loaded.info.weights_hash, "settings": {k: v for k, v in asdict(settings).items()
                                                                          if k not in ("trials", "timeout",
                                                                                       "resume")},
                        "directions": directions.prompt_set_hash})
-    study = _study(loaded, settings, key)
+    seeds = _seed_trials(modes, n_layers)
+    study = _study(loaded, settings, key, n_startup=len(seeds) + 4)
     lo, hi = max(1, round(0.25 * n_layers)), min(n_layers - 1, round(0.85 * n_layers))
-    screen = screening_dtype(loaded, settings.screen_dtype)
     to_config = lambda params: config_from_params(params, n_layers, loaded, modes[0])  # noqa: E731
 
     def objective(trial: Any) -> tuple[float, float]:
@@ -219,7 +258,8 @@ def optimize(loaded: LoadedModel, settings: OptimizeSettings | None = None, prog
     # search gets what is left of --timeout after the finalists' checks and validations
     validator = _Validator(loaded, directions, val_harmful, val_harmless, settings)
     n_validated = settings.finalists if settings.validate_all_finalists else 1
-    check = validator.seconds * len(search_harmful) / max(1, len(validator.harmful)) * (0.5 if screen else 1.0)
+    check = 0.0 if settings.validate_all_finalists else (
+        validator.seconds * len(search_harmful) / max(1, len(validator.harmful)) * (0.5 if screen else 1.0))
     reserve = validator.seconds * (n_validated + 2) + check * settings.finalists
     search_budget = settings.timeout - (time.perf_counter() - started) - reserve
     if search_budget < 60:
@@ -233,7 +273,7 @@ def optimize(loaded: LoadedModel, settings: OptimizeSettings | None = None, prog
         remaining = max(0, settings.trials - done)
         if remaining:
             if not done:
-                for trial_params in _seed_trials(modes, n_layers):
+                for trial_params in seeds:
                     study.enqueue_trial(trial_params)
             study.optimize(objective, n_trials=remaining, timeout=search_budget, show_progress_bar=progress,
                            gc_after_trial=False)
@@ -241,20 +281,23 @@ def optimize(loaded: LoadedModel, settings: OptimizeSettings | None = None, prog
         if not complete:
             raise UserError("No trial finished within the time budget; raise --timeout.")
         pareto = sorted(study.best_trials, key=lambda t: t.values[0])
-        finalists = _pick_finalists(pareto, settings)
+        finalists = _pick_finalists(pareto, settings, scorer.base_refusal)
         finalist_rows, agreements = [], []
         for trial in finalists:
             config = to_config(trial.params)
-            with apply_steering(loaded, config, directions):
-                flags, _, _ = generated_refusals(loaded, search_harmful, settings.max_tokens,
-                                                 settings.generation_batch_size)
             proxy_flags = trial.user_attrs.get("proxy_refusals")
             if proxy_flags is None:  # a trial from a study stored before per-prompt flags were kept
                 proxy_flags = (scorer.score(config, directions)[2] > 0).tolist()
-            agreements.append(sum(a == b for a, b in zip(flags, proxy_flags)) / len(flags))
-            finalist_rows.append({"trial": trial.number, "mode": config.mode, "params": trial.params,
-                                  "refusals": sum(flags), "n": len(flags), "kl": trial.user_attrs["kl"],
-                                  "refusal_prob": trial.user_attrs["refusal_prob"]})
+            row = {"trial": trial.number, "mode": config.mode, "params": trial.params, "n": len(proxy_flags),
+                   "refusals": sum(proxy_flags), "judged_by": "first-token proxy", "kl": trial.user_attrs["kl"],
+                   "refusal_prob": trial.user_attrs["refusal_prob"]}
+            if not settings.validate_all_finalists:  # one will be validated: judge them by generation first
+                with apply_steering(loaded, config, directions):
+                    flags = generated_refusals(loaded, search_harmful, settings.max_tokens,
+                                               settings.generation_batch_size).flags
+                agreements.append(sum(a == b for a, b in zip(flags, proxy_flags)) / len(flags))
+                row.update(refusals=sum(flags), judged_by="generation")
+            finalist_rows.append(row)
     within = [r for r in finalist_rows if r["kl"] <= settings.max_kl] or finalist_rows
     best = min(within, key=lambda r: (r["refusals"], r["kl"]))
     config = to_config(best["params"])
@@ -263,10 +306,12 @@ def optimize(loaded: LoadedModel, settings: OptimizeSettings | None = None, prog
     # the stored configuration points at a copy of the very directions the search used
     config.source = str(directions.save(path.with_name(path.stem + ".directions")))
     validation = validator(config)
-    if settings.validate_all_finalists:
+    best["validation"] = validation
+    if settings.validate_all_finalists:  # every finalist is generated on validation: no training-split check needed
         for row in finalist_rows:
-            row["validation"] = validation if row is best else validator(to_config(row["params"]),
-                                                                         over_refusal=False)
+            if row is not best:
+                row["validation"] = validator(to_config(row["params"]), over_refusal=False)
+    agreements += [row["validation"]["proxy_agreement"] for row in finalist_rows if "validation" in row]
     plot = _plot_pareto(complete, pareto, finalist_rows, cache_dir("studies", f"{study.study_name}.png"))
     atomic_write_json(path, {"config": config.to_json(), "validation": validation, "finalists": finalist_rows,
                              "pareto": [_trial_row(t) for t in pareto], "study": study.study_name,
@@ -280,11 +325,14 @@ def optimize(loaded: LoadedModel, settings: OptimizeSettings | None = None, prog
 
 
 def _seed_trials(modes: list[str], n_layers: int) -> list[dict[str, Any]]:
-    """Known-good starting points: the plain recipe (full ablation with one layer's direction) and a clamp."""
+    """Known-good starting points: the plain recipe (full ablation with one layer's direction) and
+    clamps at three levels, which sketch the whole trade-off before the sampler takes over."""
     flat = {"direction_layer": round(0.6 * n_layers), "kernel_centre": n_layers / 2, "kernel_width": float(n_layers),
             "kernel_floor": 1.0}
-    seeds = {"ablate": {"ablate_scale": 1.0}, "clamp": {"clamp_scale": 1.0, "clamp_level": 0.2}}
-    return [{**({"mode": mode} if len(modes) > 1 else {}), **flat, **seeds[mode]} for mode in modes]
+    seeds = {"ablate": [{"ablate_scale": 1.0}],
+             "clamp": [{"clamp_scale": 1.0, "clamp_level": level} for level in (0.0, 0.2, 0.4)]}
+    tag = lambda mode: {"mode": mode} if len(modes) > 1 else {}  # noqa: E731
+    return [{**tag(mode), **flat, **params} for mode in modes for params in seeds[mode]]
 
 
 def _trial_row(trial: Any) -> dict[str, Any]:
@@ -292,13 +340,15 @@ def _trial_row(trial: Any) -> dict[str, Any]:
             "proxy_refusals": sum(trial.user_attrs.get("proxy_refusals", []))}
 
 
-def _pick_finalists(pareto: list[Any], settings: OptimizeSettings) -> list[Any]:
+def _pick_finalists(pareto: list[Any], settings: OptimizeSettings, base_refusal: float) -> list[Any]:
     """Up to ``finalists`` Pareto points inside the KL budget, spread evenly over log KL.
 
     Fronts crowd at the low-refusal end (many points with no proxy refusals and rising KL), so an
-    even spread in KL, not in front order, is what covers the trade-off.
+    even spread in KL, not in front order, is what covers the trade-off. Points that keep more than
+    half the unmodified refusal probability are left out: they are nearly free but barely steer.
     """
-    inside = [t for t in pareto if t.values[1] <= settings.max_kl] or pareto[:1]
+    inside = [t for t in pareto if t.values[1] <= settings.max_kl and t.values[0] <= base_refusal / 2] \
+        or [t for t in pareto if t.values[1] <= settings.max_kl] or pareto[:1]
     if len(inside) <= settings.finalists:
         return inside
     logs = {t.number: math.log(max(t.values[1], 1e-6)) for t in inside}
@@ -316,25 +366,29 @@ class _Validator:
     def __init__(self, loaded: LoadedModel, directions: Any, harmful: PromptSet, harmless: PromptSet,
                  settings: OptimizeSettings):
         self.loaded, self.directions, self.settings = loaded, directions, settings
+        self.opening = refusal_opening_ids(loaded.tokenizer)
         self.harmful = chat_texts(loaded, harmful, settings.system)
         self.harmless = chat_texts(loaded, harmless, settings.system)
         started = time.perf_counter()
-        self.base_flags, _, _ = generated_refusals(loaded, self.harmful, settings.max_tokens,
-                                                   settings.generation_batch_size)
+        self.base_flags = generated_refusals(loaded, self.harmful, settings.max_tokens,
+                                             settings.generation_batch_size).flags
         self.base_logits = first_logits(loaded, self.harmless, settings.batch_size)
         self.seconds = time.perf_counter() - started  # what validating one configuration costs
-        self.base_over, _, _ = generated_refusals(loaded, self.harmless, settings.max_tokens,
-                                                  settings.generation_batch_size)
+        self.base_over = generated_refusals(loaded, self.harmless, settings.max_tokens,
+                                            settings.generation_batch_size).flags
 
     def __call__(self, config: SteeringConfig, over_refusal: bool = True) -> dict[str, Any]:
         s = self.settings
         with apply_steering(self.loaded, config, self.directions):
-            flags, broad, _ = generated_refusals(self.loaded, self.harmful, s.max_tokens, s.generation_batch_size)
+            flags, broad, _, first = generated_refusals(self.loaded, self.harmful, s.max_tokens,
+                                                        s.generation_batch_size)
             logits = first_logits(self.loaded, self.harmless, s.batch_size)
-            over = generated_refusals(self.loaded, self.harmless, s.max_tokens, s.generation_batch_size)[0] \
+            over = generated_refusals(self.loaded, self.harmless, s.max_tokens, s.generation_batch_size).flags \
                 if over_refusal else None
         kl = kl_divergence(self.base_logits, logits)
+        proxy = (refusal_log_odds(first, self.opening) > 0).tolist()
         return {"n_harmful": len(flags), "refusals": sum(flags), "baseline_refusals": sum(self.base_flags),
+                "proxy_refusals": sum(proxy), "proxy_agreement": sum(a == b for a, b in zip(flags, proxy)) / len(flags),
                 "broad_marker_hits": sum(broad), "n_harmless": len(self.harmless), "kl_mean": float(kl.mean()),
                 "kl_median": float(kl.median()), "over_refusals": None if over is None else sum(over),
                 "baseline_over_refusals": sum(self.base_over)}

@@ -86,19 +86,23 @@ def parameters_as(loaded: LoadedModel, dtype: torch.dtype | None) -> Iterator[No
 
     The original tensors are kept (not re-cast), so the model after the block is bit-identical to
     the model before it, on any exit. Costs one extra copy of the weights at the smaller dtype.
+    ``loaded.info.dtype`` names the dtype in use meanwhile, so whatever is cached inside the block
+    (activations, directions, baselines) is keyed by the dtype that computed it.
     """
     params = [p for p in loaded.model.parameters() if p.is_floating_point() and p.dtype != dtype]
     if dtype is None or not params:
         yield
         return
-    originals = [p.data for p in params]
+    originals, info_dtype = [p.data for p in params], loaded.info.dtype
     try:
         for p in params:
             p.data = p.data.to(dtype)
+        loaded.info.dtype = str(dtype).removeprefix("torch.")
         yield
     finally:
         for p, original in zip(params, originals):
             p.data = original
+        loaded.info.dtype = info_dtype
 
 
 def resolve_device(device: str) -> str:
