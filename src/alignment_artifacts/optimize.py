@@ -260,7 +260,7 @@ def optimize(loaded: LoadedModel, settings: OptimizeSettings | None = None, prog
     n_validated = settings.finalists if settings.validate_all_finalists else 1
     check = 0.0 if settings.validate_all_finalists else (
         validator.seconds * len(search_harmful) / max(1, len(validator.harmful)) * (0.5 if screen else 1.0))
-    reserve = validator.seconds * (n_validated + 2) + check * settings.finalists
+    reserve = validator.seconds * (n_validated + 0.25) + validator.over_seconds + check * settings.finalists
     search_budget = settings.timeout - (time.perf_counter() - started) - reserve
     if search_budget < 60:
         warnings.warn(f"--timeout {settings.timeout:g} s leaves {max(search_budget, 0):.0f} s for the search after "
@@ -376,6 +376,7 @@ class _Validator:
         self.seconds = time.perf_counter() - started  # what validating one configuration costs
         self.base_over = generated_refusals(loaded, self.harmless, settings.max_tokens,
                                             settings.generation_batch_size).flags
+        self.over_seconds = time.perf_counter() - started - self.seconds  # the chosen one's over-refusal check
 
     def __call__(self, config: SteeringConfig, over_refusal: bool = True) -> dict[str, Any]:
         s = self.settings
