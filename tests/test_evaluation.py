@@ -20,7 +20,13 @@ from alignment_artifacts.evaluation import (
     refusal_log_odds,
 )
 from alignment_artifacts.models.generation import format_chat
-from alignment_artifacts.optimize import OptimizeSettings, layer_weights, optimize, search_and_direction_sets
+from alignment_artifacts.optimize import (
+    OptimizeSettings,
+    config_from_params,
+    layer_weights,
+    optimize,
+    search_and_direction_sets,
+)
 from alignment_artifacts.prompts import resolve_prompts
 from alignment_artifacts.steering import SteeringConfig
 from tiny_models import tiny_model
@@ -129,6 +135,62 @@ def test_optimize_ablate_only_keeps_the_result_bakeable(cache_root, prompt_files
     assert result.proxy_agreement is not None
     assert all("clamp_scale" not in row["params"] for row in result.pareto)
     assert all(p.dtype == torch.float32 for p in loaded.model.parameters())  # screening dtype restored
+
+
+def test_optimize_searches_per_prompt_gates_unless_told_not_to(cache_root, prompt_files):
+    import optuna
+
+    from alignment_artifacts.cache import cache_dir
+
+    loaded = tiny_model("llama", layers=4)
+    harmful, harmless = prompt_files
+    settings = OptimizeSettings(trials=5, timeout=120, harmful=harmful, harmless=harmless, modes=["clamp"],
+                                max_tokens=4, batch_size=8, finalists=2, max_kl=10.0)
+    for gate in (True, False):
+        settings.gate = gate
+        optimize(loaded, settings, progress=False)
+        study_name = stored_config(loaded).notes["optimize"]["study"]
+        storage = f"sqlite:///{cache_dir('studies') / (loaded.info.name + '.db')}"
+        trials = optuna.load_study(study_name=study_name, storage=storage).trials
+        gated = [t for t in trials if t.params.get("gated")]
+        assert len(gated) == (2 if gate else 0)  # the two gated seed clamps
+        assert all(2 <= t.params["gate_layer"] <= 3 and t.user_attrs["kl"] >= 0 for t in gated)
+    config = config_from_params({"mode": "clamp", "clamp_scale": 1.2, "direction_layer": 2, "kernel_centre": 1,
+                                 "kernel_width": 4, "kernel_floor": 1.0, "gated": True, "gate_layer": 3,
+                                 "gate_level": 0.1}, 4, loaded)
+    assert (config.gate_layer, config.gate_level, config.scale) == (3, 0.1, 1.2)
+
+
+def test_gated_screening_equals_the_gated_passes(cache_root, prompt_files):
+    """The search scores a gated trial as its ungated twin on the prompts the gate lets through and
+    the unmodified model elsewhere; that must be what the gated hooks do."""
+    from alignment_artifacts.api import get_directions
+    from alignment_artifacts.evaluation import first_logits, refusal_opening_ids
+    from alignment_artifacts.optimize import _Scorer
+    from alignment_artifacts.steering import apply_steering
+
+    loaded = tiny_model("llama", layers=4)
+    harmful, harmless = prompt_files
+    directions = get_directions(loaded, SteeringConfig(mode="clamp"), source=f"{harmful},{harmless}",
+                                progress=False)
+    texts = {path: [format_chat(loaded.tokenizer, line) for line in Path(path).read_text().splitlines()]
+             for path in prompt_files}
+    scorer = _Scorer(loaded, texts[harmful], texts[harmless], 4, directions, range(2, 4))
+    opening = refusal_opening_ids(loaded.tokenizer)
+    base = first_logits(loaded, texts[harmless], 4, whole=True)
+    tried = []
+    for level in (-0.5, 0.3, 0.5, 0.7, 1.5):
+        config = SteeringConfig(mode="clamp", scale=2.0, clamp_level=-1.0, direction_layer=2, gate_layer=3,
+                                gate_level=level)
+        refusal, kl, odds = scorer.score(config)
+        with apply_steering(loaded, config, directions):
+            real_odds = refusal_log_odds(first_logits(loaded, texts[harmful], 4), opening)
+            real_kl = kl_divergence(base, first_logits(loaded, texts[harmless], 4))
+        torch.testing.assert_close(odds, real_odds, rtol=1e-4, atol=1e-4)
+        assert refusal == pytest.approx(float(torch.sigmoid(real_odds).mean()), abs=1e-5)
+        assert kl == pytest.approx(float(real_kl.mean()), abs=1e-6)
+        tried.append(int((real_kl > 1e-9).sum()))
+    assert len(set(tried)) > 1 and max(tried) > 0  # the levels gate different numbers of prompts
 
 
 def test_layer_kernel_shape():

@@ -205,3 +205,111 @@ def test_clamp_needs_means_at_the_hooked_site():
         pass
     with pytest.raises(UserError, match="clamp-level"):
         SteeringConfig(mode="clamp", clamp_level=5.0).validate()
+
+
+def unpadded_last_logits(loaded):
+    return torch.cat([logits(loaded, [p])[:, -1] for p in PROMPTS])
+
+
+def _gate_setup(gate_layer=2, site="resid_pre"):
+    """Directions at ``site`` and a gate level that lets exactly the prompts past the median through."""
+    loaded = tiny_model("qwen2")
+    directions = random_directions(loaded)
+    directions.site = site
+    u = directions.unit(gate_layer)
+    seen = []
+    with site_hooks(loaded.adapter, {(site, gate_layer): lambda h: seen.append(h[0, -1].detach().clone())}):
+        unpadded_last_logits(loaded)
+    proj = torch.stack(seen) @ u
+    ordered = proj.sort().values  # the cap sits midway between the two middle prompts: no ties
+    low, high, cap = float(proj.min()) - 1, float(proj.max()) + 1, float(ordered[1:3].mean())
+    directions.negative_mean[gate_layer], directions.positive_mean[gate_layer] = low * u, high * u
+    return loaded, directions, (cap - low) / (high - low), proj > cap
+
+
+def test_gate_in_a_direct_model_call_steers_from_its_layer():
+    """Without the toolkit's decision pass the gate decides mid-pass: layers below it cannot act."""
+    loaded, directions, level, passing = _gate_setup()
+    assert 0 < int(passing.sum()) < len(PROMPTS)
+    plain = unpadded_last_logits(loaded)
+    late_only = SteeringConfig(mode="always", scale=3.0, layer_weights={0: 0.0, 1: 0.0, 2: 1.0, 3: 1.0})
+    with apply_steering(loaded, late_only, directions) as ungated_handle:
+        ungated = unpadded_last_logits(loaded)
+    gated_config = SteeringConfig(mode="always", scale=3.0, gate_layer=2, gate_level=level)
+    with apply_steering(loaded, gated_config, directions) as handle:
+        gated = unpadded_last_logits(loaded)
+    assert torch.equal(gated[~passing], plain[~passing])  # ordinary prompts are bit-identical
+    torch.testing.assert_close(gated[passing], ungated[passing])
+    assert not torch.allclose(gated[passing], plain[passing])
+    assert 0 < handle.total() < ungated_handle.total()
+    assert torch.equal(unpadded_last_logits(loaded), plain)
+
+
+@pytest.mark.parametrize("site", ["resid_pre", "mlp_out"])
+def test_gate_decides_first_then_steers_every_layer_through_decoding(site):
+    from alignment_artifacts.evaluation import first_logits
+
+    loaded, directions, level, passing = _gate_setup(site=site)
+    config = GenerationConfig(max_tokens=6, ignore_end_tokens=True)
+    texts = [format_chat(loaded.tokenizer, p) for p in PROMPTS]
+    plain, plain_first = generate(loaded, PROMPTS, config).tokens, first_logits(loaded, texts)
+    with apply_steering(loaded, SteeringConfig(mode="always", scale=3.0), directions):
+        ungated, ungated_first = generate(loaded, PROMPTS, config).tokens, first_logits(loaded, texts)
+    with apply_steering(loaded, SteeringConfig(mode="always", scale=3.0, gate_layer=2, gate_level=level),
+                        directions) as handle:
+        gated, gated_first = generate(loaded, PROMPTS, config).tokens, first_logits(loaded, texts)
+        one_by_one = [generate(loaded, [p], config).tokens[0] for p in PROMPTS]
+    expected = [u if p else q for u, q, p in zip(ungated, plain, passing.tolist())]
+    assert gated == expected == one_by_one
+    assert gated != plain
+    torch.testing.assert_close(gated_first[passing], ungated_first[passing])
+    assert torch.equal(gated_first[~passing], plain_first[~passing])
+    per_site = handle.interventions()
+    assert per_site[f"{site}.0"] > 0 and per_site[f"{site}.2"] > 0  # below and at the gate layer (2)
+
+
+def test_gated_first_logits_skip_the_shared_prefix():
+    """A prefix computed once cannot know which prompts the gate lets through, so gated passes must not
+    reuse it. The direction is chosen so that the shared prefix alone would pass the gate."""
+    from alignment_artifacts.evaluation import first_logits
+    from alignment_artifacts.models.generation import common_prefix_length
+
+    loaded = tiny_model("qwen2")
+    directions = random_directions(loaded)
+    directions.site = "resid_pre"
+    texts = [format_chat(loaded.tokenizer, p, system="You are a helpful assistant who answers well.")
+             for p in PROMPTS]
+    rows = [loaded.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    prefix = torch.tensor([rows[0][:common_prefix_length(rows)]])
+    seen = []
+    with site_hooks(loaded.adapter, {("resid_pre", 2): lambda h: seen.append(h[0, -1].detach().clone())}):
+        loaded.model(input_ids=prefix)
+        for row in rows:
+            loaded.model(input_ids=torch.tensor([row]))
+    directions.vectors[2] = seen[0]
+    u = directions.unit(2)
+    prefix_proj, proj = float(seen[0] @ u), torch.stack(seen[1:]) @ u
+    assert prefix_proj > float(proj.min())
+    low, high = min(prefix_proj, float(proj.min())) - 1, max(prefix_proj, float(proj.max())) + 1
+    directions.negative_mean[2], directions.positive_mean[2] = low * u, high * u
+    level = ((prefix_proj + float(proj.min())) / 2 - low) / (high - low)
+    config = SteeringConfig(mode="always", scale=3.0, gate_layer=2, gate_level=level)
+    with apply_steering(loaded, config, directions):
+        batched = first_logits(loaded, texts, batch_size=4)
+        single = torch.cat([first_logits(loaded, [t]) for t in texts])
+    torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-4)
+
+
+def test_gate_bad_input_and_export_refusal():
+    from alignment_artifacts.export import control_vectors
+
+    loaded, directions, level, _ = _gate_setup()
+    with pytest.raises(UserError, match="gate-level"):
+        SteeringConfig(mode="clamp", gate_layer=1, gate_level=float("nan")).validate()
+    with pytest.raises(UserError, match="out of range"), apply_steering(
+            loaded, SteeringConfig(mode="always", gate_layer=7), directions):
+        pass
+    with pytest.raises(UserError, match="gated per prompt"):
+        control_vectors(loaded, SteeringConfig(mode="always", gate_layer=2, gate_level=level), directions)
+    config = SteeringConfig(mode="clamp", gate_layer=2, gate_level=0.25)
+    assert SteeringConfig.from_json(config.to_json()) == config

@@ -103,6 +103,11 @@ def _add_steering(p: argparse.ArgumentParser, default_mode: str = "auto") -> Non
     p.add_argument("--pca-components", type=int, default=5, help="subspace dimension k")
     p.add_argument("--clamp-level", type=float, default=0.2,
                    help="clamp: cap h.u at this place between the ordinary (0) and sensitive (1) means")
+    p.add_argument("--gate-layer", type=int,
+                   help="steer only prompts whose last token projects above --gate-level at this layer's input "
+                        "(steering then starts at this layer; ordinary prompts stay untouched)")
+    p.add_argument("--gate-level", type=float, default=0.0,
+                   help="the gate's place between the ordinary (0) and sensitive (1) means (default 0.0)")
     p.add_argument("--config", help="a steering configuration JSON (from optimize or export --format vectors)")
 
 
@@ -127,7 +132,7 @@ def _steering_config(args: argparse.Namespace, loaded: Any) -> Any:
                                                                                             None)),
         proximity_threshold=args.proximity_threshold, distance_threshold=args.distance_threshold,
         decay_rate=args.decay_rate, pca_components=args.pca_components, clamp_level=args.clamp_level,
-        direction_layer=args.direction_layer,
+        direction_layer=args.direction_layer, gate_layer=args.gate_layer, gate_level=args.gate_level,
         source=args.direction_source)
     config.notes["scale_given"] = args.scale is not None
     return resolve_config(loaded, config)
@@ -443,7 +448,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     settings = OptimizeSettings(trials=args.trials, timeout=args.timeout, resume=args.resume, seed=args.seed,
                                 harmful=args.harmful, harmless=args.harmless, max_kl=args.max_kl,
                                 direction_prompts=args.direction_prompts, search_size=args.search_size,
-                                modes=_split(args.modes) or ["clamp", "ablate"], screen_dtype=args.screen_dtype)
+                                modes=_split(args.modes) or ["clamp", "ablate"], screen_dtype=args.screen_dtype,
+                                gate=not args.no_gate)
     result = optimize(loaded, settings, progress=not args.json)
     _emit(args, result.to_json(), result.summary())
     return 0
@@ -588,6 +594,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", default="clamp,ablate",
                    help="modes to search, comma-separated (default clamp,ablate; 'ablate' alone keeps the result "
                         "bakeable into weights for `export --format hf`)")
+    p.add_argument("--no-gate", action="store_true",
+                   help="do not search per-prompt gates for clamp (a gate steers only prompts that project past a "
+                        "level at one layer; ordinary prompts below it stay untouched)")
     p.add_argument("--screen-dtype", default="auto",
                    help="dtype of the screening passes: auto (bfloat16 on CPUs that multiply it natively), model, "
                         "or float32/bfloat16/float16; validation always runs in the model's dtype")

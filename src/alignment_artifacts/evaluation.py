@@ -15,6 +15,7 @@ Only counts, rates and divergences are returned and cached, never the generated 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import time
@@ -28,6 +29,7 @@ from .cache import atomic_write_json, cache_dir, stable_hash
 from .errors import UserError
 from .models import GenerationConfig
 from .models.generation import encode_batch, format_chat, generate_ids, next_token_logits, stop_token_ids, trim
+from .models.hooks import whole_prompts
 from .models.loading import LoadedModel
 from .prompts import PromptSet, resolve_prompts
 
@@ -120,9 +122,20 @@ class EvaluationResult:
         return asdict(self)
 
 
-def first_logits(loaded: LoadedModel, texts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
-    """Next-token logits at the first answer position for chat-formatted texts [n, vocab]."""
-    return next_token_logits(loaded.model, loaded.tokenizer, texts, batch_size, loaded.device)
+def first_logits(loaded: LoadedModel, texts: Sequence[str], batch_size: int = 16, whole: bool = False
+                 ) -> torch.Tensor:
+    """Next-token logits at the first answer position for chat-formatted texts [n, vocab].
+
+    ``whole``: no shared-prefix reuse, as under a gated configuration; an unmodified baseline for
+    such a configuration must take the same path, or its KL carries the two paths' rounding
+    difference (about 0.0008 in bfloat16 on the builtin Qwen).
+    """
+    with whole_prompts() if whole else contextlib.nullcontext():
+        return next_token_logits(loaded.model, loaded.tokenizer, texts, batch_size, loaded.device)
+
+
+def is_gated(config: Any) -> bool:
+    return getattr(config, "gate_layer", None) is not None
 
 
 class Generations(NamedTuple):
@@ -208,7 +221,9 @@ class Baseline:
         self._counts: dict[str, Any] | None = None
         self.answers: list[list[int]] | None = None
 
-    def harmless_logits(self) -> torch.Tensor:
+    def harmless_logits(self, whole: bool = False) -> torch.Tensor:
+        if whole:  # the baseline for a gated configuration: see first_logits
+            return self._cached_logits("harmless_logits_whole", self.harmless_texts, whole=True)
         if self._harmless_logits is None:
             self._harmless_logits = self._cached_logits("harmless_logits", self.harmless_texts)
         return self._harmless_logits
@@ -218,7 +233,7 @@ class Baseline:
             self._harmful_logits = self._cached_logits("harmful_logits", self.harmful_texts)
         return self._harmful_logits
 
-    def _cached_logits(self, name: str, texts: list[str]) -> torch.Tensor:
+    def _cached_logits(self, name: str, texts: list[str], whole: bool = False) -> torch.Tensor:
         from safetensors.torch import load_file
 
         from .cache import atomic_save_safetensors
@@ -226,7 +241,7 @@ class Baseline:
         path = self.folder / f"{name}.safetensors"
         if path.is_file():
             return load_file(str(path))["logits"]
-        logits = first_logits(self.loaded, texts, self.settings.batch_size)
+        logits = first_logits(self.loaded, texts, self.settings.batch_size, whole)
         atomic_save_safetensors({"logits": logits}, path)
         return logits
 
@@ -301,7 +316,8 @@ def evaluate(loaded: LoadedModel, config: Any, settings: EvaluationSettings | No
         if settings.perplexity and baseline.answers is not None:
             ppl = answer_perplexity(loaded, baseline.harmful_texts, baseline.answers)
     bar.close()
-    kl = kl_divergence(base_harmless, steered_harmless)
+    kl = kl_divergence(baseline.harmless_logits(whole=True) if is_gated(config) else base_harmless,
+                       steered_harmless)
     return EvaluationResult(
         model=loaded.info.name, config=config.to_json(), n_harmful=len(harmful), n_harmless=len(harmless),
         refusals=sum(flags), refusal_rate=sum(flags) / len(flags),

@@ -131,12 +131,20 @@ def _write_card(folder: Path, title: str, manifest: dict[str, Any], body: list[s
 
 # hf: ablation baked into weights --------------------------------------------------------------
 
+def _refuse_gate(config: SteeringConfig) -> None:
+    if config.gate_layer is not None:
+        raise UserError(f"This configuration is gated per prompt (gate_layer {config.gate_layer}): whether it acts "
+                        "depends on each prompt, which no fixed weights or vectors express. Drop the gate, or keep "
+                        f"it with hooks (steer, serve). {_FORMAT_ADVICE}")
+
+
 def _bake_plan(config: SteeringConfig, adapter: ModelAdapter, directions: DirectionSet
                ) -> list[tuple[str, int, int, float]]:
     """(site, layer, direction layer, scale) for every hook that ablation would install."""
     if config.mode not in LINEAR_MODES:
         raise UserError(f"Mode '{config.mode}' cannot be baked into weights: only 'ablate' is a fixed linear "
                         f"projection of what each layer writes. {_FORMAT_ADVICE}")
+    _refuse_gate(config)
     if config.site in ("resid_pre", "resid_post"):
         raise UserError(f"Ablation at site '{config.site}' projects the residual stream itself, which no "
                         "single weight matrix produces, so it cannot be baked exactly. Bake the default "
@@ -316,6 +324,7 @@ def control_vectors(loaded: Any, config: SteeringConfig, directions: DirectionSe
     if config.mode not in ADDITIVE_MODES:
         raise UserError(f"Mode '{config.mode}' is not a constant vector, so it cannot be a llama.cpp control "
                         f"vector (only {', '.join(ADDITIVE_MODES)} are). {_FORMAT_ADVICE}")
+    _refuse_gate(config)
     sign = -1.0 if config.mode == "always" else 1.0
     vectors: dict[int, np.ndarray] = {}
     for site, layer in hook_targets(config, loaded.adapter.n_layers, directions):

@@ -22,7 +22,7 @@ import math
 import random
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +34,15 @@ from .evaluation import (
     chat_texts,
     first_logits,
     generated_refusals,
+    is_gated,
     kl_divergence,
     refusal_log_odds,
     refusal_opening_ids,
 )
+from .models.hooks import site_hooks
 from .models.loading import LoadedModel, parameters_as, screening_dtype
 from .prompts import PromptSet, resolve_prompts
-from .steering import SteeringConfig, apply_steering
+from .steering import SteeringConfig, apply_steering, gate_passes
 
 MIN_PER_SPLIT = 4
 SEARCH_MODES = ("clamp", "ablate")
@@ -60,6 +62,7 @@ class OptimizeSettings:
     search_size: int = 32  # prompts of each kind scored per trial (at most half the training split by default)
     max_kl: float = 0.1
     modes: list[str] = field(default_factory=lambda: list(SEARCH_MODES))
+    gate: bool = True  # clamp trials may also gate per prompt (steer only prompts past a projection at one layer)
     finalists: int = 4
     max_tokens: int = 48
     batch_size: int = 16
@@ -91,7 +94,9 @@ class OptimizeResult:
         return "\n".join([
             f"optimize: {self.trials} trials in {self.seconds:.0f} s; Pareto front of {len(self.pareto)} points",
             f"chosen: mode={c['mode']} scale={c['scale']:.3f} direction_layer={c['direction_layer']}"
-            + (f" clamp_level={c['clamp_level']:.3f}" if c["mode"] == "clamp" else ""),
+            + (f" clamp_level={c['clamp_level']:.3f}" if c["mode"] == "clamp" else "")
+            + (f" gate_layer={c['gate_layer']} gate_level={c['gate_level']:.3f}" if c.get("gate_layer") is not None
+               else ""),
             f"validation: refusals {v['refusals']}/{v['n_harmful']} (unmodified {v['baseline_refusals']}), "
             f"KL {v['kl_mean']:.4f}, over-refusal {v.get('over_refusals')}/{v['n_harmless']} "
             f"(unmodified {v.get('baseline_over_refusals')})",
@@ -152,29 +157,64 @@ def config_from_params(params: dict[str, Any], n_layers: int, loaded: LoadedMode
     mode = params.get("mode", default_mode)
     weights = layer_weights(n_layers, params["kernel_centre"], params["kernel_width"], params["kernel_floor"])
     scale = params.get(f"{mode}_scale", params.get("scale", 1.0))
+    gated = bool(params.get("gated"))
     return SteeringConfig(mode=mode, scale=scale, direction_layer=params["direction_layer"],
                           clamp_level=params.get("clamp_level", 0.2), layer_weights=weights,
+                          gate_layer=params["gate_layer"] if gated else None,
+                          gate_level=params["gate_level"] if gated else 0.0,
                           model_id=loaded.info.name, weights_hash=loaded.info.weights_hash)
 
 
 class _Scorer:
-    """Proxy scores of a configuration on the training split."""
+    """Proxy scores of a configuration on the training split.
 
-    def __init__(self, loaded: LoadedModel, harmful: list[str], harmless: list[str], batch_size: int):
+    A gated configuration steers exactly as its ungated twin on the prompts its gate lets through
+    and leaves the others bit-identical (tested in the steering tests), so a gated trial is scored
+    as that: the twin on the prompts that pass, the unmodified model on the rest. The gate's
+    decisions come from the unmodified model's last-token activations, captured once. Screening a
+    gated trial therefore costs a fraction of an ungated one instead of two prefills per prompt.
+    """
+
+    def __init__(self, loaded: LoadedModel, harmful: list[str], harmless: list[str], batch_size: int,
+                 directions: Any, gate_layers: range):
         self.loaded, self.harmful, self.harmless, self.batch = loaded, harmful, harmless, batch_size
+        self.directions, self.gate_layers = directions, gate_layers
         self.opening = refusal_opening_ids(loaded.tokenizer)
         self.base_harmless = first_logits(loaded, harmless, batch_size)
-        self.base_refusal = float(torch.sigmoid(refusal_log_odds(first_logits(loaded, harmful, batch_size),
-                                                                 self.opening)).mean())
+        self.base_odds = refusal_log_odds(first_logits(loaded, harmful, batch_size), self.opening)
+        self.base_refusal = float(torch.sigmoid(self.base_odds).mean())
+        self._last: dict[str, dict[int, torch.Tensor]] = {}
 
-    def score(self, config: SteeringConfig, directions: Any) -> tuple[float, float, torch.Tensor]:
+    def score(self, config: SteeringConfig) -> tuple[float, float, torch.Tensor]:
         """(mean refusal-opening probability, mean KL, per-prompt refusal log-odds)."""
-        with apply_steering(self.loaded, config, directions):
-            harmful_logits = first_logits(self.loaded, self.harmful, self.batch)
-            harmless_logits = first_logits(self.loaded, self.harmless, self.batch)
-        odds = refusal_log_odds(harmful_logits, self.opening)
-        kl = kl_divergence(self.base_harmless, harmless_logits)
+        if config.gate_layer is None:
+            with apply_steering(self.loaded, config, self.directions):
+                odds = refusal_log_odds(first_logits(self.loaded, self.harmful, self.batch), self.opening)
+                kl = kl_divergence(self.base_harmless, first_logits(self.loaded, self.harmless, self.batch))
+            return float(torch.sigmoid(odds).mean()), float(kl.mean()), odds
+        layer, level = config.gate_layer, config.gate_level
+        harmful_rows = self._passing("harmful", self.harmful, layer, level)
+        harmless_rows = self._passing("harmless", self.harmless, layer, level)
+        odds, kl = self.base_odds.clone(), torch.zeros(len(self.harmless))
+        with apply_steering(self.loaded, replace(config, gate_layer=None), self.directions):
+            if harmful_rows:
+                logits = first_logits(self.loaded, [self.harmful[i] for i in harmful_rows], self.batch)
+                odds[harmful_rows] = refusal_log_odds(logits, self.opening)
+            if harmless_rows:
+                logits = first_logits(self.loaded, [self.harmless[i] for i in harmless_rows], self.batch)
+                kl[harmless_rows] = kl_divergence(self.base_harmless[harmless_rows], logits)
         return float(torch.sigmoid(odds).mean()), float(kl.mean()), odds
+
+    def _passing(self, name: str, texts: list[str], layer: int, level: float) -> list[int]:
+        if name not in self._last:  # the unmodified last-token activations at every candidate gate layer
+            site = self.directions.site
+            captured: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.gate_layers}
+            hooks = {(site, layer): (lambda h, kept=kept: kept.append(h[:, -1].float().cpu()))
+                     for layer, kept in captured.items()}
+            with site_hooks(self.loaded.adapter, hooks):
+                first_logits(self.loaded, texts, self.batch, whole=True)  # the path a gate decides on
+            self._last[name] = {layer: torch.cat(kept) for layer, kept in captured.items()}
+        return gate_passes(self.directions, layer, level, self._last[name][layer]).nonzero().flatten().tolist()
 
 
 def _study(loaded: LoadedModel, settings: OptimizeSettings, key: str, n_startup: int) -> Any:
@@ -232,9 +272,10 @@ def optimize(loaded: LoadedModel, settings: OptimizeSettings | None = None, prog
                                                                          if k not in ("trials", "timeout",
                                                                                       "resume")},
                        "directions": directions.prompt_set_hash})
-    seeds = _seed_trials(modes, n_layers)
+    seeds = _seed_trials(modes, n_layers, settings.gate)
     study = _study(loaded, settings, key, n_startup=len(seeds) + 4)
     lo, hi = max(1, round(0.25 * n_layers)), min(n_layers - 1, round(0.85 * n_layers))
+    gate_layers = (round(0.5 * n_layers), min(n_layers - 1, round(0.85 * n_layers)))
     to_config = lambda params: config_from_params(params, n_layers, loaded, modes[0])  # noqa: E731
 
     def objective(trial: Any) -> tuple[float, float]:
@@ -243,12 +284,15 @@ def optimize(loaded: LoadedModel, settings: OptimizeSettings | None = None, prog
         if mode == "clamp":
             params["clamp_scale"] = trial.suggest_float("clamp_scale", 0.5, 2.0)
             params["clamp_level"] = trial.suggest_float("clamp_level", -0.2, 0.8)
+            if settings.gate and trial.suggest_categorical("gated", [False, True]):
+                params.update(gated=True, gate_layer=trial.suggest_int("gate_layer", *gate_layers),
+                              gate_level=trial.suggest_float("gate_level", -0.2, 0.4))
         else:  # beyond ~1.2 ablation flips the projection's sign, and KL on unseen prompts jumps
             params["ablate_scale"] = trial.suggest_float("ablate_scale", 0.3, 1.2)
         params.update(kernel_centre=trial.suggest_float("kernel_centre", 0, n_layers - 1),
                       kernel_width=trial.suggest_float("kernel_width", 2, n_layers),
                       kernel_floor=trial.suggest_float("kernel_floor", 0.0, 1.0))
-        refusal, kl, odds = scorer.score(to_config({"mode": mode, **params}), directions)
+        refusal, kl, odds = scorer.score(to_config({"mode": mode, **params}))
         trial.set_user_attr("kl", kl)
         trial.set_user_attr("refusal_prob", refusal)
         trial.set_user_attr("proxy_refusals", [bool(x) for x in (odds > 0).tolist()])
@@ -268,7 +312,8 @@ def optimize(loaded: LoadedModel, settings: OptimizeSettings | None = None, prog
                       stacklevel=2)
         search_budget = 60.0
     with parameters_as(loaded, screen):
-        scorer = _Scorer(loaded, search_harmful, search_harmless, settings.batch_size)
+        scorer = _Scorer(loaded, search_harmful, search_harmless, settings.batch_size, directions,
+                         range(gate_layers[0], gate_layers[1] + 1))
         done = len([t for t in study.trials if t.state.name == "COMPLETE"])
         remaining = max(0, settings.trials - done)
         if remaining:
@@ -287,7 +332,7 @@ def optimize(loaded: LoadedModel, settings: OptimizeSettings | None = None, prog
             config = to_config(trial.params)
             proxy_flags = trial.user_attrs.get("proxy_refusals")
             if proxy_flags is None:  # a trial from a study stored before per-prompt flags were kept
-                proxy_flags = (scorer.score(config, directions)[2] > 0).tolist()
+                proxy_flags = (scorer.score(config)[2] > 0).tolist()
             row = {"trial": trial.number, "mode": config.mode, "params": trial.params, "n": len(proxy_flags),
                    "refusals": sum(proxy_flags), "judged_by": "first-token proxy", "kl": trial.user_attrs["kl"],
                    "refusal_prob": trial.user_attrs["refusal_prob"]}
@@ -324,13 +369,18 @@ def optimize(loaded: LoadedModel, settings: OptimizeSettings | None = None, prog
                           stored_at=str(path), plot=plot)
 
 
-def _seed_trials(modes: list[str], n_layers: int) -> list[dict[str, Any]]:
-    """Known-good starting points: the plain recipe (full ablation with one layer's direction) and
-    clamps at three levels, which sketch the whole trade-off before the sampler takes over."""
+def _seed_trials(modes: list[str], n_layers: int, gate: bool) -> list[dict[str, Any]]:
+    """Known-good starting points: the plain recipe (full ablation with one layer's direction),
+    clamps at three levels, which sketch the whole trade-off before the sampler takes over, and
+    (with ``gate``) a strong clamp gated at two levels, where the low-refusal end is cheapest."""
     flat = {"direction_layer": round(0.6 * n_layers), "kernel_centre": n_layers / 2, "kernel_width": float(n_layers),
             "kernel_floor": 1.0}
-    seeds = {"ablate": [{"ablate_scale": 1.0}],
-             "clamp": [{"clamp_scale": 1.0, "clamp_level": level} for level in (0.0, 0.2, 0.4)]}
+    ungated = {"gated": False} if gate else {}
+    clamps = [{"clamp_scale": 1.0, "clamp_level": level, **ungated} for level in (0.0, 0.2, 0.4)]
+    if gate:
+        clamps += [{"clamp_scale": 1.0, "clamp_level": 0.0, "gated": True, "gate_layer": round(0.75 * n_layers),
+                    "gate_level": level} for level in (0.1, 0.2)]
+    seeds = {"ablate": [{"ablate_scale": 1.0}], "clamp": clamps}
     tag = lambda mode: {"mode": mode} if len(modes) > 1 else {}  # noqa: E731
     return [{**tag(mode), **flat, **params} for mode in modes for params in seeds[mode]]
 
@@ -372,21 +422,23 @@ class _Validator:
         started = time.perf_counter()
         self.base_flags = generated_refusals(loaded, self.harmful, settings.max_tokens,
                                              settings.generation_batch_size).flags
-        self.base_logits = first_logits(loaded, self.harmless, settings.batch_size)
+        self.base_logits = {False: first_logits(loaded, self.harmless, settings.batch_size)}
         self.seconds = time.perf_counter() - started  # what validating one configuration costs
         self.base_over = generated_refusals(loaded, self.harmless, settings.max_tokens,
                                             settings.generation_batch_size).flags
         self.over_seconds = time.perf_counter() - started - self.seconds  # the chosen one's over-refusal check
 
     def __call__(self, config: SteeringConfig, over_refusal: bool = True) -> dict[str, Any]:
-        s = self.settings
+        s, whole = self.settings, is_gated(config)
+        if whole not in self.base_logits:  # a gated configuration's baseline takes its path (see first_logits)
+            self.base_logits[whole] = first_logits(self.loaded, self.harmless, s.batch_size, whole)
         with apply_steering(self.loaded, config, self.directions):
             flags, broad, _, first = generated_refusals(self.loaded, self.harmful, s.max_tokens,
                                                         s.generation_batch_size)
             logits = first_logits(self.loaded, self.harmless, s.batch_size)
             over = generated_refusals(self.loaded, self.harmless, s.max_tokens, s.generation_batch_size).flags \
                 if over_refusal else None
-        kl = kl_divergence(self.base_logits, logits)
+        kl = kl_divergence(self.base_logits[whole], logits)
         proxy = (refusal_log_odds(first, self.opening) > 0).tolist()
         return {"n_harmful": len(flags), "refusals": sum(flags), "baseline_refusals": sum(self.base_flags),
                 "proxy_refusals": sum(proxy), "proxy_agreement": sum(a == b for a, b in zip(flags, proxy)) / len(flags),

@@ -120,6 +120,8 @@ class SteeringOverride(_Strict):
     pca_components: int | None = None
     clamp_level: float | None = None
     direction_layer: int | None = None
+    gate_layer: int | None = None
+    gate_level: float | None = None
     layer_weights: dict[int, float] | None = None
     source: str | None = None
     direction_site: str | None = None

@@ -17,6 +17,16 @@ clamp      h - s*max(0, h.u - t)u at each layer's residual input, t between the 
 amplify    h + s*v (induces the artifact, e.g. refusal)
 =========  ===============================================================================
 
+Any mode can be gated per prompt (``gate_layer``, conditional steering): the last prompt token's
+projection on the gate layer's own direction, at the directions' site, is compared with a cap
+placed like the clamp's (``gate_level`` 0 and 1: the ordinary and sensitive means), and only
+prompts above it are steered, at every hooked layer, for the whole answer. Prompts below the gate
+are left bit-identical, so they cost no KL. Each prefill through the toolkit's passes first runs
+the unmodified model up to the gate layer to decide (batches are left-padded, so the last position
+is each prompt's last token); decoding keeps the decision. A direct model call decides mid-pass,
+so there only layers from the gate on act. A gated position's treatment depends on later tokens,
+so passes under a gate never reuse a prefix computed once for all prompts (``hooks.whole_prompts``).
+
 Hook bodies are a few fused tensor ops with no host synchronisation; intervention counts
 accumulate on the device and are read once, when asked for.
 """
@@ -36,12 +46,13 @@ import torch
 from .analysis.directions import DirectionSet
 from .errors import UserError, closest
 from .models.adapter import SITES
-from .models.hooks import site_hooks
+from .models.hooks import decision_passes, site_hooks, whole_prompts
 
 MODES = ("none", "always", "proximity", "adaptive", "sphere", "subspace", "ablate", "clamp", "amplify", "auto")
 ADDITIVE_MODES = ("always", "amplify")  # a constant vector per layer: exportable as a control vector
 LINEAR_MODES = ("ablate",)  # a projection: bakeable into weights
 CONFIG_VERSION = 1
+BLOCK_ORDER = ("resid_pre", "attn_out", "mlp_out", "resid_post")  # the order a block's sites run in
 
 
 @dataclass
@@ -59,6 +70,8 @@ class SteeringConfig:
     pca_components: int = 5
     clamp_level: float = 0.2  # clamp: the cap's place between the ordinary (0) and sensitive (1) means
     direction_layer: int | None = None  # use this layer's direction everywhere (None: each layer its own)
+    gate_layer: int | None = None  # steer only prompts whose projection here passes gate_level (None: all)
+    gate_level: float = 0.0  # the gate's place between the ordinary (0) and sensitive (1) means
     layer_weights: dict[int, float] | None = None  # per-layer multipliers of the scale (a kernel over layers)
     source: str | None = None  # prompt set the directions come from (None: the mode's default)
     direction_site: str | None = None
@@ -83,6 +96,9 @@ class SteeringConfig:
         if not math.isfinite(self.clamp_level) or not -1 <= self.clamp_level <= 2:
             raise UserError(f"--clamp-level is a place between the ordinary (0) and sensitive (1) mean projections; "
                             f"use a value in [-1, 2] (got {self.clamp_level}).")
+        if not math.isfinite(self.gate_level) or not -1 <= self.gate_level <= 2:
+            raise UserError(f"--gate-level is a place between the ordinary (0) and sensitive (1) mean projections; "
+                            f"use a value in [-1, 2] (got {self.gate_level}).")
         if self.pca_components < 1:
             raise UserError(f"--pca-components must be at least 1 (got {self.pca_components}).")
         for name in ("site", "direction_site"):
@@ -91,8 +107,7 @@ class SteeringConfig:
                 raise UserError(f"Unknown site '{value}'.{closest(value, SITES)} Valid sites: {', '.join(SITES)}.")
         if n_layers is not None:
             candidates = list(self.layers or []) + list((self.layer_weights or {}).keys())
-            if self.direction_layer is not None:
-                candidates.append(self.direction_layer)
+            candidates += [x for x in (self.direction_layer, self.gate_layer) if x is not None]
             bad = sorted({x for x in candidates if not 0 <= x < n_layers})
             if bad:
                 raise UserError(f"Layer(s) {bad} are out of range: this model has {n_layers} decoder blocks, "
@@ -154,20 +169,86 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float32 else t.float()
 
 
-def _counted(fn: Callable[[torch.Tensor], tuple[torch.Tensor, Any]], counter: torch.Tensor,
-             slot: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Wrap a float32 update so it casts back and counts changed positions on-device."""
+class _GateDecided(Exception):
+    """Ends a decision pass at the gate layer: the layers above it are not needed."""
+
+
+class _Gate:
+    """Which prompts of the running batch are steered.
+
+    Through the toolkit's own passes (``models.generation.forward``) every prefill first runs the
+    unmodified model up to the gate layer, which decides; the real pass then steers the chosen
+    prompts at every hooked layer, and decoding keeps the decision. A direct model call has no
+    such pass: the gate decides within it, so layers below the gate cannot act on its prompts.
+    """
+
+    def __init__(self, layer: int, u: torch.Tensor, cap: torch.Tensor):
+        self.layer, self.u, self.cap = layer, u, cap
+        self.open: torch.Tensor | None = None
+        self.pending = False  # a decision pass has run; its real pass has not reached the gate yet
+        self.decided_first = False  # the current decision came from a decision pass
+        self.in_decision_pass = False
+
+    def decision_pass(self, run_pass: Callable[[], Any]) -> None:
+        self.in_decision_pass = True
+        try:
+            run_pass()
+        except _GateDecided:
+            self.pending = self.decided_first = True
+        finally:
+            self.in_decision_pass = False
+
+    def rows(self, h: torch.Tensor, below_gate: bool) -> torch.Tensor | None:
+        """The prompts a hook steers now (None: none); below the gate only with a decision made first."""
+        if below_gate and not (self.pending if h.shape[1] > 1 else self.decided_first):
+            return None
+        if self.in_decision_pass or self.open is None or self.open.shape[0] != h.shape[0]:
+            return None
+        return self.open
+
+    def at_gate(self, h: torch.Tensor) -> None:
+        if self.in_decision_pass:
+            self.open = _f32(h[:, -1]) @ self.u > self.cap
+            raise _GateDecided
+        if self.pending and h.shape[1] > 1:  # the real pass of a decision made first: keep it
+            self.pending = False
+        elif h.shape[1] > 1 or self.open is None or self.open.shape[0] != h.shape[0]:
+            self.open, self.decided_first = _f32(h[:, -1]) @ self.u > self.cap, False
+
+    def deciding(self, fn: Callable[[torch.Tensor], torch.Tensor] | None) -> Callable[[torch.Tensor], Any]:
+        """The gate layer's hook: decide first, then steer (if that site steers at all)."""
+
+        def hook(h: torch.Tensor) -> torch.Tensor | None:
+            self.at_gate(h)
+            return None if fn is None else fn(h)
+
+        return hook
+
+
+def _counted(fn: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]], counter: torch.Tensor,
+             slot: int, gate: _Gate | None = None, below_gate: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Wrap a float32 update so it casts back, keeps gated-out prompts as they were, and counts
+    changed positions on-device (``fn`` returns the update and its changed-position mask, None: all)."""
 
     def hook(h: torch.Tensor) -> torch.Tensor:
-        new, changed = fn(_f32(h))
-        counter[slot] += changed
+        rows = None if gate is None else gate.rows(h, below_gate)
+        if gate is not None and rows is None:
+            return h
+        h32 = _f32(h)
+        new, changed = fn(h32)
+        if changed is None:
+            changed = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
+        if rows is not None:
+            new = torch.where(rows[:, None, None], new, h32)
+            changed = changed & rows[:, None]
+        counter[slot] += changed.sum()
         return new.to(h.dtype)
 
     return hook
 
 
 def _mode_fn(config: SteeringConfig, v: torch.Tensor, weight: float, extra: dict[str, torch.Tensor]
-             ) -> Callable[[torch.Tensor], tuple[torch.Tensor, Any]]:
+             ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]:
     s = float(config.scale) * weight
     u = v / v.norm().clamp_min(1e-12)
     mode = config.mode
@@ -175,16 +256,16 @@ def _mode_fn(config: SteeringConfig, v: torch.Tensor, weight: float, extra: dict
     if mode in ("always", "amplify"):
         delta = -s * v if mode == "always" else s * v
 
-        def additive(h: torch.Tensor) -> tuple[torch.Tensor, Any]:
-            return h + delta, h.shape[0] * h.shape[1]
+        def additive(h: torch.Tensor) -> tuple[torch.Tensor, None]:
+            return h + delta, None
 
         return additive
     if mode == "ablate":
         su = s * u
 
-        def ablate(h: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        def ablate(h: torch.Tensor) -> tuple[torch.Tensor, None]:
             proj = h @ u
-            return h - proj[..., None] * su, h.shape[0] * h.shape[1]
+            return h - proj[..., None] * su, None
 
         return ablate
     if mode in ("proximity", "adaptive"):
@@ -195,9 +276,9 @@ def _mode_fn(config: SteeringConfig, v: torch.Tensor, weight: float, extra: dict
             cos = (h @ u) / h.norm(dim=-1).clamp_min(1e-12)
             if mode == "adaptive":
                 weight_ = cos.abs()
-                return h - weight_[..., None] * sv, (weight_ > 0).sum()
+                return h - weight_[..., None] * sv, weight_ > 0
             mask = cos.abs() > threshold
-            return h - mask[..., None].to(h.dtype) * sv, mask.sum()
+            return h - mask[..., None].to(h.dtype) * sv, mask
 
         return conditional
     if mode == "sphere":
@@ -208,15 +289,15 @@ def _mode_fn(config: SteeringConfig, v: torch.Tensor, weight: float, extra: dict
             r = d.norm(dim=-1, keepdim=True).clamp_min(1e-12)
             inside = r < radius
             push = inside.to(h.dtype) * s * torch.exp(-decay * r / radius)
-            return h + push * d / r, inside.sum()
+            return h + push * d / r, inside[..., 0]
 
         return sphere
     if mode == "subspace":
         basis, mean = extra["basis"], extra["mean"]
 
-        def subspace(h: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        def subspace(h: torch.Tensor) -> tuple[torch.Tensor, None]:
             coords = (h - mean) @ basis.T
-            return h - s * (coords @ basis), h.shape[0] * h.shape[1]
+            return h - s * (coords @ basis), None
 
         return subspace
     if mode == "clamp":
@@ -224,7 +305,7 @@ def _mode_fn(config: SteeringConfig, v: torch.Tensor, weight: float, extra: dict
 
         def clamp(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             excess = (h @ u - cap).clamp_min(0)
-            return h - (s * excess)[..., None] * u, (excess > 0).sum()
+            return h - (s * excess)[..., None] * u, excess > 0
 
         return clamp
     raise UserError(f"Mode '{mode}' has no hook (use one of {', '.join(MODES[1:-1])}).")
@@ -279,6 +360,13 @@ def _direction_at(directions: DirectionSet, config: SteeringConfig, layer: int) 
     return source
 
 
+def _cap(directions: DirectionSet, layer: int, u: torch.Tensor, level: float) -> torch.Tensor:
+    """A value of h.u at ``level`` between the ordinary (0) and sensitive (1) means at that layer."""
+    low = directions.negative_mean[layer].to(device=u.device, dtype=torch.float32) @ u
+    high = directions.positive_mean[layer].to(device=u.device, dtype=torch.float32) @ u
+    return low + level * (high - low)
+
+
 def _clamp_threshold(directions: DirectionSet, config: SteeringConfig, site: str, layer: int,
                      v: torch.Tensor) -> torch.Tensor:
     """The cap on h.u at a layer, from the two means measured at that very site and layer."""
@@ -286,10 +374,22 @@ def _clamp_threshold(directions: DirectionSet, config: SteeringConfig, site: str
         raise UserError(f"Clamp thresholds come from the directions' mean activations, measured at "
                         f"{directions.site}; hook that site (--site {directions.site}) or collect directions at "
                         f"{site}.")
+    return _cap(directions, layer, v / v.norm().clamp_min(1e-12), config.clamp_level)
+
+
+def _gate(directions: DirectionSet, layer: int, level: float, device: torch.device) -> _Gate:
+    if layer not in directions.vectors or layer not in directions.negative_mean:
+        raise UserError(f"No direction for gate layer {layer}: directions exist for layers {directions.layers}.")
+    v = directions.vectors[layer].to(device=device, dtype=torch.float32)
     u = v / v.norm().clamp_min(1e-12)
-    low = directions.negative_mean[layer].to(device=u.device, dtype=torch.float32) @ u
-    high = directions.positive_mean[layer].to(device=u.device, dtype=torch.float32) @ u
-    return low + config.clamp_level * (high - low)
+    return _Gate(layer, u, _cap(directions, layer, u, level))
+
+
+def gate_passes(directions: DirectionSet, layer: int, level: float, last_token: torch.Tensor) -> torch.Tensor:
+    """Which prompts a gate at ``layer`` and ``level`` lets through, from the unmodified model's
+    last-token activations there [n, hidden] (what the gate itself compares)."""
+    gate = _gate(directions, layer, level, last_token.device)
+    return _f32(last_token) @ gate.u > gate.cap
 
 
 @contextlib.contextmanager
@@ -312,7 +412,10 @@ def apply_steering(loaded: Any, config: SteeringConfig, directions: DirectionSet
     directions.check_compatible(adapter.hidden_size, loaded.info.weights_hash, loaded.info.name)
     targets = hook_targets(config, adapter.n_layers, directions)
     counter = torch.zeros(len(targets), dtype=torch.long, device=device)
-    hooks = {}
+    gate = None if config.gate_layer is None else _gate(directions, config.gate_layer, config.gate_level, device)
+    # hooks that run before the gate's own site in a pass can only act on a decision made first
+    gate_at = (-1, 0) if gate is None else (gate.layer, BLOCK_ORDER.index(directions.site))
+    hooks: dict[tuple[str, int], Callable[[torch.Tensor], Any]] = {}
     for slot, (site, layer) in enumerate(targets):
         source = _direction_at(directions, config, layer)
         v = directions.vectors[source].to(device=device, dtype=torch.float32)
@@ -330,6 +433,14 @@ def apply_steering(loaded: Any, config: SteeringConfig, directions: DirectionSet
         weight = 1.0 if config.layer_weights is None else float(config.layer_weights.get(layer, 0.0))
         if weight == 0.0:
             continue
-        hooks[(site, layer)] = _counted(_mode_fn(config, v, weight, extra), counter, slot)
-    with site_hooks(adapter, hooks):
+        hooks[(site, layer)] = _counted(_mode_fn(config, v, weight, extra), counter, slot, gate,
+                                        below_gate=(layer, BLOCK_ORDER.index(site)) < gate_at)
+    if gate is not None:
+        key = (directions.site, gate.layer)
+        hooks[key] = gate.deciding(hooks.get(key))
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(site_hooks(adapter, hooks))
+        if gate is not None:
+            stack.enter_context(whole_prompts())
+            stack.enter_context(decision_passes(gate.decision_pass))
         yield SteeringHandle(config, targets, counter)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from .hooks import contiguous_head_input
+from .hooks import contiguous_head_input, decision_pass, prefix_sharing
 
 PLAIN_TEMPLATE_USER = "User: "
 PLAIN_TEMPLATE_ASSISTANT = "\nAssistant:"
@@ -119,6 +119,9 @@ def forward(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, c
                                   if position_ids is None else position_ids)
     if cache is not None:
         kwargs[_cache_kwarg(model)] = cache
+    decide = decision_pass()
+    if decide is not None and cache is None and input_ids.shape[1] > 1:
+        decide(lambda: model(**{**kwargs, "use_cache": False}))
     if last_only and "logits_to_keep" in inspect.signature(model.forward).parameters:
         kwargs["logits_to_keep"] = 1
         with contiguous_head_input(model):
@@ -278,12 +281,13 @@ def next_token_logits(model: Any, tokenizer: Any, texts: Sequence[str], batch_si
 
     Chat prompts share a long prefix (system prompt, role markers). It is computed once and its
     KV cache reused for every batch, which halves the work of typical evaluation prompts. Models
-    whose cache cannot be expanded (sliding-window layers) take the plain path.
+    whose cache cannot be expanded (sliding-window layers) take the plain path, and so does every
+    pass inside ``hooks.whole_prompts`` (hooks that steer a prompt by its last token).
     """
     import copy
 
     rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    shared = common_prefix_length(rows) if len(rows) > 1 else 0
+    shared = common_prefix_length(rows) if len(rows) > 1 and prefix_sharing() else 0
     prefix_cache = None
     if shared >= min_shared:
         prefix = torch.tensor([rows[0][:shared]], device=device)

@@ -8,6 +8,7 @@ pre-hook on the block; the other sites are forward hooks on the module the adapt
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -16,6 +17,46 @@ import torch
 from .adapter import ModelAdapter, first_tensor
 
 SiteFn = Callable[[torch.Tensor], torch.Tensor | None]
+
+_prefix_sharing = contextvars.ContextVar("prefix_sharing", default=True)
+
+
+@contextlib.contextmanager
+def whole_prompts() -> Iterator[None]:
+    """Within the block, prompt passes do not reuse a shared prefix's KV cache.
+
+    Needed when hooks treat a position by what comes later in the prompt (a per-prompt gate
+    decided at the last token): a prefix computed once for every prompt cannot know that.
+    """
+    token = _prefix_sharing.set(False)
+    try:
+        yield
+    finally:
+        _prefix_sharing.reset(token)
+
+
+def prefix_sharing() -> bool:
+    return _prefix_sharing.get()
+
+
+DecisionPass = Callable[[Callable[[], Any]], None]
+_decision_pass: contextvars.ContextVar[DecisionPass | None] = contextvars.ContextVar("decision_pass", default=None)
+
+
+@contextlib.contextmanager
+def decision_passes(run: DecisionPass) -> Iterator[None]:
+    """Within the block, each prefill through ``generation.forward`` first calls ``run(pass)``, where
+    ``pass`` runs the same forward without a cache: hooks that decide per prompt (a gate) see the
+    whole prompt before the real pass steers any layer of it."""
+    token = _decision_pass.set(run)
+    try:
+        yield
+    finally:
+        _decision_pass.reset(token)
+
+
+def decision_pass() -> DecisionPass | None:
+    return _decision_pass.get()
 
 
 def _replace_first(output: Any, new: torch.Tensor) -> Any:
