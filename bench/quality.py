@@ -42,7 +42,9 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=400)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--data", default=str(DATA))
-    parser.add_argument("--finalists", type=int, default=6, help="Pareto points validated on the val split")
+    parser.add_argument("--finalists", type=int, default=4, help="Pareto points validated on the val split")
+    parser.add_argument("--no-gate", action="store_true",
+                        help="leave per-prompt gates out of the search (unconditional steering only)")
     parser.add_argument("--modes", default="clamp",
                         help="modes to search (default clamp, which beat ablate in every run; 'clamp,ablate' or "
                              "'ablate' for a result bakeable into weights)")
@@ -69,14 +71,16 @@ def main() -> int:
         trials=args.trials, timeout=args.budget, seed=args.seed, harmful=search_harmful, harmless=search_harmless,
         direction_prompts=f"{direction_harmful},{direction_harmless}", val_harmful=harmful_val,
         val_harmless=harmless_val, validate_all_finalists=True, finalists=args.finalists, max_kl=args.max_kl,
-        screen_dtype=args.screen_dtype, modes=args.modes.split(",")), progress=sys.stderr.isatty())
+        screen_dtype=args.screen_dtype, modes=args.modes.split(","), gate=not args.no_gate),
+        progress=sys.stderr.isatty())
     wall = time.perf_counter() - started
     v = result.validation
     tag = lambda row: "chosen" if row["trial"] == result.train["trial"] else "finalist"  # noqa: E731
     rows = [(f"{tag(row)} {row['mode']} (trial {row['trial']})", row["validation"]) for row in result.finalists]
     print(f"model: {loaded.info.name} ({loaded.info.dtype}; screening in {args.screen_dtype}, validation in "
           f"{loaded.info.dtype})")
-    print(f"modes searched: {args.modes}; finalists: {len(result.finalists)}; max train KL {args.max_kl}")
+    modes = args.modes + (" (no gates)" if args.no_gate else "")
+    print(f"modes searched: {modes}; finalists: {len(result.finalists)}; max train KL {args.max_kl}")
     print(f"trials: {result.trials}")
     print(f"wall time (s): {wall:.0f}")
     print(f"proxy/generation agreement: {result.proxy_agreement:.3f}")

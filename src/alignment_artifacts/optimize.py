@@ -422,11 +422,20 @@ class _Validator:
         started = time.perf_counter()
         self.base_flags = generated_refusals(loaded, self.harmful, settings.max_tokens,
                                              settings.generation_batch_size).flags
+        generated = time.perf_counter()
         self.base_logits = {False: first_logits(loaded, self.harmless, settings.batch_size)}
         self.seconds = time.perf_counter() - started  # what validating one configuration costs
+        if settings.gate and "clamp" in settings.modes:  # gated finalists cost more: price them now
+            shared_kl = time.perf_counter() - generated
+            whole_started = time.perf_counter()
+            self.base_logits[True] = first_logits(loaded, self.harmless, settings.batch_size, whole=True)
+            # decision passes (up to 85% of a prefill) on top of generation and of the unshared KL pass
+            self.seconds = (generated - started) * 1.2 + (time.perf_counter() - whole_started) * 1.85
+            self.seconds = max(self.seconds, (generated - started) + shared_kl)
+        over_started = time.perf_counter()
         self.base_over = generated_refusals(loaded, self.harmless, settings.max_tokens,
                                             settings.generation_batch_size).flags
-        self.over_seconds = time.perf_counter() - started - self.seconds  # the chosen one's over-refusal check
+        self.over_seconds = time.perf_counter() - over_started  # the chosen one's over-refusal check
 
     def __call__(self, config: SteeringConfig, over_refusal: bool = True) -> dict[str, Any]:
         s, whole = self.settings, is_gated(config)
