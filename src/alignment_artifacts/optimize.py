@@ -275,7 +275,7 @@ def optimize(loaded: LoadedModel, settings: OptimizeSettings | None = None, prog
     seeds = _seed_trials(modes, n_layers, settings.gate)
     study = _study(loaded, settings, key, n_startup=len(seeds) + 4)
     lo, hi = max(1, round(0.25 * n_layers)), min(n_layers - 1, round(0.85 * n_layers))
-    gate_layers = (round(0.5 * n_layers), min(n_layers - 1, round(0.85 * n_layers)))
+    gate_layers = range(round(0.5 * n_layers), min(n_layers - 1, round(0.85 * n_layers)) + 1)
     to_config = lambda params: config_from_params(params, n_layers, loaded, modes[0])  # noqa: E731
 
     def objective(trial: Any) -> tuple[float, float]:
@@ -285,7 +285,7 @@ def optimize(loaded: LoadedModel, settings: OptimizeSettings | None = None, prog
             params["clamp_scale"] = trial.suggest_float("clamp_scale", 0.5, 2.0)
             params["clamp_level"] = trial.suggest_float("clamp_level", -0.2, 0.8)
             if settings.gate and trial.suggest_categorical("gated", [False, True]):
-                params.update(gated=True, gate_layer=trial.suggest_int("gate_layer", *gate_layers),
+                params.update(gated=True, gate_layer=trial.suggest_int("gate_layer", gate_layers[0], gate_layers[-1]),
                               gate_level=trial.suggest_float("gate_level", -0.2, 0.4))
         else:  # beyond ~1.2 ablation flips the projection's sign, and KL on unseen prompts jumps
             params["ablate_scale"] = trial.suggest_float("ablate_scale", 0.3, 1.2)
@@ -312,8 +312,7 @@ def optimize(loaded: LoadedModel, settings: OptimizeSettings | None = None, prog
                       stacklevel=2)
         search_budget = 60.0
     with parameters_as(loaded, screen):
-        scorer = _Scorer(loaded, search_harmful, search_harmless, settings.batch_size, directions,
-                         range(gate_layers[0], gate_layers[1] + 1))
+        scorer = _Scorer(loaded, search_harmful, search_harmless, settings.batch_size, directions, gate_layers)
         done = len([t for t in study.trials if t.state.name == "COMPLETE"])
         remaining = max(0, settings.trials - done)
         if remaining:
@@ -372,7 +371,7 @@ def optimize(loaded: LoadedModel, settings: OptimizeSettings | None = None, prog
 def _seed_trials(modes: list[str], n_layers: int, gate: bool) -> list[dict[str, Any]]:
     """Known-good starting points: the plain recipe (full ablation with one layer's direction),
     clamps at three levels, which sketch the whole trade-off before the sampler takes over, and
-    (with ``gate``) a strong clamp gated at two levels, where the low-refusal end is cheapest."""
+    (with ``gate``) the level-0 clamp gated at two levels, where the low-refusal end is cheapest."""
     flat = {"direction_layer": round(0.6 * n_layers), "kernel_centre": n_layers / 2, "kernel_width": float(n_layers),
             "kernel_floor": 1.0}
     ungated = {"gated": False} if gate else {}
@@ -426,12 +425,11 @@ class _Validator:
         self.base_logits = {False: first_logits(loaded, self.harmless, settings.batch_size)}
         self.seconds = time.perf_counter() - started  # what validating one configuration costs
         if settings.gate and "clamp" in settings.modes:  # gated finalists cost more: price them now
-            shared_kl = time.perf_counter() - generated
             whole_started = time.perf_counter()
             self.base_logits[True] = first_logits(loaded, self.harmless, settings.batch_size, whole=True)
             # decision passes (up to 85% of a prefill) on top of generation and of the unshared KL pass
-            self.seconds = (generated - started) * 1.2 + (time.perf_counter() - whole_started) * 1.85
-            self.seconds = max(self.seconds, (generated - started) + shared_kl)
+            gated = (generated - started) * 1.2 + (time.perf_counter() - whole_started) * 1.85
+            self.seconds = max(self.seconds, gated)
         over_started = time.perf_counter()
         self.base_over = generated_refusals(loaded, self.harmless, settings.max_tokens,
                                             settings.generation_batch_size).flags
