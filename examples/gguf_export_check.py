@@ -1,12 +1,13 @@
 """Check `export --format gguf` of a builtin model in llama.cpp against the hooked ablation.
 
-1. Bakes the stored `optimize` ablation (or plain ablation at the default direction layer) into
+1. Bakes ablation (`--config FILE`, else plain ablation at the default direction layer) into
    the builtin's own GGUF file (`export --format gguf`, `--gguf-type` for the rewritten tensors).
 2. First-token distributions on the bundled harmful and harmless prompts: KL(hooked || llama.cpp
    running the export), next to the quantisation floor KL(transformers || llama.cpp) of the
    unmodified model (both sides read the same GGUF values, so the floor is llama.cpp's arithmetic).
-3. Greedy answers (--max-tokens) from the hooked model and from llama.cpp running the export:
-   refusal counts on the harmful prompts (evaluation.is_refusal) and token-level agreement.
+3. Greedy answers (--max-tokens) to the harmful prompts from the hooked model and from llama.cpp
+   running the export: refusal counts (evaluation.is_refusal) and token-level agreement, next to
+   the same for the unmodified model in transformers and in llama.cpp (the floor for greedy).
    Only counts, rates and divergences are printed, never an answer.
 
 Prints `name: value` lines. Needs llama-cpp-python (`pip install 'alignment-artifacts[llama]'`).
@@ -26,27 +27,6 @@ import numpy as np
 import torch
 
 BUILTIN = "smollm2-135m-instruct"
-
-
-def open_llama(path: Path, threads: int) -> Any:
-    """llama-cpp-python on plain CPU kernels: its AMX weight repacking segfaults on some Sapphire Rapids
-    hosts (ggml-org/llama.cpp#20824), so extra buffer types are off, as llama.cpp's --no-repack does."""
-    import llama_cpp
-    import llama_cpp.llama as llama_module
-
-    defaults = llama_cpp.llama_model_default_params
-
-    def no_repacking() -> Any:
-        params = defaults()
-        params.use_extra_bufts = False
-        return params
-
-    llama_module.llama_cpp.llama_model_default_params = no_repacking
-    try:
-        return llama_cpp.Llama(model_path=str(path), n_ctx=512, n_batch=512, logits_all=True, verbose=False,
-                               n_threads=threads, seed=0)
-    finally:
-        llama_module.llama_cpp.llama_model_default_params = defaults
 
 
 def llama_first_logits(llm: Any, rows: list[list[int]], n_vocab: int) -> torch.Tensor:
@@ -93,7 +73,8 @@ def prefix_agreement(a: list[list[int]], b: list[list[int]]) -> tuple[int, float
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=BUILTIN, help="builtin model (its own GGUF file is rewritten)")
-    parser.add_argument("--config", help="a steering configuration JSON to bake (mode ablate)")
+    parser.add_argument("--config", help="a steering configuration JSON to bake (mode ablate; default: plain "
+                                         "ablation at the default direction layer)")
     parser.add_argument("--gguf-type", default="auto", help="type of the rewritten tensors (default auto)")
     parser.add_argument("--out", type=Path, help="the exported .gguf (default: a temporary file)")
     parser.add_argument("--max-tokens", type=int, default=48, help="greedy answer length (default 48)")
@@ -115,18 +96,13 @@ def main() -> None:
         load_eval_sets,
     )
     from alignment_artifacts.export import export
-    from alignment_artifacts.export_gguf import read_manifest, source_gguf
+    from alignment_artifacts.export_gguf import open_llama_cpp, read_manifest, source_gguf
     from alignment_artifacts.models.generation import stop_token_ids
     from alignment_artifacts.steering import SteeringConfig, apply_steering
 
     started = time.perf_counter()
     loaded = get_model(args.model, device="cpu", dtype="float32")
-    if args.config:
-        config = resolve_config(loaded, SteeringConfig.load(args.config))
-    else:
-        config = resolve_config(loaded, SteeringConfig(mode="auto"))
-        if config.mode != "ablate":
-            config = resolve_config(loaded, SteeringConfig(mode="ablate"))
+    config = resolve_config(loaded, SteeringConfig.load(args.config) if args.config else SteeringConfig(mode="ablate"))
     directions = get_directions(loaded, config, progress=False)
     out = args.out or Path(tempfile.mkdtemp(prefix="aa-gguf-")) / f"{args.model}-ablated.gguf"
     export_started = time.perf_counter()
@@ -145,18 +121,22 @@ def main() -> None:
     unmodified_answers = generated_refusals(loaded, harmful_texts, args.max_tokens)
 
     stops = set(stop_token_ids(loaded.model, loaded.tokenizer))
-    llama_source = open_llama(source_gguf(loaded), args.threads)
+    llama_source = open_llama_cpp(source_gguf(loaded), n_threads=args.threads)
     n_vocab = min(llama_source.n_vocab(), plain.shape[1])
     llama_plain = llama_first_logits(llama_source, rows, n_vocab)
+    plain_answers = llama_greedy(llama_source, rows[:len(harmful_texts)], args.max_tokens, stops)
     del llama_source
-    llama_export = open_llama(out, args.threads)
+    llama_export = open_llama_cpp(out, n_threads=args.threads)
     llama_ablated = llama_first_logits(llama_export, rows, n_vocab)
     gguf_answers = llama_greedy(llama_export, rows[:len(harmful_texts)], args.max_tokens, stops)
-    gguf_refusals = sum(is_refusal(loaded.tokenizer.decode(a, skip_special_tokens=True)) for a in gguf_answers)
+
+    def refusals(answers: list[list[int]]) -> int:
+        return sum(is_refusal(loaded.tokenizer.decode(a, skip_special_tokens=True)) for a in answers)
 
     plain, hooked = plain[:, :n_vocab], hooked[:, :n_vocab]
     floor, ablated = kl(plain, llama_plain), kl(hooked, llama_ablated)
     identical, share = prefix_agreement(hooked_answers.ids, gguf_answers)
+    floor_identical, floor_share = prefix_agreement(unmodified_answers.ids, plain_answers)
     n_h = len(harmful_texts)
     types = sorted({f"{m['source_type']}->{m['written_type']}" for m in modified.values()})
     print(f"model: {loaded.info.name}")
@@ -174,10 +154,13 @@ def main() -> None:
     print(f"kl_ablation_effect_hooked_vs_unmodified: {kl(hooked, plain):.5f}")
     print(f"top1_agreement_hooked_vs_gguf: {int((hooked.argmax(-1) == llama_ablated.argmax(-1)).sum())}/{len(texts)}")
     print(f"refusals_harmful_unmodified_hf: {sum(unmodified_answers.flags)}/{n_h}")
+    print(f"refusals_harmful_unmodified_llama: {refusals(plain_answers)}/{n_h}")
     print(f"refusals_harmful_hooked: {sum(hooked_answers.flags)}/{n_h}")
-    print(f"refusals_harmful_gguf: {gguf_refusals}/{n_h}")
+    print(f"refusals_harmful_gguf: {refusals(gguf_answers)}/{n_h}")
     print(f"greedy_identical_answers_hooked_vs_gguf: {identical}/{n_h}")
-    print(f"greedy_mean_matching_prefix_share: {share:.3f}")
+    print(f"greedy_matching_prefix_share_hooked_vs_gguf: {share:.3f}")
+    print(f"greedy_identical_answers_floor_unmodified_hf_vs_llama: {floor_identical}/{n_h}")
+    print(f"greedy_matching_prefix_share_floor: {floor_share:.3f}")
     print(f"total_seconds: {time.perf_counter() - started:.0f}")
 
 

@@ -10,12 +10,18 @@ import torch
 
 from alignment_artifacts.errors import UserError
 from alignment_artifacts.export import bake_ablation, export
-from alignment_artifacts.export_gguf import MANIFEST_KEY, directions_sha256, read_manifest, writable_types
+from alignment_artifacts.export_gguf import (
+    MANIFEST_KEY,
+    directions_sha256,
+    open_llama_cpp,
+    read_manifest,
+    writable_types,
+)
 from alignment_artifacts.models import load_model
 from alignment_artifacts.steering import SteeringConfig, apply_steering
 from test_export import PROMPTS, one_thread, real_logits, relative_error  # noqa: F401 (fixture)
 from test_steering import random_directions
-from tiny_gguf import open_llama, write_tiny_llama_gguf
+from tiny_gguf import write_tiny_llama_gguf
 from tiny_models import tiny_config, tiny_model, tiny_tokenizer
 
 ABLATE = SteeringConfig(mode="ablate", direction_layer=2)  # every layer, so the embedding is edited too
@@ -218,7 +224,7 @@ def test_cli_export_gguf(tmp_path, cache_root, capsys):
 # llama.cpp ------------------------------------------------------------------------------------
 
 def llama_first_token_logits(path, ids: list[list[int]]) -> torch.Tensor:
-    llm = open_llama(path)
+    llm = open_llama_cpp(path, n_ctx=128, n_threads=1)
     rows = []
     for seq in ids:
         llm.reset()

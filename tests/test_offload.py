@@ -105,3 +105,47 @@ def test_export_from_offloaded_model(tied, tmp_path):
     assert relative_error(real_logits(reload(out), loaded.tokenizer), expected) < 1e-5
     assert torch.equal(real_logits(offloaded.model, offloaded.tokenizer), before)  # the source is untouched
     assert offloaded.model.model.layers[1].self_attn.o_proj.weight.device.type == "meta"
+
+
+def test_load_model_with_offload_folder(tmp_path):
+    """--offload-folder loads through accelerate's device_map="auto" (all in RAM here, where it fits)."""
+    from alignment_artifacts.models import load_model
+
+    loaded = tiny_model("llama")
+    loaded.model.save_pretrained(tmp_path / "model")
+    loaded.tokenizer.save_pretrained(tmp_path / "model")
+    plain = load_model(str(tmp_path / "model"), device="cpu", dtype="float32")
+    dispatched = load_model(str(tmp_path / "model"), device="cpu", dtype="float32",
+                            offload_folder=str(tmp_path / "offload"))
+    assert dispatched.info.weights_hash == plain.info.weights_hash
+    torch.testing.assert_close(real_logits(dispatched.model, dispatched.tokenizer),
+                               real_logits(plain.model, plain.tokenizer))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("config", [
+    SteeringConfig(mode="ablate", direction_layer=2),
+    SteeringConfig(mode="subspace", scale=0.8, layers=[0, 1, 2, 3], site="resid_pre"),
+    SteeringConfig(mode="clamp", clamp_level=0.2, gate_layer=1, direction_layer=2),
+], ids=lambda c: c.mode)
+def test_layers_executing_on_gpu_and_cpu(config, twins):
+    """Blocks alternate between the GPU and the CPU: hooks find their directions on each block's device."""
+    import copy
+
+    from accelerate import dispatch_model
+
+    loaded, _ = twins
+    device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": "cpu", "model.layers.2": 0,
+                  "model.layers.3": "cpu", "model.norm": 0, "model.rotary_emb": 0, "lm_head": 0}
+    model = dispatch_model(copy.deepcopy(loaded.model), device_map, main_device="cpu")  # "cpu" blocks run there
+    mixed = wrap_model(model, loaded.tokenizer, name=loaded.info.name)
+    assert site_device(mixed.adapter, "attn_out", 1).type == "cpu"
+    assert site_device(mixed.adapter, "resid_pre", 2).type == "cpu"  # block 1's output, not yet moved
+    assert site_device(mixed.adapter, "attn_out", 2).type == "cuda"
+    directions = random_directions(loaded)
+    with apply_steering(loaded, config, directions) as expected_handle:
+        expected = real_logits(loaded.model, loaded.tokenizer)
+    with apply_steering(mixed, config, directions) as handle:
+        got = real_logits(mixed.model, mixed.tokenizer)
+    torch.testing.assert_close(got.cpu(), expected, atol=1e-4, rtol=1e-4)
+    assert handle.interventions() == expected_handle.interventions()

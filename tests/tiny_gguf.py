@@ -94,23 +94,3 @@ def write_tiny_llama_gguf(loaded: Any, path: Path, matrix_type: str = "F32",
     writer.close()
     return path
 
-
-def open_llama(path: Path) -> Any:
-    """A llama-cpp-python model on plain CPU kernels: llama.cpp's AMX weight repacking segfaults on
-    some Sapphire Rapids hosts, this one included (ggml-org/llama.cpp#20824), so extra buffer types
-    (repacking) are turned off, as llama.cpp's --no-repack would."""
-    import llama_cpp
-    import llama_cpp.llama as llama_module
-
-    defaults = llama_cpp.llama_model_default_params
-
-    def no_repacking() -> Any:
-        params = defaults()
-        params.use_extra_bufts = False
-        return params
-
-    llama_module.llama_cpp.llama_model_default_params = no_repacking
-    try:
-        return llama_cpp.Llama(model_path=str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=1, seed=0)
-    finally:
-        llama_module.llama_cpp.llama_model_default_params = defaults

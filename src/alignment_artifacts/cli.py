@@ -59,6 +59,8 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto (float32 on CPU), float32, bfloat16, float16")
     p.add_argument("--quantization", choices=["bnb-4bit", "bnb-8bit"], help="bitsandbytes loading (CUDA only)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
+    p.add_argument("--offload-folder", help="dispatch the model with accelerate (GPUs, then CPU RAM) and offload "
+                                            "what does not fit to this folder")
 
 
 def _add_prompts(p: argparse.ArgumentParser, default: str = "pairs") -> None:
@@ -143,7 +145,7 @@ def _load(args: argparse.Namespace) -> Any:
 
     started = time.perf_counter()
     loaded = get_model(args.model, device=args.device, dtype=args.dtype, quantization=args.quantization,
-                       trust_remote_code=args.trust_remote_code)
+                       trust_remote_code=args.trust_remote_code, offload_folder=args.offload_folder)
     if getattr(args, "verbose", False):
         print(f"loaded {loaded.info.name} in {time.perf_counter() - started:.2f} s ({loaded.info.dtype}, "
               f"{loaded.info.device}, {loaded.info.n_layers} layers, hidden {loaded.info.hidden_size})",

@@ -272,3 +272,32 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     if field is None:
         raise UserError(f"{path} has no {MANIFEST_KEY} metadata: it was not written by export --format gguf.")
     return json.loads(field.contents())
+
+
+def open_llama_cpp(path: str | Path, **options: Any) -> Any:
+    """A GGUF loaded in llama-cpp-python for checking an export, with llama.cpp's weight repacking off.
+
+    Repacking into AMX tiles segfaults on some Sapphire Rapids hosts (ggml-org/llama.cpp#20824),
+    and llama-cpp-python has no switch for it (llama.cpp's ``--no-repack``), so the model parameters
+    are built with ``use_extra_bufts`` off. ``options`` go to ``llama_cpp.Llama`` (defaults: a
+    512-token context, logits at every position, quiet, seed 0).
+    """
+    try:
+        import llama_cpp
+        import llama_cpp.llama as llama_module
+    except ImportError:
+        raise UserError("Checking a GGUF export needs llama-cpp-python: pip install 'alignment-artifacts[llama]' "
+                        "(it compiles llama.cpp: several minutes).") from None
+    defaults = llama_cpp.llama_model_default_params
+
+    def no_repacking() -> Any:
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    llama_module.llama_cpp.llama_model_default_params = no_repacking
+    try:
+        return llama_cpp.Llama(model_path=str(path), **{"n_ctx": 512, "n_batch": 512, "logits_all": True,
+                                                          "verbose": False, "seed": 0, **options})
+    finally:
+        llama_module.llama_cpp.llama_model_default_params = defaults

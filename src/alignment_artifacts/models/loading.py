@@ -216,8 +216,10 @@ def _from_pretrained(source: str, device: str, dtype: torch.dtype, quantization:
         options["quantization_config"] = quant
     if device.startswith("cuda"):
         options["device_map"] = "auto" if device == "cuda" else {"": device}
+    if options.get("offload_folder"):  # accelerate fills the GPUs, then CPU RAM, then this folder
+        options.setdefault("device_map", "auto")
     model: Any = AutoModelForCausalLM.from_pretrained(source, **options)  # type: ignore[call-arg,arg-type]
-    if not device.startswith("cuda"):
+    if "device_map" not in options:
         model.to(device)
     model.eval()
     model.requires_grad_(False)
@@ -242,12 +244,16 @@ def _gguf_cache_folder(path: Path) -> Path:
 
 def load_model(spec: str, device: str = "auto", dtype: str | torch.dtype = "auto",
                quantization: str | None = None, trust_remote_code: bool = False,
-               attn_implementation: str | None = None, verbose: bool = False) -> LoadedModel:
+               attn_implementation: str | None = None, verbose: bool = False,
+               offload_folder: str | None = None) -> LoadedModel:
     """Load a causal LM with its tokenizer and architecture adapter.
 
     ``spec`` is a builtin name, a local model folder, a local ``.gguf`` file, or a hub id.
-    GGUF sources are dequantized once into a cached safetensors folder.
+    GGUF sources are dequantized once into a cached safetensors folder. ``offload_folder``
+    dispatches the model with accelerate (``device_map="auto"``), offloading what fits in
+    neither the GPUs nor CPU RAM to that folder.
     """
+    offload = {"offload_folder": str(offload_folder)} if offload_folder else {}
     started = time.perf_counter()
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
@@ -270,7 +276,7 @@ def load_model(spec: str, device: str = "auto", dtype: str | torch.dtype = "auto
         ggufs = sorted(path.glob("*.gguf"))
         if not (path / "config.json").is_file() and len(ggufs) == 1:
             return load_model(str(ggufs[0]), device, dtype, quantization, trust_remote_code, attn_implementation,
-                              verbose)
+                              verbose, offload_folder)
         _check_model_folder(path)
         folder, kind, name, source = path, "folder", path.name, str(path)
         weights_hash = folder_fingerprint(path)
@@ -278,14 +284,14 @@ def load_model(spec: str, device: str = "auto", dtype: str | torch.dtype = "auto
         raise UserError(f"{path} is neither a model folder nor a .gguf file.")
     elif "/" in spec and not spec.startswith((".", "/", "~")):
         return _load_from_hub(spec, device, torch_dtype, quantization, trust_remote_code, attn_implementation,
-                              started)
+                              started, **offload)
     else:
         raise UserError(f"Unknown model '{spec}'.{closest(spec, BUILTINS)} Builtin models: {', '.join(BUILTINS)}. "
                         "You can also pass a local model folder, a .gguf file, or a hub id such as "
                         "Qwen/Qwen2.5-1.5B-Instruct.")
     try:
         model = _from_pretrained(str(folder), device, torch_dtype, quantization, trust_remote_code,
-                                 attn_implementation)
+                                 attn_implementation, **offload)
         tokenizer = _load_tokenizer(str(folder), trust_remote_code, **tokenizer_kw)
     except UserError:
         raise
@@ -300,9 +306,11 @@ def load_model(spec: str, device: str = "auto", dtype: str | torch.dtype = "auto
 
 
 def _load_from_hub(repo_id: str, device: str, dtype: torch.dtype, quantization: str | None,
-                   trust_remote_code: bool, attn_implementation: str | None, started: float) -> LoadedModel:
+                   trust_remote_code: bool, attn_implementation: str | None, started: float,
+                   **offload: Any) -> LoadedModel:
     try:
-        model = _from_pretrained(repo_id, device, dtype, quantization, trust_remote_code, attn_implementation)
+        model = _from_pretrained(repo_id, device, dtype, quantization, trust_remote_code, attn_implementation,
+                                 **offload)
         tokenizer = _load_tokenizer(repo_id, trust_remote_code)
     except UserError:
         raise
