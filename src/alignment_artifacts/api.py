@@ -13,7 +13,7 @@ from typing import Any
 
 from .activations import collect_activations
 from .analysis.directions import DirectionSet, compute_directions
-from .cache import cache_dir, stable_hash
+from .cache import cache_dir, cache_root, stable_hash
 from .errors import UserError
 from .models import DEFAULT_MODEL, GenerationConfig, LoadedModel, generate, load_model
 from .prompts import PromptSet, resolve_prompts
@@ -86,10 +86,11 @@ def get_directions(loaded: LoadedModel, config: SteeringConfig | None = None, *,
     site = site or config.resolved_direction_site()
     position = position or config.resolved_direction_position()
     categories = categories if categories is not None else config.categories
+    stored = _stored_directions(source) if isinstance(source, str) else None
     if isinstance(source, PromptSet):
         prompt_set = source
-    elif Path(source).is_dir() and (Path(source) / "directions.json").is_file():
-        directions = DirectionSet.load(source)
+    elif stored is not None:
+        directions = DirectionSet.load(stored)
         directions.check_compatible(loaded.adapter.hidden_size, loaded.info.weights_hash, loaded.info.name)
         return directions
     else:
@@ -105,6 +106,15 @@ def get_directions(loaded: LoadedModel, config: SteeringConfig | None = None, *,
                                     pca_components=max(config.pca_components, 5))
     directions.save(folder)
     return directions
+
+
+def _stored_directions(source: str) -> Path | None:
+    """A directions folder named by ``source``: a path, or one relative to the cache root (how
+    stored configurations name theirs, so a moved cache or ``--cache-dir`` keeps working)."""
+    for folder in (Path(source).expanduser(), cache_root() / source):
+        if folder.is_dir() and (folder / "directions.json").is_file():
+            return folder
+    return None
 
 
 @contextlib.contextmanager

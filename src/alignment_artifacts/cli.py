@@ -111,6 +111,24 @@ def _add_steering(p: argparse.ArgumentParser, default_mode: str = "auto") -> Non
     p.add_argument("--config", help="a steering configuration JSON (from optimize or export --format vectors)")
 
 
+def _add_judge(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--judge", default="markers",
+                   help="who labels answers refusal / evasion / compliance: markers (keywords; cannot see "
+                        "evasions), a model (builtin name, folder, .gguf or hub id), or see --judge-url")
+    p.add_argument("--judge-url", help="an OpenAI-compatible chat endpoint to judge with (key from "
+                                       "$ALIGNMENT_ARTIFACTS_API_KEY or $OPENAI_API_KEY)")
+    p.add_argument("--judge-model", help="the model name to ask the --judge-url endpoint for")
+
+
+def _judge(args: argparse.Namespace, loaded: Any) -> Any:
+    """The judge the flags name; a model judge that is the loaded model reuses it (never under steering)."""
+    from .judge import load_judge
+
+    same = args.judge in (args.model, getattr(loaded.info, "name", None))
+    return load_judge(args.judge, url=args.judge_url, model_name=args.judge_model, loaded=loaded if same else None,
+                      device=args.device, dtype=args.dtype)
+
+
 def _split(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
@@ -412,10 +430,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     loaded = _load(args)
     config = _steering_config(args, loaded)
     reference = _reference_model(args, loaded)
-    settings = EvaluationSettings(harmful=args.harmful, harmless=args.harmless, n_harmful=args.n_harmful,
-                                  n_harmless=args.n_harmless, max_tokens=args.max_tokens,
-                                  batch_size=args.batch_size, perplexity=args.perplexity)
-    result = evaluate(loaded, config, settings, progress=not args.json, reference=reference)
+    settings = EvaluationSettings(harmful=args.harmful, borderline=args.borderline, ordinary=args.ordinary,
+                                  groups=tuple(_split(args.groups) or ()), n_harmful=args.n_harmful,
+                                  n_borderline=args.n_borderline, n_ordinary=args.n_ordinary,
+                                  n_capability=args.n_capability, max_tokens=args.max_tokens,
+                                  batch_size=args.batch_size, generation_batch_size=args.generation_batch_size)
+    result = evaluate(loaded, config, settings, progress=not args.json, reference=reference,
+                      judge=_judge(args, reference or loaded))
     if args.plot:
         from .evaluation import plot_evaluation
 
@@ -449,8 +470,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
                                 harmful=args.harmful, harmless=args.harmless, max_kl=args.max_kl,
                                 direction_prompts=args.direction_prompts, search_size=args.search_size,
                                 modes=_split(args.modes) or ["clamp", "ablate"], screen_dtype=args.screen_dtype,
-                                gate=not args.no_gate)
-    result = optimize(loaded, settings, progress=not args.json)
+                                gate=not args.no_gate, ordinary=args.ordinary, borderline=args.borderline,
+                                finalists=args.finalists)
+    result = optimize(loaded, settings, progress=not args.json, judge=_judge(args, loaded))
     _emit(args, result.to_json(), result.summary())
     return 0
 
@@ -562,16 +584,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation(p, max_tokens=256)
     _add_common(p)
 
-    p = sub.add_parser("evaluate", help="refusal rate, KL divergence and over-refusal of a configuration")
+    p = sub.add_parser("evaluate", help="four groups before and after: harmful, borderline, ordinary, capability")
     _add_model(p)
     _add_steering(p, default_mode="none")
     p.add_argument("--harmful", default="harmful", help="harmful prompt set (builtin name or file)")
-    p.add_argument("--harmless", default="harmless", help="harmless prompt set (builtin name or file)")
+    p.add_argument("--borderline", default="borderline:val",
+                   help="borderline set: its label-0 prompts are safe ones that sound sensitive (default borderline:val)")
+    p.add_argument("--ordinary", "--harmless", dest="ordinary", default="ordinary:val",
+                   help="ordinary prompt set (default ordinary:val, 220 plain instructions)")
+    p.add_argument("--groups", default="harmful,borderline,ordinary,capability",
+                   help="groups to measure, comma-separated (default all four: harmful,borderline,ordinary,capability)")
     p.add_argument("--n-harmful", type=int, default=None, help="use the first N harmful prompts")
-    p.add_argument("--n-harmless", type=int, default=None, help="use the first N harmless prompts")
+    p.add_argument("--n-borderline", type=int, default=None, help="use the first N borderline prompts")
+    p.add_argument("--n-ordinary", "--n-harmless", dest="n_ordinary", type=int, default=None,
+                   help="use the first N ordinary prompts")
+    p.add_argument("--n-capability", type=int, default=300, help="capability tasks (default 300)")
     p.add_argument("--max-tokens", type=int, default=48, help="tokens generated per answer (default 48)")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per batch (default 16)")
-    p.add_argument("--perplexity", action="store_true", help="also score the original answers' perplexity")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per scoring batch (default 16)")
+    p.add_argument("--generation-batch-size", type=int, default=32, help="prompts per generation batch (default 32)")
+    _add_judge(p)
     p.add_argument("--plot", help="write a PNG plot here")
     p.add_argument("--baseline-model", help="unmodified model to compare with (default: the model itself, or the "
                                             "base model recorded in an exported folder)")
@@ -584,9 +615,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="total time budget in seconds, checks and validation included (default 1800)")
     p.add_argument("--resume", action="store_true", help="continue the stored study")
     p.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
-    p.add_argument("--harmful", default="harmful", help="harmful prompt set")
-    p.add_argument("--harmless", default="harmless", help="harmless prompt set")
-    p.add_argument("--max-kl", type=float, default=0.1, help="KL budget when picking the final configuration")
+    p.add_argument("--harmful", default="harmful", help="harmful prompt set (split into train and validation)")
+    p.add_argument("--harmless", default="harmless", help="ordinary side of the direction")
+    p.add_argument("--ordinary", default="ordinary", help="ordinary set: train split scores trials, val checks")
+    p.add_argument("--borderline", default="borderline", help="borderline set: train split scores, val checks")
+    p.add_argument("--max-kl", type=float, default=0.1,
+                   help="finalists come from below this screening cost: ordinary KL + borderline collateral KL")
+    p.add_argument("--finalists", type=int, default=3, help="Pareto points checked on validation (default 3)")
+    _add_judge(p)
     p.add_argument("--direction-prompts", help="prompt set the direction is computed on (default: the part of the "
                                                "training split the search does not score; validation stays unseen)")
     p.add_argument("--search-size", type=int, default=32,
