@@ -63,7 +63,8 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 
 def _add_prompts(p: argparse.ArgumentParser, default: str = "pairs") -> None:
     p.add_argument("--prompts", default=default,
-                   help=f"builtin set (pairs, instructions, harmful, harmless), a file (json, jsonl, csv, txt), "
+                   help=f"builtin set (pairs, instructions, harmful, harmless, ordinary; NAME:SPLIT for one split, "
+                        f"e.g. ordinary:val), a file (json, jsonl, csv, txt), "
                         f"'POSITIVE,NEGATIVE' files, or hf:NAME[:SPLIT[:COLUMN]] (default {default})")
     p.add_argument("--text-field", help="JSON/JSONL field or CSV column holding the prompt text")
     p.add_argument("--limit", type=int, help="keep at most N prompts (pairs for paired sets) per group")
