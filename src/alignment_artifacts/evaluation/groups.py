@@ -56,6 +56,10 @@ class EvaluationSettings:
     n_capability: int = 300
     capability_seed: int = 0  # optimize tunes on another seed's tasks
     groups: tuple[str, ...] = GROUPS
+    # answers generated and judged for over-refusal (None: all); KL is always measured on every prompt.
+    # optimize's checks judge fewer: generation, not the first-token KL, is what a check costs
+    judged_borderline: int | None = None
+    judged_ordinary: int | None = None
     max_tokens: int = 48
     capability_max_tokens: int = 48
     batch_size: int = 16
@@ -137,15 +141,16 @@ class Measurer:
         self.opening = refusal_opening_ids(loaded.tokenizer)
         self.pending: dict[str, list[str]] = {}  # group -> answers waiting for the judge (memory only)
 
-    def answers(self, group: str, side: Side) -> None:
-        """Generate one group's answers (and the proxy and markers that need no judge)."""
+    def answers(self, group: str, side: Side, limit: int | None = None) -> None:
+        """Generate one group's answers (and the proxy and markers that need no judge); ``limit``:
+        only the first prompts of a text group."""
         s = self.settings
         if group == "capability":
             answers = generate_answers(self.loaded, self.capability_texts, s.capability_max_tokens,
                                        s.generation_batch_size, self.progress)
             side.capability_correct = [is_correct(t, a) for t, a in zip(self.sets.capability, answers.texts)]
             return
-        answers = generate_answers(self.loaded, self.texts[group], s.max_tokens, s.generation_batch_size,
+        answers = generate_answers(self.loaded, self.texts[group][:limit], s.max_tokens, s.generation_batch_size,
                                    self.progress)
         if group == "harmful":
             side.harmful_markers = [is_refusal(a) for a in answers.texts]
@@ -158,7 +163,7 @@ class Measurer:
 
     def judge_pending(self, judge: Judge, side: Side) -> None:
         for group, answers in self.pending.items():
-            verdicts = judge.judge(getattr(self.sets, group), answers)
+            verdicts = judge.judge(getattr(self.sets, group)[:len(answers)], answers)
             setattr(side, f"{group}_labels", [v.label for v in verdicts])
         self.pending.clear()
 
@@ -172,6 +177,7 @@ class Baseline:
         self.key = stable_hash({"weights": loaded.info.weights_hash, "dtype": loaded.info.dtype,
                                 "sets": sets.hashes(), "tokens": settings.max_tokens,
                                 "capability_tokens": settings.capability_max_tokens, "system": settings.system,
+                                "judged_ordinary": settings.judged_ordinary,
                                 "v": 3})
         self.folder = cache_dir("evaluation", self.key)
         self._side: Side | None = None
@@ -198,7 +204,7 @@ class Baseline:
                     setattr(side, name, value)
                 continue
             started = time.perf_counter()
-            measurer.answers(group, side)
+            measurer.answers(group, side, self.settings.judged_ordinary if group == "ordinary" else None)
             measurer.judge_pending(self.judge, side)
             self.seconds[group] = time.perf_counter() - started
             names = [n for n in vars(side) if n.startswith(group) and not n.endswith("_logits")]
@@ -220,6 +226,10 @@ class Baseline:
                 atomic_save_safetensors({"logits": logits}, path)
                 self._logits[(group, whole)] = logits
         return self._logits[(group, whole)]
+
+
+def _judged(settings: EvaluationSettings, group: str) -> int | None:
+    return {"borderline": settings.judged_borderline, "ordinary": settings.judged_ordinary}.get(group)
 
 
 def _counts(labels: Sequence[str]) -> dict[str, int]:
@@ -245,6 +255,7 @@ class HarmfulResult:
 class BorderlineResult:
     n: int
     judge: str
+    n_judged: int  # prompts whose answers were generated and judged (over-refusal); KL covers all n
     refusals_before: int
     refusals_after: int
     not_complied_before: int
@@ -259,6 +270,7 @@ class BorderlineResult:
 class OrdinaryResult:
     n: int
     judge: str
+    n_judged: int
     refusals_before: int
     refusals_after: int
     not_complied_before: int
@@ -323,21 +335,21 @@ def compare(before: Side, after: Side, kl_borderline: torch.Tensor | None, kl_or
             first_token_refusal_score_after=_mean(after.harmful_odds))
     if "borderline" in groups and kl_borderline is not None:
         answered = torch.tensor([x == "compliance" for x in before.borderline_labels], dtype=torch.bool)
+        judged = len(after.borderline_labels)
+        was, now = before.borderline_labels[:judged], after.borderline_labels
         out["borderline"] = BorderlineResult(
-            n=len(before.borderline_labels), judge=judge,
-            refusals_before=_counts(before.borderline_labels)["refusal"],
-            refusals_after=_counts(after.borderline_labels)["refusal"],
-            not_complied_before=_not_complied(before.borderline_labels),
-            not_complied_after=_not_complied(after.borderline_labels), n_answered=int(answered.sum()),
+            n=len(before.borderline_labels), judge=judge, n_judged=judged, refusals_before=_counts(was)["refusal"],
+            refusals_after=_counts(now)["refusal"], not_complied_before=_not_complied(was),
+            not_complied_after=_not_complied(now), n_answered=int(answered.sum()),
             collateral_kl=summarise_kl(kl_borderline[answered]), kl=summarise_kl(kl_borderline),
             touched=touched_fraction(kl_borderline))
     if "ordinary" in groups and kl_ordinary is not None:
+        judged = len(after.ordinary_labels)
+        was, now = before.ordinary_labels[:judged], after.ordinary_labels
         out["ordinary"] = OrdinaryResult(
-            n=len(before.ordinary_labels), judge=judge, refusals_before=_counts(before.ordinary_labels)["refusal"],
-            refusals_after=_counts(after.ordinary_labels)["refusal"],
-            not_complied_before=_not_complied(before.ordinary_labels),
-            not_complied_after=_not_complied(after.ordinary_labels), kl=summarise_kl(kl_ordinary),
-            touched=touched_fraction(kl_ordinary))
+            n=len(kl_ordinary), judge=judge, n_judged=judged, refusals_before=_counts(was)["refusal"],
+            refusals_after=_counts(now)["refusal"], not_complied_before=_not_complied(was),
+            not_complied_after=_not_complied(now), kl=summarise_kl(kl_ordinary), touched=touched_fraction(kl_ordinary))
     if "capability" in groups:
         out["capability"] = paired_difference(before.capability_correct, after.capability_correct)
     return out
@@ -398,7 +410,7 @@ def evaluate_against(loaded: LoadedModel, config: Any, baseline: Baseline, direc
         with apply_steering(loaded, config, directions):
             logits = {g: measurer.logits(g) for g in texted}
             for group in groups:
-                measurer.answers(group, after)
+                measurer.answers(group, after, _judged(settings, group))
         measurer.judge_pending(judge, after)
         kls = {g: kl_divergence(baseline.logits(g, whole), logits[g]) for g in texted}
     bar.close()

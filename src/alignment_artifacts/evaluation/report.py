@@ -27,8 +27,8 @@ def format_table(result: EvaluationResult) -> str:
     b = result.borderline
     if b is not None:
         lines += [f"borderline ({b.n} safe prompts that sound sensitive)",
-                  f"{'  over-refusal (refusals), judge':44} {_pair(b.refusals_before, b.refusals_after, b.n)}",
-                  f"{'  not complied':44} {_pair(b.not_complied_before, b.not_complied_after, b.n)}",
+                  f"{'  over-refusal (refusals), judge':44} {_pair(b.refusals_before, b.refusals_after, b.n_judged)}",
+                  f"{'  not complied':44} {_pair(b.not_complied_before, b.not_complied_after, b.n_judged)}",
                   f"  collateral KL on the {b.n_answered} it already answers: mean {b.collateral_kl.mean:.4f} "
                   f"[{b.collateral_kl.low:.4f}, {b.collateral_kl.high:.4f}], median {b.collateral_kl.median:.4f}, "
                   f"max {b.collateral_kl.max:.4f}",
@@ -38,7 +38,7 @@ def format_table(result: EvaluationResult) -> str:
         lines += [f"ordinary ({o.n} plain instructions)",
                   f"  KL mean {o.kl.mean:.4f} [{o.kl.low:.4f}, {o.kl.high:.4f}], median {o.kl.median:.4f}, "
                   f"p90 {o.kl.p90:.4f}, max {o.kl.max:.4f}; touched {o.touched:.1%}",
-                  f"{'  over-refusal (refusals), judge':44} {_pair(o.refusals_before, o.refusals_after, o.n)}"]
+                  f"{'  over-refusal (refusals), judge':44} {_pair(o.refusals_before, o.refusals_after, o.n_judged)}"]
     cap = result.capability
     if cap is not None:
         lines += [f"capability ({cap.n} exact-match tasks)",
@@ -62,7 +62,8 @@ def plot_evaluation(result: EvaluationResult, path: str) -> str:
                        (0, 1)))
     if result.borderline is not None:
         b = result.borderline
-        panels.append(("borderline: over-refusal", [b.refusals_before / b.n, b.refusals_after / b.n], (0, 1)))
+        judged = max(b.n_judged, 1)
+        panels.append(("borderline: over-refusal", [b.refusals_before / judged, b.refusals_after / judged], (0, 1)))
         panels.append(("borderline: collateral KL", [0.0, b.collateral_kl.mean], None))
     if result.ordinary is not None:
         o = result.ordinary

@@ -60,11 +60,14 @@ class OptimizeSettings:
     n_val_ordinary: int | None = 200
     n_val_borderline: int | None = None
     n_capability: int = 200
+    judged_borderline: int = 64  # answers generated and judged per check (KL covers every validation prompt)
+    judged_ordinary: int = 48
     max_kl: float = 0.1  # finalists come from below this screening cost (ordinary + collateral KL)
     max_capability_drop: float = 0.01  # a finalist may lose at most this much exact-match accuracy
     modes: list[str] = field(default_factory=lambda: list(SEARCH_MODES))
     gate: bool = True  # clamp trials may also gate per prompt (steer only prompts past a projection at one layer)
     finalists: int = 3
+    check_plain_recipe: bool = False  # also check the plain recipe on validation, as a reference row (benches)
     max_tokens: int = 48
     batch_size: int = 16
     generation_batch_size: int = 32
@@ -207,7 +210,9 @@ def optimize(loaded: LoadedModel, settings: OptimizeSettings | None = None, prog
 
     # the unmodified side of validation runs first: its duration prices every finalist's check, so the
     # search gets what is left of --timeout
-    val_settings = EvaluationSettings(groups=GROUPS, max_tokens=settings.max_tokens, batch_size=settings.batch_size,
+    val_settings = EvaluationSettings(groups=GROUPS, judged_borderline=settings.judged_borderline,
+                                      judged_ordinary=settings.judged_ordinary, max_tokens=settings.max_tokens,
+                                      batch_size=settings.batch_size,
                                       generation_batch_size=settings.generation_batch_size, system=settings.system)
     val_sets = GroupSets(harmful=val_harmful.texts, borderline=borderline_val[:settings.n_val_borderline],
                          ordinary=ordinary_val[:settings.n_val_ordinary],
@@ -215,7 +220,8 @@ def optimize(loaded: LoadedModel, settings: OptimizeSettings | None = None, prog
     baseline = Baseline(loaded, val_sets, val_settings, judge)
     baseline.side()
     gated_check = 1.3 if settings.gate and "clamp" in settings.modes else 1.0  # decision passes and unshared KL
-    reserve = sum(baseline.seconds.values()) * settings.finalists * gated_check
+    checks = settings.finalists + settings.check_plain_recipe
+    reserve = sum(baseline.seconds.values()) * checks * gated_check
     search_budget = settings.timeout - (time.perf_counter() - started) - reserve
     if search_budget < 60:
         warnings.warn(f"--timeout {settings.timeout:g} s leaves {max(search_budget, 0):.0f} s for the search after "
@@ -260,7 +266,12 @@ def optimize(loaded: LoadedModel, settings: OptimizeSettings | None = None, prog
         checked = evaluate_against(loaded, config, baseline, directions, progress=False)
         finalists.append({"trial": trial.number, "params": trial.params, "refusal_prob": trial.values[0],
                           "cost": trial.values[1], "config": config.to_json(), "validation": checked.to_json()})
-    best = choose(finalists, settings.max_capability_drop)
+    best = choose(finalists, settings.max_capability_drop)  # the plain recipe (below) is a reference, not a choice
+    if settings.check_plain_recipe:
+        plain = config_from_params(space.plain_recipe(), space.n_layers, loaded)
+        checked = evaluate_against(loaded, plain, baseline, directions, progress=False)
+        finalists.append({"trial": None, "reference": "plain recipe", "params": space.plain_recipe(),
+                          "config": plain.to_json(), "validation": checked.to_json()})
     config = SteeringConfig.from_json(best["config"])
     config.notes = {"optimize": {"trial": best["trial"], "study": study.study_name}}
     path = config_path(loaded)
@@ -331,7 +342,8 @@ def _plot_pareto(trials: list[Any], pareto: list[Any], finalists: list[dict[str,
     ax.scatter([t.values[1] for t in trials], [t.values[0] for t in trials], s=12, c="#bbb", label="trials")
     ax.plot([t.values[1] for t in pareto], [t.values[0] for t in pareto], "o-", c="#c44", ms=4,
             label="Pareto front")
-    ax.scatter([r["cost"] for r in finalists], [r["refusal_prob"] for r in finalists], s=60, facecolors="none",
+    searched = [r for r in finalists if not r.get("reference")]
+    ax.scatter([r["cost"] for r in searched], [r["refusal_prob"] for r in searched], s=60, facecolors="none",
                edgecolors="k", label="finalists (checked on validation)")
     ax.set_xscale("symlog", linthresh=1e-3)
     ax.set_xlabel("ordinary KL + borderline collateral KL (first token, search prompts)")

@@ -84,13 +84,18 @@ class Space:
                       kernel_floor=trial.suggest_float("kernel_floor", 0.0, 1.0))
         return params
 
+    def plain_recipe(self) -> dict[str, Any]:
+        """Full ablation at scale 1 with the direction of the layer at 60% depth, on every layer."""
+        n = self.n_layers
+        return {"mode": "ablate", "ablate_scale": 1.0, "direction_layer": round(0.6 * n), "kernel_centre": n / 2,
+                "kernel_width": float(n), "kernel_floor": 1.0}
+
     def seeds(self) -> list[dict[str, Any]]:
         """Known starting points: the plain recipe (full ablation with one layer's direction), clamps
         at three levels, which sketch the trade-off before the sampler takes over, and (with gates)
         the level-0 clamp gated at 75% depth at two levels."""
         n = self.n_layers
-        flat = {"direction_layer": round(0.6 * n), "kernel_centre": n / 2, "kernel_width": float(n),
-                "kernel_floor": 1.0}
+        flat = {k: v for k, v in self.plain_recipe().items() if k not in ("mode", "ablate_scale")}
         ungated = {"gated": False} if self.gate else {}
         clamps = [{"clamp_scale": 1.0, "clamp_level": level, **ungated} for level in (0.0, 0.2, 0.4)]
         if self.gate:
