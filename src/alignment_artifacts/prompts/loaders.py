@@ -29,8 +29,11 @@ BUILTIN_SETS: dict[str, str] = {
     "harmful": "72 request-level harmful instructions (label 1)",
     "harmless": "72 ordinary everyday instructions (label 0)",
     "instructions": "harmful + harmless together, unpaired (144 prompts)",
+    "borderline": "286 safe prompts that sound sensitive (label 0) and 166 unsafe contrasts (label 1), "
+                  "eight categories, train/val splits",
 }
-_BUILTIN_FILES = {"pairs": "contrastive_pairs.json", "harmful": "harmful.json", "harmless": "harmless.json"}
+_BUILTIN_FILES = {"pairs": "contrastive_pairs.json", "harmful": "harmful.json", "harmless": "harmless.json",
+                  "borderline": "borderline.json"}
 
 TEXT_FIELDS = ("instruction", "prompt", "text", "goal", "question")
 FORMATS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv",
@@ -52,12 +55,17 @@ def load_builtin(name: str) -> PromptSet:
         return PromptSet("instructions", harmful.prompts + harmless.prompts,
                          "Bundled harmful (label 1) and harmless (label 0) instructions, unpaired.",
                          {**harmful.categories, **harmless.categories})
-    data = resources.files("alignment_artifacts.prompts").joinpath("data", _BUILTIN_FILES[name])
-    document = json.loads(data.read_text(encoding="utf-8"))
+    document = builtin_document(_BUILTIN_FILES[name])
     label = {"harmful": 1, "harmless": 0}.get(name, 1)
     result = _from_document(document, f"built-in set '{name}'", name, label=label, text_field=None)
     result.name = name
     return result
+
+
+def builtin_document(filename: str) -> Any:
+    """A bundled JSON file under prompts/data, parsed."""
+    data = resources.files("alignment_artifacts.prompts").joinpath("data", filename)
+    return json.loads(data.read_text(encoding="utf-8"))
 
 
 def load_prompts(path: str | os.PathLike[str], text_field: str | None = None, column: str | None = None,
