@@ -103,7 +103,7 @@ def test_bundled_instruction_sets() -> None:
     assert len(both) == len(harmful) + len(harmless) and not both.paired
     assert all(p.pair_id is None for p in both.prompts)
     assert len({p.id for p in both.prompts}) == len(both)
-    assert set(BUILTIN_SETS) == {"pairs", "harmful", "harmless", "instructions", "ordinary"}
+    assert set(BUILTIN_SETS) == {"pairs", "harmful", "harmless", "instructions", "ordinary", "borderline"}
 
 
 def test_unknown_builtin_suggests_a_close_name() -> None:

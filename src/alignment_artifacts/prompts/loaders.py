@@ -30,9 +30,11 @@ BUILTIN_SETS: dict[str, str] = {
     "harmless": "72 ordinary everyday instructions (label 0)",
     "instructions": "harmful + harmless together, unpaired (144 prompts)",
     "ordinary": "480 ordinary everyday instructions (label 0), 20 categories; 'ordinary:train', 'ordinary:val'",
+    "borderline": "286 safe prompts that sound sensitive (label 0) and 166 unsafe contrasts (label 1), "
+                  "eight categories; 'borderline:train', 'borderline:val'",
 }
 _BUILTIN_FILES = {"pairs": "contrastive_pairs.json", "harmful": "harmful.json", "harmless": "harmless.json",
-                  "ordinary": "ordinary.json"}
+                  "ordinary": "ordinary.json", "borderline": "borderline.json"}
 
 TEXT_FIELDS = ("instruction", "prompt", "text", "goal", "question")
 FORMATS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv",
@@ -60,14 +62,19 @@ def load_builtin(name: str, split: str | None = None) -> PromptSet:
         return PromptSet("instructions", harmful.prompts + harmless.prompts,
                          "Bundled harmful (label 1) and harmless (label 0) instructions, unpaired.",
                          {**harmful.categories, **harmless.categories})
-    data = resources.files("alignment_artifacts.prompts").joinpath("data", _BUILTIN_FILES[name])
-    document = json.loads(data.read_text(encoding="utf-8"))
+    document = builtin_document(_BUILTIN_FILES[name])
     if split is not None:
         document = _only_split(document, name, split)
     label = {"harmful": 1, "harmless": 0}.get(name, 1)
     result = _from_document(document, f"built-in set '{name}'", name, label=label, text_field=None)
     result.name = name if split is None else f"{name}:{split}"
     return result
+
+
+def builtin_document(filename: str) -> Any:
+    """A bundled JSON file under prompts/data, parsed."""
+    data = resources.files("alignment_artifacts.prompts").joinpath("data", filename)
+    return json.loads(data.read_text(encoding="utf-8"))
 
 
 def _only_split(document: dict[str, Any], name: str, split: str) -> dict[str, Any]:
