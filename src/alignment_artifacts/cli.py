@@ -111,6 +111,15 @@ def _add_steering(p: argparse.ArgumentParser, default_mode: str = "auto") -> Non
     p.add_argument("--config", help="a steering configuration JSON (from optimize or export --format vectors)")
 
 
+def _add_judge(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--judge", help="labels answers refusal / evasion / compliance: markers (keyword rule, default), "
+                                   "or a judge model (builtin name, local folder, .gguf file or hub id)")
+    p.add_argument("--judge-url", help="judge with an OpenAI-compatible server instead (base URL, e.g. "
+                                       "http://127.0.0.1:8000/v1; API key from $ALIGNMENT_ARTIFACTS_API_KEY or "
+                                       "$OPENAI_API_KEY)")
+    p.add_argument("--judge-model", help="model name at --judge-url (default: the only model the server lists)")
+
+
 def _split(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
@@ -440,6 +449,22 @@ def _reference_model(args: argparse.Namespace, loaded: Any) -> Any:
     return get_model(name, device=args.device, dtype=args.dtype)
 
 
+@_command("judge")
+def cmd_judge(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .judge import calibrate, calibration_items, load_judge
+    from .judge.calibrate import format_calibration
+
+    items = calibration_items(args.items)
+    judge = load_judge(args.judge, url=args.judge_url, model_name=args.judge_model, device=args.device,
+                       dtype=args.dtype, batch_size=args.batch_size)
+    with tqdm(total=len(items), desc="judge", unit="answer", disable=args.json, leave=False) as bar:
+        result = calibrate(judge, items, seed=args.seed, progress=bar)
+    _emit(args, result.to_json(), format_calibration(result))
+    return 0
+
+
 @_command("optimize")
 def cmd_optimize(args: argparse.Namespace) -> int:
     from .optimize import OptimizeSettings, optimize
@@ -575,6 +600,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="write a PNG plot here")
     p.add_argument("--baseline-model", help="unmodified model to compare with (default: the model itself, or the "
                                             "base model recorded in an exported folder)")
+    _add_common(p)
+
+    p = sub.add_parser("judge", help="calibrate a judge (refusal / evasion / compliance) on labelled answers")
+    p.add_argument("action", choices=["calibrate"], help="calibrate: accuracy, confusion and Cohen's kappa of the "
+                                                         "judge and of markers")
+    _add_judge(p)
+    p.add_argument("--items", help="calibration file (default: the bundled judge_calibration.json)")
+    p.add_argument("--batch-size", type=int, default=16, help="answers per judge batch (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--device", default="auto", help="judge model's device: auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default="auto", help="judge model's dtype: auto (float32 on CPU), float32, bfloat16, "
+                                                   "float16")
     _add_common(p)
 
     p = sub.add_parser("optimize", help="search steering settings (Optuna, refusals vs KL) and store the best")
