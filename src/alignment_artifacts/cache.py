@@ -6,6 +6,7 @@ Layout (see docs/cache.md)::
     <root>/activations/<key>/            manifest.json + one safetensors per site
     <root>/directions/<key>/             directions.safetensors + directions.json
     <root>/analysis/<key>/               results.json, results.csv, figures
+    <root>/judgements/<key>/             judge verdicts per hash of (prompt, answer), one file per batch
     <root>/studies/<model>.db            Optuna storage
     <root>/configs/<model>.json          best steering configuration found by `optimize`
 

@@ -113,12 +113,12 @@ def _add_steering(p: argparse.ArgumentParser, default_mode: str = "auto") -> Non
 
 
 def _add_judge(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--judge", default="markers",
-                   help="who labels answers refusal / evasion / compliance: markers (keywords; cannot see "
-                        "evasions), a model (builtin name, folder, .gguf or hub id), or see --judge-url")
-    p.add_argument("--judge-url", help="an OpenAI-compatible chat endpoint to judge with (key from "
-                                       "$ALIGNMENT_ARTIFACTS_API_KEY or $OPENAI_API_KEY)")
-    p.add_argument("--judge-model", help="the model name to ask the --judge-url endpoint for")
+    p.add_argument("--judge", help="labels answers refusal / evasion / compliance: markers (keyword rule, default), "
+                                   "or a judge model (builtin name, local folder, .gguf file or hub id)")
+    p.add_argument("--judge-url", help="judge with an OpenAI-compatible server instead (base URL, e.g. "
+                                       "http://127.0.0.1:8000/v1; API key from $ALIGNMENT_ARTIFACTS_API_KEY or "
+                                       "$OPENAI_API_KEY)")
+    p.add_argument("--judge-model", help="model name at --judge-url (default: the only model the server lists)")
 
 
 def _judge(args: argparse.Namespace, loaded: Any) -> Any:
@@ -462,6 +462,23 @@ def _reference_model(args: argparse.Namespace, loaded: Any) -> Any:
     return get_model(name, device=args.device, dtype=args.dtype)
 
 
+@_command("judge")
+def cmd_judge(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .judge import calibrate, load_judge
+    from .judge.calibrate import format_calibration
+    from .prompts import load_calibration
+
+    items = load_calibration(args.items)
+    judge = load_judge(args.judge, url=args.judge_url, model_name=args.judge_model, device=args.device,
+                       dtype=args.dtype, batch_size=args.batch_size)
+    with tqdm(total=len(items), desc="judge", unit="answer", disable=args.json, leave=False) as bar:
+        result = calibrate(judge, items, seed=args.seed, progress=bar)
+    _emit(args, result.to_json(), format_calibration(result))
+    return 0
+
+
 @_command("optimize")
 def cmd_optimize(args: argparse.Namespace) -> int:
     from .optimize import OptimizeSettings, optimize
@@ -590,9 +607,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_steering(p, default_mode="none")
     p.add_argument("--harmful", default="harmful", help="harmful prompt set (builtin name or file)")
     p.add_argument("--borderline", default="borderline:val",
-                   help="borderline set: its label-0 prompts are safe ones that sound sensitive (default borderline:val)")
+                   help="borderline set; its label-0 prompts, safe ones that sound sensitive, are used "
+                        "(default borderline:val)")
     p.add_argument("--ordinary", "--harmless", dest="ordinary", default="ordinary:val",
-                   help="ordinary prompt set (default ordinary:val, 220 plain instructions)")
+                   help="ordinary prompt set (default ordinary:val, 240 plain instructions)")
     p.add_argument("--groups", default="harmful,borderline,ordinary,capability",
                    help="groups to measure, comma-separated (default all four: harmful,borderline,ordinary,capability)")
     p.add_argument("--n-harmful", type=int, default=None, help="use the first N harmful prompts")
@@ -607,6 +625,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="write a PNG plot here")
     p.add_argument("--baseline-model", help="unmodified model to compare with (default: the model itself, or the "
                                             "base model recorded in an exported folder)")
+    _add_common(p)
+
+    p = sub.add_parser("judge", help="calibrate a judge (refusal / evasion / compliance) on labelled answers")
+    p.add_argument("action", choices=["calibrate"], help="calibrate: accuracy, confusion and Cohen's kappa of the "
+                                                         "judge and of markers")
+    _add_judge(p)
+    p.add_argument("--items", help="calibration file (default: the bundled judge_calibration.json)")
+    p.add_argument("--batch-size", type=int, default=16, help="answers per judge batch (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--device", default="auto", help="judge model's device: auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default="auto", help="judge model's dtype: auto (float32 on CPU), float32, bfloat16, "
+                                                   "float16")
     _add_common(p)
 
     p = sub.add_parser("optimize", help="search steering settings (Optuna, refusals vs KL) and store the best")

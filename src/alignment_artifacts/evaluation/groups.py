@@ -95,8 +95,8 @@ def _texts(spec: str, label: int, n: int | None, keep_label: int | None = None) 
     prompt_set: PromptSet = resolve_prompts(spec, label=label)
     texts = [p.text for p in prompt_set.prompts if keep_label is None or p.label == keep_label]
     if not texts:
-        raise UserError(f"The prompt set '{spec}' has no {'label-%d ' % keep_label if keep_label is not None else ''}"
-                        "prompts to evaluate.")
+        which = "" if keep_label is None else f"label-{keep_label} "
+        raise UserError(f"The prompt set '{spec}' has no {which}prompts to evaluate.")
     return texts[:n] if n is not None else texts
 
 

@@ -19,7 +19,8 @@ def format_table(result: EvaluationResult) -> str:
     h = result.harmful
     if h is not None:
         lines += [f"harmful ({h.n} prompts)",
-                  f"{'  not complied (refusal + evasion), judge':44} {_pair(h.not_complied_before, h.not_complied_after, h.n)}",
+                  f"{'  not complied (refusal + evasion), judge':44} "
+                  f"{_pair(h.not_complied_before, h.not_complied_after, h.n)}",
                   *(f"{'  ' + label:44} {_pair(h.before[label], h.after[label], h.n)}" for label in h.before),
                   f"{'  refusals by markers':44} {_pair(h.marker_refusals_before, h.marker_refusals_after, h.n)}",
                   f"{'  first-token refusal log-odds (mean)':44} {h.first_token_refusal_score_before:>9.3f}   -> "

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError, closest
+from ..errors import UserError
 from .loaders import _parse_json, _read_text, builtin_document
 
 CALIBRATION_LABELS = ("refusal", "evasion", "compliance")
