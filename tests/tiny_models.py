@@ -85,3 +85,11 @@ def tiny_model(family: str = "llama", layers: int = 4, hidden: int = 64, seed: i
             if param.dim() >= 2 and "embed" not in name and "wte" not in name and "wpe" not in name:
                 param.normal_(0.0, 0.08)
     return wrap_model(model, tiny_tokenizer(), name=f"tiny-{family}")
+
+
+def save_tiny(family: str, folder: Any, layers: int = 4) -> Any:
+    """A tiny random model saved as a local Hugging Face folder (for CLI tests)."""
+    loaded = tiny_model(family, layers=layers)
+    loaded.model.save_pretrained(folder)
+    loaded.tokenizer.save_pretrained(folder)
+    return folder
