@@ -194,6 +194,17 @@ def _generation(args: argparse.Namespace) -> Any:
 def cmd_models(args: argparse.Namespace) -> int:
     from .models import BUILTINS, builtin_status
 
+    if args.families:
+        from .models.adapter import NOT_SUPPORTED, families
+
+        rows, missing = families(), [{"families": f, "why": why} for f, why in NOT_SUPPORTED]
+        lines = [f"{r['model_type']:12} {r['kind']:5} bake {r['bake']}"
+                 + "".join(f"\n{'':18} {x}" for x in (r["experts"] and f"experts: {r['experts']}", r["notes"]) if x)
+                 for r in rows]
+        lines += ["", f"sites (every family): {', '.join(rows[0]['sites'])}", "not supported:"]
+        lines += [f"  {m['families']}: {m['why']}" for m in missing]
+        _emit(args, {"families": rows, "not_supported": missing}, "\n".join(lines))
+        return 0
     rows = [builtin_status(m) for m in BUILTINS.values()]
     lines = [f"{'name':32} {'installed':9} {'cached':6} {'GGUF MB':>8} {'layers':>6} {'hidden':>6}  notes"]
     for r in rows:
@@ -538,6 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("models", help="list builtin models with installed/cached status")
+    p.add_argument("--families", action="store_true", help="list the supported model families (dense and "
+                   "mixture-of-experts), what each supports, and what is not supported")
     _add_common(p)
 
     p = sub.add_parser("generate", help="answer a prompt with the plain model")
