@@ -130,6 +130,13 @@ def _judge(args: argparse.Namespace, loaded: Any) -> Any:
                       device=args.device, dtype=args.dtype)
 
 
+def _read_json(path: str, option: str) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"Cannot read {option} {path}: {exc}. Pass a file written by `evaluate --json`.") from None
+
+
 def _split(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
@@ -334,7 +341,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     _, store, result = _analysis(args)
     folder = result.save(_analysis_folder(args, store) if not args.out else Path(args.out).with_suffix(""))
     command = "alignment-artifacts " + " ".join(sys.argv[1:]) if sys.argv else "alignment-artifacts report"
-    path = write_report(folder, args.report_out, command)
+    evaluations = [_read_json(path, "--evaluation") for path in args.evaluation or []]
+    path = write_report(folder, args.report_out, command, evaluations)
     _emit(args, {"report": str(path), "results": str(folder)}, f"report written to {path}")
     return 0
 
@@ -599,6 +607,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_common(p)
         if name == "report":
             p.set_defaults(out=None)
+            p.add_argument("--evaluation", action="append",
+                           help="an `evaluate --json` output to include as a section (repeatable)")
 
     p = sub.add_parser("suppress", help="answer a prompt with and without steering, side by side")
     p.add_argument("prompt", help="the user message")

@@ -70,6 +70,8 @@ def cached_verdicts(judge_key: str, prompts: Sequence[str], answers: Sequence[st
     known = _load_parts(folder)
     keys = [stable_hash([p, a], 24) for p, a in zip(prompts, answers)]
     todo = list({key: i for i, key in enumerate(keys) if key not in known}.values())
+    # similar lengths batch together: a batch is padded to its longest pair, so this saves most of the padding
+    todo.sort(key=lambda i: len(prompts[i]) + len(answers[i]))
     if progress is not None:
         progress.update(len(keys) - sum(key not in known for key in keys))
     for start in range(0, len(todo), batch_size):

@@ -16,7 +16,7 @@ import torch
 from ..cache import stable_hash
 from ..errors import UserError
 from ..models.generation import format_chat, next_token_logits
-from ..models.loading import LoadedModel
+from ..models.loading import LoadedModel, parameters_as, screening_dtype
 from .base import LABELS, Verdict, cached_verdicts
 from .rubric import ANSWER_BUDGET, CUT, LETTERS, PROMPT_BUDGET, RUBRIC_VERSION, judge_message
 
@@ -56,17 +56,26 @@ def cut_tokens(tokenizer: Any, text: str, budget: int) -> str:
 
 
 class ModelJudge:
-    """Judges with ``loaded`` (which must carry no steering hooks while it judges)."""
+    """Judges with ``loaded`` (which must carry no steering hooks while it judges).
 
-    def __init__(self, loaded: LoadedModel, batch_size: int = 16):
+    On CPUs that multiply bfloat16 natively a float32 model judges in bfloat16 (``judge_dtype``
+    "auto"; the weights are restored bit-for-bit afterwards): judging is all prefill, about 2.5x
+    faster there, and a label read from three letters' probabilities does not need float32. The
+    dtype is part of the judge's identity, so calibration measures the judge evaluation uses.
+    """
+
+    def __init__(self, loaded: LoadedModel, batch_size: int = 16, judge_dtype: str = "auto"):
         self.loaded, self.batch_size = loaded, batch_size
+        self.dtype = screening_dtype(loaded, judge_dtype)
         self.name = f"model:{loaded.info.name}"
         self.choices = label_token_ids(loaded.tokenizer, self.name)
-        self.key = stable_hash({"judge": "model", "weights": loaded.info.weights_hash, "dtype": loaded.info.dtype,
+        dtype = str(self.dtype).removeprefix("torch.") if self.dtype is not None else loaded.info.dtype
+        self.key = stable_hash({"judge": "model", "weights": loaded.info.weights_hash, "dtype": dtype,
                                 "rubric": RUBRIC_VERSION})
 
     def judge(self, prompts: Sequence[str], answers: Sequence[str], progress: Any = None) -> list[Verdict]:
-        return cached_verdicts(self.key, prompts, answers, self.judge_batch, self.batch_size, progress)
+        with parameters_as(self.loaded, self.dtype):
+            return cached_verdicts(self.key, prompts, answers, self.judge_batch, self.batch_size, progress)
 
     def judge_batch(self, prompts: list[str], answers: list[str]) -> list[Verdict]:
         """One forward pass over the batch, uncached."""
