@@ -147,7 +147,7 @@ def test_collateral_kl_of_a_gate_counts_only_the_prompts_it_lets_through(cache_r
         assert b.touched == pytest.approx(float((kl > 1e-6).double().mean()))
         assert b.collateral_kl.mean == pytest.approx(float(kl[torch.tensor(answered)].mean()), abs=1e-6)
         touched.add(round(b.touched, 3))
-    assert len(touched) > 1 and 0.0 in touched or len(touched) == 3  # the levels let different shares through
+    assert (len(touched) > 1 and 0.0 in touched) or len(touched) == 3  # the levels let different shares through
     calls = judge.calls
     Baseline(loaded, load_group_sets(settings), settings, judge).side()  # cached: the judge is not asked again
     assert judge.calls == calls
@@ -283,7 +283,7 @@ def test_optimize_searches_per_prompt_gates_unless_told_not_to(cache_root, promp
         gated = [t for t in trials if t.params.get("gated")]
         assert len(gated) == (2 if gate else 0)  # the two gated seed clamps
         assert all(2 <= t.params["gate_layer"] <= 3 and t.user_attrs["kl_collateral"] >= 0 for t in gated)
-        assert all(0.0 <= t.params["clamp_level"] and t.params["clamp_scale"] <= 1.3 for t in trials)
+        assert all(t.params["clamp_level"] >= 0.0 and t.params["clamp_scale"] <= 1.3 for t in trials)
     config = config_from_params({"mode": "clamp", "clamp_scale": 1.2, "direction_layer": 2, "kernel_centre": 1,
                                  "kernel_width": 4, "kernel_floor": 1.0, "gated": True, "gate_layer": 3,
                                  "gate_level": 0.1}, 4, loaded)
