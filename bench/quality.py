@@ -43,7 +43,9 @@ def row(name: str, v: dict[str, Any]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="qwen2.5-coder-1.5b-instruct")
-    parser.add_argument("--judge", default=None, help="judge model (default: the model itself); 'markers' for none")
+    parser.add_argument("--judge", default=None,
+                        help="judge (default markers+MODEL: markers, then the model itself for what they call "
+                             "compliance); 'markers' for keywords only")
     parser.add_argument("--budget", type=float, default=1800, help="seconds for the optimize run")
     parser.add_argument("--trials", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0)
@@ -62,7 +64,8 @@ def main() -> int:
         items = json.loads((data / f"{name}.json").read_text())
         (tmp / f"{name}.json").write_text(json.dumps([{"instruction": i["instruction"]} for i in items]))
     loaded = get_model(args.model)
-    judge = load_judge(args.judge or args.model, loaded=loaded if (args.judge or args.model) == args.model else None)
+    spec = args.judge or f"markers+{args.model}"
+    judge = load_judge(spec, loaded=loaded if spec.removeprefix("markers+") == args.model else None)
     started = time.perf_counter()
     result = optimize(loaded, OptimizeSettings(
         trials=args.trials, timeout=args.budget, seed=args.seed, harmful=str(tmp / "harmful_train.json"),

@@ -125,7 +125,8 @@ def _judge(args: argparse.Namespace, loaded: Any) -> Any:
     """The judge the flags name; a model judge that is the loaded model reuses it (never under steering)."""
     from .judge import load_judge
 
-    same = args.judge in (args.model, getattr(loaded.info, "name", None))
+    model = (args.judge or "").removeprefix("markers+")
+    same = model in (args.model, getattr(loaded.info, "name", None))
     return load_judge(args.judge, url=args.judge_url, model_name=args.judge_model, loaded=loaded if same else None,
                       device=args.device, dtype=args.dtype)
 

@@ -2,8 +2,8 @@
 
 Three backends behind one protocol (``Judge``): ``markers`` (the keyword rule; refusal or
 compliance only), a local causal LM read from its logits (``lm.ModelJudge``), and an
-OpenAI-compatible endpoint (``remote.EndpointJudge``). ``load_judge`` picks one from what the
-user typed. See docs/judge.md.
+OpenAI-compatible endpoint (``remote.EndpointJudge``); ``markers+X`` cascades markers into any of
+them (``base.CascadeJudge``). ``load_judge`` picks one from what the user typed. See docs/judge.md.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError, closest
-from .base import LABELS, Judge, MarkersJudge, Verdict
+from .base import LABELS, CascadeJudge, Judge, MarkersJudge, Verdict
 from .calibrate import CalibrationResult, calibrate
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -28,6 +28,13 @@ def load_judge(spec: str | None = None, *, url: str | None = None, model_name: s
     """
     from ..models import BUILTINS
 
+    if spec is not None and spec.startswith("markers+"):
+        second = spec.removeprefix("markers+")
+        if not second:
+            raise UserError("--judge markers+ needs a second judge after the '+', e.g. "
+                            "markers+qwen2.5-coder-1.5b-instruct (or --judge markers+endpoint with --judge-url).")
+        return CascadeJudge(load_judge(second, url=url, model_name=model_name, loaded=loaded, device=device,
+                                       dtype=dtype, batch_size=batch_size))
     if url is not None:
         if spec not in (None, "markers", "endpoint"):
             raise UserError(f"Both --judge {spec} and --judge-url {url} were given; pass one of them.")
@@ -51,4 +58,4 @@ def load_judge(spec: str | None = None, *, url: str | None = None, model_name: s
                     "Qwen/Qwen2.5-7B-Instruct, or --judge-url URL for an OpenAI-compatible server.")
 
 
-__all__ = ["LABELS", "CalibrationResult", "Judge", "MarkersJudge", "Verdict", "calibrate", "load_judge"]
+__all__ = ["LABELS", "CalibrationResult", "CascadeJudge", "Judge", "MarkersJudge", "Verdict", "calibrate", "load_judge"]

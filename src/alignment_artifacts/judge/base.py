@@ -52,6 +52,30 @@ class MarkersJudge:
         return verdicts
 
 
+class CascadeJudge:
+    """Markers first, then a second judge for every answer the markers call compliance.
+
+    Keyword markers find open refusals well and cannot see an evasion at all; a small model judge
+    sees evasions but mistakes many refusals for them (measured on the calibration set, see
+    docs/judge.md). The cascade keeps the markers' refusals and asks the second judge only about
+    the rest, where evasion and compliance are the question.
+    """
+
+    def __init__(self, second: Judge):
+        self.second = second
+        self.name = f"markers+{second.name}"
+
+    def judge(self, prompts: Sequence[str], answers: Sequence[str], progress: Any = None) -> list[Verdict]:
+        verdicts = MarkersJudge().judge(prompts, answers)
+        rest = [i for i, v in enumerate(verdicts) if v.label != "refusal"]
+        if progress is not None:
+            progress.update(len(verdicts) - len(rest))
+        if rest:
+            for i, v in zip(rest, self.second.judge([prompts[i] for i in rest], [answers[i] for i in rest], progress)):
+                verdicts[i] = v
+        return verdicts
+
+
 def check_pairs(prompts: Sequence[str], answers: Sequence[str]) -> None:
     if len(prompts) != len(answers):
         raise UserError(f"A judge needs one answer per prompt (got {len(prompts)} prompts, {len(answers)} answers).")
