@@ -454,7 +454,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     settings = EvaluationSettings(harmful=args.harmful, borderline=args.borderline, ordinary=args.ordinary,
                                   groups=tuple(_split(args.groups) or ()), n_harmful=args.n_harmful,
                                   n_borderline=args.n_borderline, n_ordinary=args.n_ordinary,
-                                  n_capability=args.n_capability, max_tokens=args.max_tokens,
+                                  n_capability=args.n_capability, judged_borderline=args.judged_borderline,
+                                  judged_ordinary=args.judged_ordinary, max_tokens=args.max_tokens,
                                   batch_size=args.batch_size, generation_batch_size=args.generation_batch_size)
     result = evaluate(loaded, config, settings, progress=not args.json, reference=reference,
                       judge=_judge(args, reference or loaded))
@@ -642,6 +643,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-ordinary", "--n-harmless", dest="n_ordinary", type=int, default=None,
                    help="use the first N ordinary prompts")
     p.add_argument("--n-capability", type=int, default=300, help="capability tasks (default 300)")
+    p.add_argument("--judged-borderline", type=int, default=None,
+                   help="generate and judge only the first N borderline answers (over-refusal); KL uses all")
+    p.add_argument("--judged-ordinary", type=int, default=None,
+                   help="generate and judge only the first N ordinary answers (over-refusal); KL uses all")
     p.add_argument("--max-tokens", type=int, default=48, help="tokens generated per answer (default 48)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per scoring batch (default 16)")
     p.add_argument("--generation-batch-size", type=int, default=32, help="prompts per generation batch (default 32)")
