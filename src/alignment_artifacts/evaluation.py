@@ -274,12 +274,16 @@ def evaluate(loaded: LoadedModel, config: Any, settings: EvaluationSettings | No
     folder with the direction baked into its weights (then ``config`` is usually mode ``none``).
     """
     from .api import get_directions, resolve_config
+    from .models.generation import check_fits, context_length
     from .steering import apply_steering
 
     settings = settings or EvaluationSettings()
     started = time.perf_counter()
     config = resolve_config(loaded, config)
     harmful, harmless = load_eval_sets(settings)
+    for name, prompt_set in ((settings.harmful, harmful), (settings.harmless, harmless)):
+        check_fits(loaded.tokenizer, chat_texts(loaded, prompt_set, settings.system), context_length(loaded.model),
+                   settings.max_tokens, f"'{name}'")
     baseline = baseline or Baseline(reference or loaded, harmful, harmless, settings)
     if directions is None and config.mode != "none" and config.scale != 0:
         directions = get_directions(loaded, config, progress=progress)
