@@ -364,20 +364,23 @@ def test_builtin_tokenizers_have_single_token_labels(name):
 def test_cascade_keeps_marker_refusals_and_asks_the_second_judge_about_the_rest(cache_root):
     class Second:
         name = "second"
-        seen: list[str] = []
+
+        def __init__(self):
+            self.seen: list[str] = []
 
         def judge(self, prompts, answers, progress=None):
-            Second.seen = list(answers)
+            self.seen = list(answers)
             return [Verdict("evasion" if "vague" in a else "compliance", 0.7) for a in answers]
 
     from alignment_artifacts.judge import CascadeJudge
 
-    judge = CascadeJudge(Second())
+    second = Second()
+    judge = CascadeJudge(second)
     answers = ["I'm sorry, but I can't help with that.", "Here is a vague thought about many things.",
                "Preheat the oven to 180 C and mix the flour with the butter."]
     verdicts = judge.judge(["q1", "q2", "q3"], answers)
     assert [v.label for v in verdicts] == ["refusal", "evasion", "compliance"]
-    assert Second.seen == answers[1:] and judge.name == "markers+second"
+    assert second.seen == answers[1:] and judge.name == "markers+second"
     assert verdicts[0].confidence == 1.0 and verdicts[2].confidence == 0.7
     with pytest.raises(UserError, match="needs a second judge"):
         load_judge("markers+")

@@ -218,7 +218,7 @@ def test_wrong_json_shape(tmp_path: Path) -> None:
 def test_csv_missing_column_lists_columns(tmp_path: Path) -> None:
     path = write(tmp_path / "c.csv", "title,body\nx,y\n")
     message = error_of(load_prompts, path)
-    assert "title, body" in message and "--column" in message
+    assert "title, body" in message and "--text-field" in message
     message = error_of(load_prompts, path, column="bdy")
     assert "no column 'bdy'" in message and "Did you mean 'body'?" in message
 

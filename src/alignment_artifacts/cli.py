@@ -7,6 +7,7 @@ import json
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,9 @@ def _add_prompts(p: argparse.ArgumentParser, default: str = "pairs") -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for --limit sampling (default 0)")
     p.add_argument("--categories", help="comma-separated categories to keep")
     p.add_argument("--keep-duplicates", action="store_true", help="do not drop duplicate prompts")
+    p.add_argument("--truncate", action="store_true",
+                   help="drop tokens from the start of a prompt longer than the model's context (default: refuse it "
+                        "with an error)")
 
 
 def _add_generation(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
@@ -81,6 +85,9 @@ def _add_generation(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
     p.add_argument("--ignore-end-tokens", action="store_true", help="keep generating past end-of-turn")
     p.add_argument("--system", help="system prompt")
+    p.add_argument("--truncate", action="store_true",
+                   help="fit a prompt longer than the model's context by dropping the oldest turns, then tokens from "
+                        "the start of the prompt (default: refuse it with an error)")
 
 
 def _add_steering(p: argparse.ArgumentParser, default_mode: str = "auto") -> None:
@@ -191,7 +198,7 @@ def _generation(args: argparse.Namespace) -> Any:
 
     config = GenerationConfig(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                               repetition_penalty=args.repetition_penalty, seed=args.seed,
-                              ignore_end_tokens=args.ignore_end_tokens)
+                              ignore_end_tokens=args.ignore_end_tokens, truncate=args.truncate)
     config.validate()
     return config
 
@@ -281,18 +288,23 @@ def cmd_collect(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     store = collect_activations(loaded, prompt_set, sites=args.sites, positions=args.positions, layers=args.layers,
                                 dtype=args.activation_dtype, batch_size=args.batch_size, system=args.system,
-                                use_cache=not args.no_cache, progress=not args.json)
+                                use_cache=not args.no_cache, progress=not args.json, truncate=args.truncate)
     elapsed = time.perf_counter() - started
     m = store.manifest
-    summary = {"cache_hit": store.cache_hit, "seconds": round(elapsed, 2), "path": str(store.path),
+    resumed = not store.cache_hit and bool(m.get("resumed"))
+    total = m["seconds"] if resumed else elapsed  # a resumed run adds the interrupted runs' collection time
+    summary = {"cache_hit": store.cache_hit, "resumed": resumed, "seconds": round(total, 2),
+               "seconds_this_run": round(elapsed, 2), "path": str(store.path),
                "model": loaded.info.name, "prompts": len(store.prompts), "sites": store.sites,
                "positions": store.positions, "layers": [store.layers[0], store.layers[-1]], "dtype": m["dtype"],
                "bytes_per_prompt": m["bytes_per_prompt"],
                "full_capture_bytes_per_prompt": m["full_capture_bytes_per_prompt"],
                "storage_ratio_vs_full_mlp_capture": m["storage_ratio_vs_full_mlp_capture"]}
-    text = (f"{'cache hit' if store.cache_hit else 'collected'}: {len(store.prompts)} prompts, sites "
+    done = "cache hit" if store.cache_hit else "resumed and collected" if resumed else "collected"
+    took = f"{total:.1f} s ({elapsed:.1f} s in this run)" if resumed else f"{elapsed:.1f} s"
+    text = (f"{done}: {len(store.prompts)} prompts, sites "
             f"{','.join(store.sites)}, positions {','.join(store.positions)}, layers {store.layers[0]}-"
-            f"{store.layers[-1]} in {elapsed:.1f} s\nstored at {store.path}\nstorage: {m['bytes_per_prompt']:.0f} "
+            f"{store.layers[-1]} in {took}\nstored at {store.path}\nstorage: {m['bytes_per_prompt']:.0f} "
             f"bytes/prompt; capturing every token of every layer's MLP output would take "
             f"{m['full_capture_bytes_per_prompt']:.0f} bytes/prompt (ratio "
             f"{m['storage_ratio_vs_full_mlp_capture']:.4f})")
@@ -307,7 +319,7 @@ def _analysis(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     loaded = _load(args)
     prompt_set = _prompt_set(args)
     store = collect_activations(loaded, prompt_set, sites=[args.site], positions=[args.position],
-                                layers=args.layers, progress=not args.json)
+                                layers=args.layers, progress=not args.json, truncate=args.truncate)
     result = analyze(store, site=args.site, position=args.position, n_permutations=args.permutations,
                      n_bootstrap=args.bootstrap, folds=args.folds, seed=args.seed, progress=not args.json)
     return loaded, store, result
@@ -390,9 +402,10 @@ def cmd_suppress(args: argparse.Namespace) -> int:
 
 @_command("chat")
 def cmd_chat(args: argparse.Namespace) -> int:
+    import contextlib
+
     from .api import get_directions
     from .models import generate
-    from .models.generation import format_chat
     from .steering import MODES, apply_steering
 
     loaded = _load(args)
@@ -433,13 +446,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
             continue
         active = config if enabled else None
         directions = get_directions(loaded, active) if active and active.mode != "none" else None
-        text = format_chat(loaded.tokenizer, line, args.system, history)
         print("model> ", end="", flush=True)
-        if active is not None:
-            with apply_steering(loaded, active, directions):
-                answer = generate(loaded, [text], generation, stream=True, chat=False).texts[0]
-        else:
-            answer = generate(loaded, [text], generation, stream=True, chat=False).texts[0]
+        try:
+            with apply_steering(loaded, active, directions) if active else contextlib.nullcontext():
+                answer = generate(loaded, [line], generation, system=args.system, stream=True,
+                                  history=history).texts[0]
+        except UserError as exc:  # e.g. the conversation outgrew the context: keep the session
+            print(f"\nerror: {exc} (/reset starts a new conversation)", file=sys.stderr)
+            continue
         print()
         history += [{"role": "user", "content": line}, {"role": "assistant", "content": answer}]
 
@@ -510,7 +524,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
                                 direction_prompts=args.direction_prompts, search_size=args.search_size,
                                 modes=_split(args.modes) or ["clamp", "ablate"], screen_dtype=args.screen_dtype,
                                 gate=not args.no_gate, ordinary=args.ordinary, borderline=args.borderline,
-                                finalists=args.finalists)
+                                finalists=args.finalists, max_tokens=args.max_tokens)
     result = optimize(loaded, settings, progress=not args.json, judge=_judge(args, loaded))
     _emit(args, result.to_json(), result.summary())
     return 0
@@ -539,11 +553,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = _steering_config(args, loaded)
     from .api import resolve_config
 
-    def directions_for(request_config: Any) -> Any:
+    def directions_for(request_config: Any, model_lock: Any) -> Any:
         resolved = resolve_config(loaded, request_config)
-        return None if resolved.mode == "none" else get_directions(loaded, resolved, progress=False)
+        return None if resolved.mode == "none" else get_directions(loaded, resolved, progress=False,
+                                                                   model_lock=model_lock)
 
-    limits = ServerLimits(max_tokens=args.max_tokens_limit)
+    limits = ServerLimits(max_tokens=args.max_tokens_limit, request_timeout=args.request_timeout)
     serve(loaded, config, directions_for, host=args.host, port=args.port, api_key=args.api_key, limits=limits)
     return 0
 
@@ -683,6 +698,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="finalists come from below this screening cost: ordinary KL + borderline collateral KL")
     p.add_argument("--finalists", type=int, default=3, help="Pareto points checked on validation (default 3)")
     _add_judge(p)
+    p.add_argument("--max-tokens", type=int, default=48,
+                   help="tokens generated per answer when finalists are checked (default 48)")
     p.add_argument("--direction-prompts", help="prompt set the direction is computed on (default: the part of the "
                                                "training split the search does not score; validation stays unseen)")
     p.add_argument("--search-size", type=int, default=32,
@@ -714,6 +731,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY'")
     p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask for")
+    p.add_argument("--request-timeout", type=float, default=600.0,
+                   help="seconds a request may take, queueing included, before it is cancelled with HTTP 504 "
+                        "(default 600)")
     _add_common(p)
     return parser
 
@@ -729,6 +749,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     set_cache_root(getattr(args, "cache_dir", None))
     quiet_transformers()
+    warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"  # a line for the user, no source
     try:
         return _HANDLERS[args.command](args)
     except UserError as exc:

@@ -28,6 +28,7 @@ from ..cache import atomic_save_safetensors, atomic_write_json, cache_dir, stabl
 from ..capability import CapabilityTask, capability_tasks, is_correct, paired_difference
 from ..errors import UserError
 from ..judge import LABELS, Judge
+from ..models.generation import check_fits, context_length
 from ..models.loading import LoadedModel
 from ..prompts import PromptSet, resolve_prompts
 from .metrics import (
@@ -138,6 +139,9 @@ class Measurer:
         self.texts = {name: chat_texts(loaded, getattr(sets, name), settings.system)
                       for name in ("harmful", "borderline", "ordinary")}
         self.capability_texts = chat_texts(loaded, [t.prompt for t in sets.capability], settings.system)
+        context = context_length(loaded.model)
+        for name, texts in (*self.texts.items(), ("capability", self.capability_texts)):
+            check_fits(loaded.tokenizer, texts, context, settings.max_tokens, f"the {name} group")
         self.opening = refusal_opening_ids(loaded.tokenizer)
         self.pending: dict[str, list[str]] = {}  # group -> answers waiting for the judge (memory only)
 

@@ -106,8 +106,8 @@ def load_prompts(path: str | os.PathLike[str], text_field: str | None = None, co
         raise UserError(f"A prompt label must be 1 (harmful/artifact) or 0 (harmless/natural), "
                         f"got {label!r}.")
     path = Path(path).expanduser()
+    text = _read_text(path)  # first: a missing file is reported as missing, whatever its name
     fmt = _format_of(path)
-    text = _read_text(path)
     set_name = name or path.stem
     field_name = text_field or column
     if fmt == "json":
@@ -399,7 +399,7 @@ def _parse_csv(text: str, path: Path, column: str | None, delimiter: str) -> lis
                         "quote or stray quote characters.") from exc
     header = [h.strip() for h in header]
     rows = [(where, {k.strip(): v for k, v in row.items()}) for where, row in rows]
-    _pick_field(header, column, str(path), "--column")
+    _pick_field(header, column, str(path), "--text-field")
     return rows
 
 
@@ -478,7 +478,7 @@ def _from_records(records: list[tuple[str, Any]], source: str, name: str, *, lab
         if isinstance(record, str):
             record, field_name, text_where = {"text": record}, "text", location
         else:
-            field_name = _pick_field(list(record), text_field, location, "text_field/--column", noun="field")
+            field_name = _pick_field(list(record), text_field, location, "--text-field", noun="field")
             text_where = f"{location} field '{field_name}'"
         prompt_id = str(record.get("id") or f"{name}-{i:04d}")
         if prompt_id in ids:
