@@ -139,9 +139,12 @@ class Measurer:
         self.texts = {name: chat_texts(loaded, getattr(sets, name), settings.system)
                       for name in ("harmful", "borderline", "ordinary")}
         self.capability_texts = chat_texts(loaded, [t.prompt for t in sets.capability], settings.system)
-        context = context_length(loaded.model)
+
+    def check_context(self) -> None:
+        """Every prompt fits the model's context with room for its answer (before anything is computed)."""
+        context = context_length(self.loaded.model)
         for name, texts in (*self.texts.items(), ("capability", self.capability_texts)):
-            check_fits(loaded.tokenizer, texts, context, settings.max_tokens, f"the {name} group")
+            check_fits(self.loaded.tokenizer, texts, context, self.settings.max_tokens, f"the {name} group")
         self.opening = refusal_opening_ids(loaded.tokenizer)
         self.pending: dict[str, list[str]] = {}  # group -> answers waiting for the judge (memory only)
 
@@ -178,6 +181,7 @@ class Baseline:
     def __init__(self, loaded: LoadedModel, sets: GroupSets, settings: EvaluationSettings, judge: Judge):
         """``loaded`` is the reference model: the evaluated one, or the base model of an export."""
         self.loaded, self.sets, self.settings, self.judge = loaded, sets, settings, judge
+        Measurer(loaded, sets, settings).check_context()
         self.key = stable_hash({"weights": loaded.info.weights_hash, "dtype": loaded.info.dtype,
                                 "sets": sets.hashes(), "tokens": settings.max_tokens,
                                 "capability_tokens": settings.capability_max_tokens, "system": settings.system,
