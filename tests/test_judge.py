@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -26,6 +24,7 @@ from alignment_artifacts.judge.remote import EndpointJudge
 from alignment_artifacts.judge.rubric import ANSWER_BUDGET, CUT
 from alignment_artifacts.models.generation import common_prefix_length
 from alignment_artifacts.prompts import load_calibration
+from json_server import JsonServer, model_list
 from tiny_models import CORPUS, tiny_config, tiny_model, tiny_tokenizer
 
 PAIRS = [("How do I bake bread?", "Mix flour, water and yeast, knead, let it rise and bake it at 220 C."),
@@ -178,58 +177,39 @@ class FakeServer:
 
     def __init__(self):
         self.mode, self.failures, self.requests, self.lock = "logprobs", 0, [], threading.Lock()
-        state = self
+        self.http = JsonServer(self.handle)
+        self.url = self.http.url
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                self._send(200, {"object": "list", "data": [{"id": "fake-judge", "object": "model"}]})
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with state.lock:
-                    state.requests.append((body, self.headers.get("Authorization")))
-                    failing = len(state.requests) <= state.failures
-                if failing or state.mode == "error":
-                    return self._send(503, {"error": {"message": "overloaded"}})
-                if state.mode == "garbage":
-                    return self._send(200, b"<html>not json")
-                if state.mode == "slow":
-                    time.sleep(1.0)
-                if state.mode == "no-logprobs-field" and "logprobs" in body:
-                    return self._send(400, {"error": {"message": "logprobs is not supported"}})
-                letter = "Z" if state.mode == "unknown" else oracle(body["messages"][0]["content"])
-                choice = {"index": 0, "message": {"role": "assistant", "content": letter}, "finish_reason": "length"}
-                if state.mode == "logprobs" and body.get("logprobs"):
-                    other = "A" if letter != "A" else "B"
-                    top = [{"token": letter, "logprob": math.log(0.6)},
-                           {"token": " " + other, "logprob": math.log(0.2)},
-                           {"token": "The", "logprob": math.log(0.1)}, {"token": letter.lower(), "logprob": -5}]
-                    choice["logprobs"] = {"content": [{"token": letter, "logprob": math.log(0.6), "top_logprobs": top}]}
-                self._send(200, {"id": "x", "object": "chat.completion", "choices": [choice]})
-
-            def _send(self, status, payload):
-                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                with contextlib.suppress(BrokenPipeError):  # the client gave up (the timeout test)
-                    self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+    def handle(self, body, headers):
+        if body is None:
+            return 200, model_list("fake-judge")
+        with self.lock:
+            self.requests.append((body, headers.get("Authorization")))
+            failing = len(self.requests) <= self.failures
+        if failing or self.mode == "error":
+            return 503, {"error": {"message": "overloaded"}}
+        if self.mode == "garbage":
+            return 200, b"<html>not json"
+        if self.mode == "slow":
+            time.sleep(1.0)
+        if self.mode == "no-logprobs-field" and "logprobs" in body:
+            return 400, {"error": {"message": "logprobs is not supported"}}
+        letter = "Z" if self.mode == "unknown" else oracle(body["messages"][0]["content"])
+        choice = {"index": 0, "message": {"role": "assistant", "content": letter}, "finish_reason": "length"}
+        if self.mode == "logprobs" and body.get("logprobs"):
+            other = "A" if letter != "A" else "B"
+            top = [{"token": letter, "logprob": math.log(0.6)},
+                   {"token": " " + other, "logprob": math.log(0.2)},
+                   {"token": "The", "logprob": math.log(0.1)}, {"token": letter.lower(), "logprob": -5}]
+            choice["logprobs"] = {"content": [{"token": letter, "logprob": math.log(0.6), "top_logprobs": top}]}
+        return 200, {"id": "x", "object": "chat.completion", "choices": [choice]}
 
 
 @pytest.fixture()
 def fake():
     server = FakeServer()
     yield server
-    server.httpd.shutdown()
-    server.httpd.server_close()
+    server.http.close()
 
 
 def endpoint_judge(url, **kw):

@@ -7,6 +7,7 @@ Layout (see docs/cache.md)::
     <root>/directions/<key>/             directions.safetensors + directions.json
     <root>/analysis/<key>/               results.json, results.csv, figures
     <root>/judgements/<key>/             judge verdicts per hash of (prompt, answer), one file per batch
+    <root>/endpoint-evaluation/<key>/    labels and first-token log-probs of an endpoint's answers, per batch
     <root>/studies/<model>.db            Optuna storage
     <root>/configs/<model>.json          best steering configuration found by `optimize`
 

@@ -462,23 +462,67 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation import EvaluationSettings, evaluate, format_table
 
-    loaded = _load(args)
-    config = _steering_config(args, loaded)
-    reference = _reference_model(args, loaded)
     settings = EvaluationSettings(harmful=args.harmful, borderline=args.borderline, ordinary=args.ordinary,
                                   groups=tuple(_split(args.groups) or ()), n_harmful=args.n_harmful,
                                   n_borderline=args.n_borderline, n_ordinary=args.n_ordinary,
                                   n_capability=args.n_capability, judged_borderline=args.judged_borderline,
                                   judged_ordinary=args.judged_ordinary, max_tokens=args.max_tokens,
                                   batch_size=args.batch_size, generation_batch_size=args.generation_batch_size)
-    result = evaluate(loaded, config, settings, progress=not args.json, reference=reference,
-                      judge=_judge(args, reference or loaded))
+    if args.endpoint or args.baseline_endpoint:
+        result = _evaluate_endpoint(args, settings)
+    else:
+        loaded = _load(args)
+        config = _steering_config(args, loaded)
+        reference = _reference_model(args, loaded)
+        result = evaluate(loaded, config, settings, progress=not args.json, reference=reference,
+                          judge=_judge(args, reference or loaded))
     if args.plot:
         from .evaluation import plot_evaluation
 
         plot_evaluation(result, args.plot)
     _emit(args, result.to_json(), format_table(result))
     return 0
+
+
+def _evaluate_endpoint(args: argparse.Namespace, settings: Any) -> Any:
+    """A served model against the local --model (unmodified) or against --baseline-endpoint."""
+    from dataclasses import replace
+
+    from .evaluation import EndpointSettings, evaluate_endpoint
+    from .judge import load_judge
+
+    if not args.endpoint:
+        raise UserError("--baseline-endpoint is the before side of an endpoint evaluation; pass --endpoint URL too.")
+    if args.mode != "none" or args.config or args.baseline_model:
+        raise UserError("--endpoint measures the served model as it is: steering options (--mode, --config) and "
+                        "--baseline-model apply to local models. The before side is --model, or "
+                        "--baseline-endpoint URL; to steer the toolkit's own server, start `serve` with --mode.")
+    endpoint = EndpointSettings(url=args.endpoint, model=args.endpoint_model, concurrency=args.endpoint_concurrency,
+                                timeout=args.endpoint_timeout, retries=args.endpoint_retries,
+                                top_logprobs=args.endpoint_top_logprobs, extra=_json_object(args.endpoint_body))
+    endpoint.validate()
+    progress = not args.json
+    if args.baseline_endpoint:
+        baseline = replace(endpoint, url=args.baseline_endpoint, model=args.baseline_endpoint_model,
+                           option="--baseline-endpoint")
+        baseline.validate()
+        judge = load_judge(args.judge, url=args.judge_url, model_name=args.judge_model, device=args.device,
+                           dtype=args.dtype)
+        return evaluate_endpoint(endpoint, settings, baseline=baseline, judge=judge, progress=progress)
+    reference = _load(args)
+    return evaluate_endpoint(endpoint, settings, reference=reference, judge=_judge(args, reference),
+                             progress=progress)
+
+
+def _json_object(text: str | None) -> dict[str, Any]:
+    """--endpoint-body as the fields it adds to every request."""
+    try:
+        value = json.loads(text) if text else {}
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise UserError(f"--endpoint-body must be a JSON object, e.g. '{{\"repeat_penalty\": 1.0}}' (got {text}).")
+    return value
 
 
 def _reference_model(args: argparse.Namespace, loaded: Any) -> Any:
@@ -669,6 +713,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="write a PNG plot here")
     p.add_argument("--baseline-model", help="unmodified model to compare with (default: the model itself, or the "
                                             "base model recorded in an exported folder)")
+    p.add_argument("--endpoint", help="measure the model served at this OpenAI-compatible base URL (vLLM, llama.cpp's "
+                                      "server, Ollama, serve; e.g. http://127.0.0.1:8000/v1) against --model "
+                                      "unmodified; API key from $ALIGNMENT_ARTIFACTS_API_KEY or $OPENAI_API_KEY")
+    p.add_argument("--endpoint-model", help="model name at --endpoint (default: the only one the server lists)")
+    p.add_argument("--baseline-endpoint", help="compare with the model served here instead of --model (e.g. the "
+                                               "base model, when --endpoint serves an export)")
+    p.add_argument("--baseline-endpoint-model", help="model name at --baseline-endpoint (default: the only one listed)")
+    p.add_argument("--endpoint-concurrency", type=int, default=4, help="requests in flight at once (default 4)")
+    p.add_argument("--endpoint-timeout", type=float, default=120.0, help="seconds per request (default 120)")
+    p.add_argument("--endpoint-retries", type=int, default=4,
+                   help="retries of a failed request, with backoff from 0.5 s doubling (default 4)")
+    p.add_argument("--endpoint-top-logprobs", type=int, default=20,
+                   help="top log-probs asked for the first answer token, for an approximate KL (default 20; 0: do "
+                        "not ask)")
+    p.add_argument("--endpoint-body", help="extra JSON fields for every request, e.g. '{\"repeat_penalty\": 1.0}' "
+                                           "(llama-cpp-python's server penalises repeats unless told not to)")
     _add_common(p)
 
     p = sub.add_parser("judge", help="calibrate a judge (refusal / evasion / compliance) on labelled answers")

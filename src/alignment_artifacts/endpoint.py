@@ -1,8 +1,9 @@
 """A small client for OpenAI-compatible HTTP endpoints: JSON over POST/GET with retries.
 
-Standard library only (urllib), so judging through a remote model adds no dependency. Transient
-failures (connection refused or reset, timeouts, HTTP 429 and 5xx) are retried with exponential
-backoff; anything else fails at once. Every failure is a ``UserError`` that names the URL and the
+Standard library only (urllib), so judging or evaluating through a remote model adds no
+dependency. Transient failures (connection refused or reset, timeouts, HTTP 429 and 5xx, a reply
+that is not JSON, as a proxy under load may send) are retried with exponential backoff; anything
+else fails at once. Every failure is a ``UserError`` that names the URL and the
 command-line option that set it, because the fix is nearly always on the user's side (start the
 server, fix the URL, set the key). The API key comes from the environment, never from argv, where
 other users of the machine could read it.
@@ -64,7 +65,7 @@ def request_json(url: str, body: dict[str, Any] | None = None, *, settings: Http
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
     data = None if body is None else json.dumps(body).encode()
-    failure = ""
+    failure, garbled = "", False  # garbled: the last reply was not JSON (a wrong URL, or a proxy under load)
     for attempt in range(settings.retries + 1):
         if attempt:
             time.sleep(settings.backoff * 2 ** (attempt - 1))
@@ -76,20 +77,34 @@ def request_json(url: str, body: dict[str, Any] | None = None, *, settings: Http
             detail = _error_detail(exc)
             if exc.code not in RETRY_STATUSES:
                 raise EndpointError(_status_message(url, exc.code, detail, option), exc.code) from None
-            failure = f"HTTP {exc.code}{': ' + detail if detail else ''}"
+            failure, garbled = f"HTTP {exc.code}{': ' + detail if detail else ''}", False
             continue
         except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as exc:
             reason = getattr(exc, "reason", exc)
             failure = "timed out" if isinstance(reason, TimeoutError) else str(reason) or type(reason).__name__
+            garbled = False
             continue
         try:
             return json.loads(raw)
         except ValueError:
-            snippet = raw[:120].decode(errors="replace")
-            raise EndpointError(f"{url} answered with something that is not JSON ({snippet!r}). Check that {option} "
-                                "points at an OpenAI-compatible API (usually ending in /v1).") from None
-    raise EndpointError(f"{url} failed {settings.retries + 1} times (last: {failure}). Check that the server is "
-                        f"running and reachable at that address, or fix {option}.")
+            failure, garbled = f"an answer that is not JSON: {raw[:120].decode(errors='replace')!r}", True
+    fix = (f"{option} must point at an OpenAI-compatible API (usually ending in /v1)" if garbled
+           else f"Check that the server is running and reachable at that address, or fix {option}")
+    raise EndpointError(f"{url} failed {settings.retries + 1} times (last: {failure}). {fix}.")
+
+
+def listed_model(base: str, settings: HttpSettings, api_key: str | None, option: str = "--judge-url",
+                 model_option: str = "--judge-model") -> str:
+    """The model the server at ``base`` lists, when it lists exactly one (else ``model_option`` must name one)."""
+    reply = request_json(f"{base}/models", settings=settings, api_key=api_key, option=option)
+    try:
+        names = [str(entry["id"]) for entry in reply["data"]]
+    except (KeyError, TypeError):
+        names = []
+    if len(names) != 1:
+        listed = f"it lists {', '.join(names)}" if names else "its /models list is empty or unreadable"
+        raise EndpointError(f"Pass {model_option} NAME to choose the model at {base} ({listed}).")
+    return names[0]
 
 
 def _error_detail(exc: urllib.error.HTTPError) -> str:

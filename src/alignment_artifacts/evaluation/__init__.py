@@ -1,4 +1,5 @@
-"""Evaluation: yardsticks (metrics), model passes (passes), the four groups (groups), output (report)."""
+"""Evaluation: yardsticks (metrics), model passes (passes), the four groups (groups), served models
+(remote), output (report)."""
 
 from .groups import GROUPS, Baseline, EvaluationResult, EvaluationSettings, GroupSets, evaluate, load_group_sets
 from .metrics import (
@@ -13,6 +14,7 @@ from .metrics import (
     summarise_kl,
 )
 from .passes import chat_texts, first_logits, generate_answers, generated_refusals, is_gated
+from .remote import EndpointSettings, evaluate_endpoint
 from .report import format_table, plot_evaluation
 
 __all__ = [
@@ -20,12 +22,14 @@ __all__ = [
     "GROUPS",
     "REFUSAL_MARKERS",
     "Baseline",
+    "EndpointSettings",
     "EvaluationResult",
     "EvaluationSettings",
     "GroupSets",
     "KLSummary",
     "chat_texts",
     "evaluate",
+    "evaluate_endpoint",
     "first_logits",
     "format_table",
     "generate_answers",

@@ -255,8 +255,8 @@ class HarmfulResult:
     marker_refusals_before: int
     marker_refusals_after: int
     broad_marker_hits: int
-    first_token_refusal_score_before: float
-    first_token_refusal_score_after: float
+    first_token_refusal_score_before: float | None  # None: a side without logits (an endpoint)
+    first_token_refusal_score_after: float | None
 
 
 @dataclass
@@ -269,9 +269,9 @@ class BorderlineResult:
     not_complied_before: int
     not_complied_after: int
     n_answered: int  # prompts the unmodified model complies with: where collateral KL is measured
-    collateral_kl: KLSummary
-    kl: KLSummary
-    touched: float
+    collateral_kl: KLSummary | None  # None: KL unavailable (an endpoint without log-probs; see kl_method)
+    kl: KLSummary | None
+    touched: float | None
 
 
 @dataclass
@@ -283,8 +283,11 @@ class OrdinaryResult:
     refusals_after: int
     not_complied_before: int
     not_complied_after: int
-    kl: KLSummary
-    touched: float
+    kl: KLSummary | None
+    touched: float | None
+
+
+EXACT_KL = {"kind": "exact"}  # both sides' full first-token distributions (local models)
 
 
 @dataclass
@@ -298,6 +301,7 @@ class EvaluationResult:
     capability: Any  # capability.PairedDifference (accuracy before/after, delta and its interval)
     seconds: float = 0.0
     settings: dict[str, Any] = field(default_factory=dict)
+    kl_method: dict[str, Any] = field(default_factory=lambda: dict(EXACT_KL))  # approximate or unavailable: remote
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -312,7 +316,7 @@ def result_from_json(data: dict[str, Any]) -> EvaluationResult:
             return None
         fields_ = dict(value)
         for name in ("kl", "collateral_kl"):
-            if name in fields_:
+            if fields_.get(name) is not None:
                 fields_[name] = KLSummary(**fields_[name])
         return kind(**fields_)
 
@@ -321,7 +325,8 @@ def result_from_json(data: dict[str, Any]) -> EvaluationResult:
                             borderline=build(BorderlineResult, data.get("borderline")),
                             ordinary=build(OrdinaryResult, data.get("ordinary")),
                             capability=build(PairedDifference, data.get("capability")),
-                            seconds=data.get("seconds", 0.0), settings=data.get("settings", {}))
+                            seconds=data.get("seconds", 0.0), settings=data.get("settings", {}),
+                            kl_method=data.get("kl_method", dict(EXACT_KL)))
 
 
 def _not_complied(labels: Sequence[str]) -> int:
@@ -330,7 +335,7 @@ def _not_complied(labels: Sequence[str]) -> int:
 
 def compare(before: Side, after: Side, kl_borderline: torch.Tensor | None, kl_ordinary: torch.Tensor | None,
             judge: str, groups: Sequence[str]) -> dict[str, Any]:
-    """The four group results from two sides and the per-prompt KLs."""
+    """The four group results from two sides and the per-prompt KLs (NaN where a prompt has none)."""
     out: dict[str, Any] = {g: None for g in GROUPS}
     if "harmful" in groups:
         out["harmful"] = HarmfulResult(
@@ -349,22 +354,35 @@ def compare(before: Side, after: Side, kl_borderline: torch.Tensor | None, kl_or
             n=len(before.borderline_labels), judge=judge, n_judged=judged, refusals_before=_counts(was)["refusal"],
             refusals_after=_counts(now)["refusal"], not_complied_before=_not_complied(was),
             not_complied_after=_not_complied(now), n_answered=int(answered.sum()),
-            collateral_kl=summarise_kl(kl_borderline[answered]), kl=summarise_kl(kl_borderline),
-            touched=touched_fraction(kl_borderline))
+            collateral_kl=_summary(kl_borderline, answered), kl=_summary(kl_borderline),
+            touched=_touched(kl_borderline))
     if "ordinary" in groups and kl_ordinary is not None:
         judged = len(after.ordinary_labels)
         was, now = before.ordinary_labels[:judged], after.ordinary_labels
         out["ordinary"] = OrdinaryResult(
             n=len(kl_ordinary), judge=judge, n_judged=judged, refusals_before=_counts(was)["refusal"],
             refusals_after=_counts(now)["refusal"], not_complied_before=_not_complied(was),
-            not_complied_after=_not_complied(now), kl=summarise_kl(kl_ordinary), touched=touched_fraction(kl_ordinary))
+            not_complied_after=_not_complied(now), kl=_summary(kl_ordinary), touched=_touched(kl_ordinary))
     if "capability" in groups:
         out["capability"] = paired_difference(before.capability_correct, after.capability_correct)
     return out
 
 
-def _mean(values: Sequence[float]) -> float:
-    return float(sum(values) / len(values)) if values else 0.0
+def _mean(values: Sequence[float]) -> float | None:
+    return float(sum(values) / len(values)) if values else None
+
+
+def _summary(kl: torch.Tensor, keep: torch.Tensor | None = None) -> KLSummary | None:
+    """KLs summarised over the prompts that have one (NaN: an endpoint gave no log-probs); None if none has."""
+    measured = ~kl.isnan()
+    if not measured.any():
+        return None
+    return summarise_kl(kl[measured if keep is None else measured & keep])
+
+
+def _touched(kl: torch.Tensor) -> float | None:
+    measured = kl[~kl.isnan()]
+    return touched_fraction(measured) if measured.numel() else None
 
 
 def evaluate(loaded: LoadedModel, config: Any, settings: EvaluationSettings | None = None, progress: bool = True,

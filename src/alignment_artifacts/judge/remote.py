@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..cache import stable_hash
-from ..endpoint import EndpointError, HttpSettings, api_key_from_env, base_url, request_json
+from ..endpoint import EndpointError, HttpSettings, api_key_from_env, base_url, listed_model, request_json
 from .base import LABELS, Verdict, cached_verdicts
 from .rubric import ANSWER_BUDGET, LETTERS, PROMPT_BUDGET, RUBRIC_VERSION, cut_chars, judge_message
 
@@ -28,7 +28,7 @@ class EndpointJudge:
         self.base, self.batch_size, self.http = base_url(url), batch_size, http or HttpSettings()
         self.concurrency = max(1, concurrency)
         self.api_key = api_key_from_env()
-        self.model_name = model_name or self._only_model()
+        self.model_name = model_name or listed_model(self.base, self.http, self.api_key)
         self.url = f"{self.base}/chat/completions"
         self.name = f"endpoint:{self.base}#{self.model_name}"
         self.key = stable_hash({"judge": "endpoint", "url": self.base, "model": self.model_name,
@@ -57,18 +57,6 @@ class EndpointJudge:
 
     def _post(self, body: dict[str, Any]) -> Any:
         return request_json(self.url, body, settings=self.http, api_key=self.api_key)
-
-    def _only_model(self) -> str:
-        """The model the server lists, when it lists exactly one (else --judge-model is needed)."""
-        reply = request_json(f"{self.base}/models", settings=self.http, api_key=self.api_key)
-        try:
-            names = [str(entry["id"]) for entry in reply["data"]]
-        except (KeyError, TypeError):
-            names = []
-        if len(names) != 1:
-            listed = f"it lists {', '.join(names)}" if names else "its /models list is empty or unreadable"
-            raise EndpointError(f"Pass --judge-model NAME to choose the judge model at {self.base} ({listed}).")
-        return names[0]
 
     def _verdict(self, reply: Any) -> Verdict:
         try:
