@@ -81,7 +81,7 @@ def test_label_read_from_logits(loaded, short_rubric):
 
 
 def test_batched_equals_single(loaded, cache_root, short_rubric):
-    judge = ModelJudge(loaded, batch_size=len(PAIRS))
+    judge = ModelJudge(loaded, batch_size=len(PAIRS), judge_dtype="model")  # float32: batching is exact
     batched = judge.judge_batch([p for p, _ in PAIRS], [a for _, a in PAIRS])
     single = [judge.judge_batch([p], [a])[0] for p, a in PAIRS]
     assert [v.label for v in batched] == [v.label for v in single]
@@ -101,7 +101,7 @@ def test_interrupted_model_judging_resumes(loaded, cache_root, monkeypatch, shor
 
     fail = [True]
     monkeypatch.setattr(judge_lm, "next_token_logits", counted)
-    judge = ModelJudge(loaded, batch_size=2)
+    judge = ModelJudge(loaded, batch_size=2, judge_dtype="model")
     prompts, answers = [p for p, _ in PAIRS], [a for _, a in PAIRS]
     with pytest.raises(KeyboardInterrupt):
         judge.judge(prompts, answers)

@@ -139,14 +139,14 @@ class Measurer:
         self.texts = {name: chat_texts(loaded, getattr(sets, name), settings.system)
                       for name in ("harmful", "borderline", "ordinary")}
         self.capability_texts = chat_texts(loaded, [t.prompt for t in sets.capability], settings.system)
+        self.opening = refusal_opening_ids(loaded.tokenizer)
+        self.pending: dict[str, list[str]] = {}  # group -> answers waiting for the judge (memory only)
 
     def check_context(self) -> None:
         """Every prompt fits the model's context with room for its answer (before anything is computed)."""
         context = context_length(self.loaded.model)
         for name, texts in (*self.texts.items(), ("capability", self.capability_texts)):
             check_fits(self.loaded.tokenizer, texts, context, self.settings.max_tokens, f"the {name} group")
-        self.opening = refusal_opening_ids(loaded.tokenizer)
-        self.pending: dict[str, list[str]] = {}  # group -> answers waiting for the judge (memory only)
 
     def answers(self, group: str, side: Side, limit: int | None = None) -> None:
         """Generate one group's answers (and the proxy and markers that need no judge); ``limit``:
