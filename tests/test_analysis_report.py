@@ -200,8 +200,8 @@ def test_report_includes_evaluations_with_their_groups(result: AnalysisResult, t
     import torch
 
     from alignment_artifacts.capability import paired_difference
-    from alignment_artifacts.evaluation.groups import BorderlineResult, EvaluationResult, HarmfulResult, OrdinaryResult
     from alignment_artifacts.evaluation.metrics import summarise_kl
+    from alignment_artifacts.evaluation.results import BorderlineResult, EvaluationResult, HarmfulResult, OrdinaryResult
 
     kl = summarise_kl(torch.tensor([0.01, 0.03, 0.0]))
     evaluation = EvaluationResult(

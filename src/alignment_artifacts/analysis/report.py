@@ -220,7 +220,7 @@ def _evaluation_section(evaluations: list[dict[str, Any]]) -> str:
     import tempfile
 
     from ..evaluation import format_table, plot_evaluation
-    from ..evaluation.groups import result_from_json
+    from ..evaluation.results import result_from_json
 
     parts = ["<h2>Steering evaluation</h2><p>Four groups, before and after, each named by its judge: harmful "
              "(refusal / evasion / compliance), borderline (over-refusal, collateral KL on prompts the unmodified "

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .groups import EvaluationResult
 from .metrics import KLSummary
+from .results import EvaluationResult
 
 
 def _pair(before: int, after: int, n: int) -> str:

@@ -93,7 +93,7 @@ class OptimizeResult:
 
     def summary(self) -> str:
         from ..evaluation import format_table
-        from ..evaluation.groups import result_from_json
+        from ..evaluation.results import result_from_json
 
         c = self.config
         return "\n".join([
