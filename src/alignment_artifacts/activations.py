@@ -242,6 +242,7 @@ class _Recorder:
         self.plan, self.dtype = plan, dtype
         self.index: dict[str, torch.Tensor] = {}
         self.out: dict[tuple[str, int, str], list[torch.Tensor]] = {}
+        self.by_device: dict[torch.device, tuple[torch.Tensor, ...]] = {}
         self.decoding = False
 
     def start_batch(self, user_start: torch.Tensor, user_end: torch.Tensor, length: int, pad: torch.Tensor) -> None:
@@ -253,8 +254,15 @@ class _Recorder:
         self.mean_weights = span.float() / span.sum(1, keepdim=True).clamp_min(1).float()
         suffix = int((length - (pad + user_end)).min())
         self.post = (length - suffix + torch.arange(suffix, device=pad.device))[None, :].expand(len(pad), -1)
+        self.by_device = {pad.device: (self.rows, self.last, self.mean_weights, self.post)}
         self.out = {}
         self.decoding = False
+
+    def indices(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """This batch's position indices on ``device`` (a dispatched model's layers run on several), copied once."""
+        if device not in self.by_device:
+            self.by_device[device] = tuple(t.to(device) for t in self.by_device[self.rows.device])
+        return self.by_device[device]
 
     def hook(self, site: str, layer: int):
         def fn(h: torch.Tensor) -> None:
@@ -263,15 +271,16 @@ class _Recorder:
                     if position.startswith("generated:"):
                         self.out.setdefault((site, layer, position), []).append(h[:, -1].to(self.dtype, copy=True))
                 return None
+            rows, last, mean_weights, post = self.indices(h.device)
             for position in self.plan.positions:
                 if position == "last":
-                    value = h[self.rows, self.last]
+                    value = h[rows, last]
                 elif position == "first_generated":
                     value = h[:, -1]
                 elif position == "mean":
-                    value = torch.einsum("bl,blh->bh", self.mean_weights, h.float())
+                    value = torch.einsum("bl,blh->bh", mean_weights, h.float())
                 elif position == "post_instruction":
-                    value = h[self.rows[:, None], self.post]
+                    value = h[rows[:, None], post]
                 else:
                     value = h[:, -1]  # generated:N starts with the position that produces the first token
                 self.out.setdefault((site, layer, position), []).append(value.to(self.dtype, copy=True))

@@ -582,7 +582,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     loaded = _load(args)
     config = _steering_config(args, loaded)
     directions = get_directions(loaded, config, progress=not args.json)
-    path = export(loaded, config, directions, args.out, format=args.format, force=args.force)
+    path = export(loaded, config, directions, args.out, format=args.format, force=args.force,
+                  gguf_type=args.gguf_type)
     _emit(args, {"format": args.format, "path": str(path), "config": config.to_json()},
           f"exported {args.format} to {path}")
     return 0
@@ -778,8 +779,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="bake a configuration into weights, or write a control vector / vectors")
     _add_model(p)
     _add_steering(p)
-    p.add_argument("--format", default="hf", choices=["hf", "gguf-control-vector", "vectors"],
-                   help="hf (weights with the direction baked in), gguf-control-vector (llama.cpp), vectors")
+    p.add_argument("--format", default="hf", choices=["hf", "gguf", "gguf-control-vector", "vectors"],
+                   help="hf (weights with the direction baked in), gguf (the same, rewritten from the model's "
+                        "GGUF file), gguf-control-vector (llama.cpp), vectors")
+    p.add_argument("--gguf-type", default="auto",
+                   help="--format gguf: type of the rewritten tensors, auto (the source's where the gguf package "
+                        "can write it, else Q8_0), or e.g. Q8_0, F16, F32")
     p.add_argument("--out", required=True, help="output folder or file")
     p.add_argument("--force", action="store_true", help="replace an existing output")
     _add_common(p)

@@ -6,6 +6,9 @@ Three formats (see docs/export.md):
     Directional ablation baked into a copy of the weights: every matrix that writes into the
     residual stream at a hooked site is orthogonalised against the direction, so plain
     transformers (or vLLM, or any HF-compatible server) reproduces ``mode='ablate'``.
+``gguf``
+    The same baked ablation as a whole GGUF model, rewritten from the GGUF file the model was
+    loaded from (:mod:`alignment_artifacts.export_gguf`).
 ``gguf-control-vector``
     The additive modes (``always``, ``amplify``) as a llama.cpp control vector.
 ``vectors``
@@ -32,9 +35,10 @@ from .analysis.directions import DirectionSet
 from .cache import atomic_directory, atomic_file, atomic_save_safetensors, atomic_write_bytes, atomic_write_json
 from .errors import UserError, closest
 from .models.adapter import ModelAdapter, Writer
+from .models.offload import editable, execution_device
 from .steering import ADDITIVE_MODES, LINEAR_MODES, SteeringConfig, _direction_at, hook_targets
 
-FORMATS = ("hf", "gguf-control-vector", "vectors")
+FORMATS = ("hf", "gguf", "gguf-control-vector", "vectors")
 EXPORT_MANIFEST = "alignment_artifacts_export.json"
 STEERING_FILE = "steering.json"
 CONTROL_VECTOR_FILE = "control_vector.gguf"
@@ -42,16 +46,17 @@ CONTROL_VECTOR_ARCH = "controlvector"
 EXPORT_VERSION = 1
 MEMORY_NOTE = ("Baking copies the model: peak memory is about twice the loaded model (2x the float32 size "
                "for a float32 model), plus one float32 matrix at a time for the arithmetic.")
-_FORMAT_ADVICE = ("Formats by mode: 'ablate' -> hf (weights) or vectors; 'always'/'amplify' -> "
+_FORMAT_ADVICE = ("Formats by mode: 'ablate' -> hf or gguf (weights) or vectors; 'always'/'amplify' -> "
                   "gguf-control-vector or vectors; every other mode -> vectors (apply it with "
                   "alignment_artifacts.export.load_steering + apply_steering).")
 
 
 def export(loaded: Any, config: SteeringConfig, directions: DirectionSet, out: str | Path, format: str = "hf",
-           force: bool = False, evaluation: dict[str, Any] | None = None) -> Path:
+           force: bool = False, evaluation: dict[str, Any] | None = None, gguf_type: str = "auto") -> Path:
     """Write ``config`` + ``directions`` for ``loaded`` to ``out`` in ``format``; returns what was written.
 
-    ``config`` must be resolved (no ``auto``). The caller's model is never modified.
+    ``config`` must be resolved (no ``auto``). The caller's model is never modified. ``gguf_type``
+    (format ``gguf`` only) is the type of the rewritten tensors: ``auto`` keeps the source's.
     """
     if format not in FORMATS:
         raise UserError(f"Unknown export format '{format}'.{closest(format, FORMATS)} Formats: "
@@ -63,6 +68,12 @@ def export(loaded: Any, config: SteeringConfig, directions: DirectionSet, out: s
     config.validate(adapter.n_layers)
     directions.check_compatible(adapter.hidden_size, loaded.info.weights_hash, loaded.info.name)
     out = Path(out).expanduser()
+    if gguf_type != "auto" and format != "gguf":
+        raise UserError(f"--gguf-type applies to --format gguf only (this export is --format {format}).")
+    if format == "gguf":
+        from .export_gguf import export_gguf
+
+        return export_gguf(loaded, config, directions, out, force, evaluation, gguf_type)
     if format == "hf":
         return _export_hf(loaded, config, directions, out, force, evaluation)
     if format == "gguf-control-vector":
@@ -223,9 +234,11 @@ def bake_ablation(loaded: Any, config: SteeringConfig, directions: DirectionSet
     changed = []
     for site, layer, source, s in plan:
         u = _write_direction(copied, site, layer, directions.unit(source))
-        for writer in copied.writers(site, layer):
-            _orthogonalise(writer, u, s)
-            changed.append(writer.name)
+        for name in [writer.name for writer in copied.writers(site, layer)]:
+            # an offloaded weight is edited where accelerate loads it from, so look it up inside the block
+            with editable(model.get_submodule(name.rpartition(".")[0])):
+                _orthogonalise(next(w for w in copied.writers(site, layer) if w.name == name), u, s)
+            changed.append(name)
     _clear_quantization(model)
     return model, changed
 
@@ -239,7 +252,7 @@ def bake_error(loaded: Any, baked: Any, config: SteeringConfig, directions: Dire
     ids = loaded.tokenizer(text, return_tensors="pt").input_ids.to(loaded.device)
     with apply_steering(loaded, config, directions):
         hooked = loaded.model(input_ids=ids).logits.float()
-    baked_logits = baked(input_ids=ids.to(baked.get_input_embeddings().weight.device)).logits.float()
+    baked_logits = baked(input_ids=ids.to(execution_device(baked.get_input_embeddings()))).logits.float()
     diff = (hooked - baked_logits.to(hooked.device)).abs().max().item()
     return {"max_abs_logit_diff": diff, "relative": diff / max(hooked.abs().max().item(), 1e-12)}
 

@@ -34,6 +34,7 @@ accumulate on the device and are read once, when asked for.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 from collections.abc import Callable, Iterator
@@ -47,6 +48,7 @@ from .analysis.directions import DirectionSet
 from .errors import UserError, closest
 from .models.adapter import SITES
 from .models.hooks import decision_passes, site_hooks, whole_prompts
+from .models.offload import per_device, site_device
 
 MODES = ("none", "always", "proximity", "adaptive", "sphere", "subspace", "ablate", "clamp", "amplify", "auto")
 ADDITIVE_MODES = ("always", "amplify")  # a constant vector per layer: exportable as a control vector
@@ -206,14 +208,17 @@ class _Gate:
             return None
         return self.open
 
+    def _passes(self, h: torch.Tensor) -> torch.Tensor:
+        return _f32(h[:, -1]) @ self.u.to(h.device) > self.cap.to(h.device)
+
     def at_gate(self, h: torch.Tensor) -> None:
         if self.in_decision_pass:
-            self.open = _f32(h[:, -1]) @ self.u > self.cap
+            self.open = self._passes(h)
             raise _GateDecided
         if self.pending and h.shape[1] > 1:  # the real pass of a decision made first: keep it
             self.pending = False
         elif h.shape[1] > 1 or self.open is None or self.open.shape[0] != h.shape[0]:
-            self.open, self.decided_first = _f32(h[:, -1]) @ self.u > self.cap, False
+            self.open, self.decided_first = self._passes(h), False
 
     def deciding(self, fn: Callable[[torch.Tensor], torch.Tensor] | None) -> Callable[[torch.Tensor], Any]:
         """The gate layer's hook: decide first, then steer (if that site steers at all)."""
@@ -238,10 +243,11 @@ def _counted(fn: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | Non
         new, changed = fn(h32)
         if changed is None:
             changed = torch.ones(h.shape[:2], dtype=torch.bool, device=h.device)
-        if rows is not None:
+        if rows is not None:  # decided at the gate layer, which may run on another device
+            rows = rows.to(h.device)
             new = torch.where(rows[:, None, None], new, h32)
             changed = changed & rows[:, None]
-        counter[slot] += changed.sum()
+        counter[slot] += changed.sum().to(counter.device)
         return new.to(h.dtype)
 
     return hook
@@ -309,6 +315,14 @@ def _mode_fn(config: SteeringConfig, v: torch.Tensor, weight: float, extra: dict
 
         return clamp
     raise UserError(f"Mode '{mode}' has no hook (use one of {', '.join(MODES[1:-1])}).")
+
+
+def _hook_on(config: SteeringConfig, v: torch.Tensor, weight: float, extra: dict[str, torch.Tensor],
+             counter: torch.Tensor, slot: int, gate: _Gate | None, below_gate: bool,
+             device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The counted hook of one (site, layer) with its tensors on ``device``."""
+    on_device = {name: t.to(device) for name, t in extra.items()}
+    return _counted(_mode_fn(config, v.to(device), weight, on_device), counter, slot, gate, below_gate)
 
 
 @dataclass
@@ -412,29 +426,32 @@ def apply_steering(loaded: Any, config: SteeringConfig, directions: DirectionSet
     directions.check_compatible(adapter.hidden_size, loaded.info.weights_hash, loaded.info.name)
     targets = hook_targets(config, adapter.n_layers, directions)
     counter = torch.zeros(len(targets), dtype=torch.long, device=device)
-    gate = None if config.gate_layer is None else _gate(directions, config.gate_layer, config.gate_level, device)
+    gate = None if config.gate_layer is None else _gate(
+        directions, config.gate_layer, config.gate_level, site_device(adapter, directions.site, config.gate_layer))
     # hooks that run before the gate's own site in a pass can only act on a decision made first
     gate_at = (-1, 0) if gate is None else (gate.layer, BLOCK_ORDER.index(directions.site))
     hooks: dict[tuple[str, int], Callable[[torch.Tensor], Any]] = {}
     for slot, (site, layer) in enumerate(targets):
         source = _direction_at(directions, config, layer)
-        v = directions.vectors[source].to(device=device, dtype=torch.float32)
+        at = site_device(adapter, site, layer)  # each layer's own device, where accelerate dispatched the model
+        v = directions.vectors[source].to(device=at, dtype=torch.float32)
         extra: dict[str, torch.Tensor] = {}
         if config.mode == "sphere":
-            extra["centre"] = directions.positive_mean[source].to(device=device, dtype=torch.float32)
+            extra["centre"] = directions.positive_mean[source].to(device=at, dtype=torch.float32)
         if config.mode == "subspace":
             if source not in directions.pca:
                 raise UserError("Subspace steering needs a PCA basis; recompute directions with pca_components > 0.")
-            extra["basis"] = directions.pca[source][: config.pca_components].to(device=device, dtype=torch.float32)
+            extra["basis"] = directions.pca[source][: config.pca_components].to(device=at, dtype=torch.float32)
             extra["mean"] = ((directions.positive_mean[source] + directions.negative_mean[source]) / 2).to(
-                device=device, dtype=torch.float32)
+                device=at, dtype=torch.float32)
         if config.mode == "clamp":
             extra["threshold"] = _clamp_threshold(directions, config, site, layer, v)
         weight = 1.0 if config.layer_weights is None else float(config.layer_weights.get(layer, 0.0))
         if weight == 0.0:
             continue
-        hooks[(site, layer)] = _counted(_mode_fn(config, v, weight, extra), counter, slot, gate,
-                                        below_gate=(layer, BLOCK_ORDER.index(site)) < gate_at)
+        below = (layer, BLOCK_ORDER.index(site)) < gate_at
+        hooks[(site, layer)] = per_device(functools.partial(_hook_on, config, v, weight, extra, counter, slot, gate,
+                                                            below), at)
     if gate is not None:
         key = (directions.site, gate.layer)
         hooks[key] = gate.deciding(hooks.get(key))

@@ -20,6 +20,7 @@ from ..cache import cache_dir, stable_hash
 from ..errors import UserError, closest
 from .adapter import ModelAdapter
 from .builtin import BUILTINS, convert_gguf, drop_cached, ensure_converted, get_builtin
+from .offload import execution_device, offloaded_value
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -54,7 +55,8 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return self.model.get_input_embeddings().weight.device
+        """Where inputs go: the embeddings' execution device (accelerate may keep their weights elsewhere)."""
+        return execution_device(self.model.get_input_embeddings())
 
 
 def cpu_has_fast_bfloat16() -> bool:
@@ -166,7 +168,7 @@ def parameter_fingerprint(model: torch.nn.Module) -> str:
     digest = hashlib.sha256()
     with torch.no_grad():
         for name, param in model.named_parameters():
-            flat = param.detach().reshape(-1)
+            flat = offloaded_value(model, name, param).detach().reshape(-1)
             step = max(1, flat.numel() // 1024)
             digest.update(name.encode())
             digest.update(flat[::step].to(torch.float32).cpu().numpy().tobytes())
@@ -322,7 +324,7 @@ def _finish(model: Any, tokenizer: Any, name: str, source: str, kind: str, weigh
     info = ModelInfo(name=name, source=source, kind=kind, weights_hash=weights_hash, model_type=adapter.model_type,
                      n_layers=adapter.n_layers, hidden_size=adapter.hidden_size,
                      dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
-                     device=str(model.get_input_embeddings().weight.device),
+                     device=str(execution_device(model.get_input_embeddings())),
                      load_seconds=round(time.perf_counter() - started, 2))
     return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, info=info)
 

@@ -1,0 +1,185 @@
+"""Check `export --format gguf` of a builtin model in llama.cpp against the hooked ablation.
+
+1. Bakes the stored `optimize` ablation (or plain ablation at the default direction layer) into
+   the builtin's own GGUF file (`export --format gguf`, `--gguf-type` for the rewritten tensors).
+2. First-token distributions on the bundled harmful and harmless prompts: KL(hooked || llama.cpp
+   running the export), next to the quantisation floor KL(transformers || llama.cpp) of the
+   unmodified model (both sides read the same GGUF values, so the floor is llama.cpp's arithmetic).
+3. Greedy answers (--max-tokens) from the hooked model and from llama.cpp running the export:
+   refusal counts on the harmful prompts (evaluation.is_refusal) and token-level agreement.
+   Only counts, rates and divergences are printed, never an answer.
+
+Prints `name: value` lines. Needs llama-cpp-python (`pip install 'alignment-artifacts[llama]'`).
+
+    python examples/gguf_export_check.py --model smollm2-135m-instruct [--gguf-type auto] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+BUILTIN = "smollm2-135m-instruct"
+
+
+def open_llama(path: Path, threads: int) -> Any:
+    """llama-cpp-python on plain CPU kernels: its AMX weight repacking segfaults on some Sapphire Rapids
+    hosts (ggml-org/llama.cpp#20824), so extra buffer types are off, as llama.cpp's --no-repack does."""
+    import llama_cpp
+    import llama_cpp.llama as llama_module
+
+    defaults = llama_cpp.llama_model_default_params
+
+    def no_repacking() -> Any:
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    llama_module.llama_cpp.llama_model_default_params = no_repacking
+    try:
+        return llama_cpp.Llama(model_path=str(path), n_ctx=512, n_batch=512, logits_all=True, verbose=False,
+                               n_threads=threads, seed=0)
+    finally:
+        llama_module.llama_cpp.llama_model_default_params = defaults
+
+
+def llama_first_logits(llm: Any, rows: list[list[int]], n_vocab: int) -> torch.Tensor:
+    out = []
+    for ids in rows:
+        llm.reset()
+        llm.eval(ids)
+        out.append(torch.from_numpy(np.array(llm.scores[len(ids) - 1, :n_vocab], dtype=np.float32)))
+    return torch.stack(out)
+
+
+def llama_greedy(llm: Any, rows: list[list[int]], max_tokens: int, stops: set[int]) -> list[list[int]]:
+    answers = []
+    for ids in rows:
+        llm.reset()
+        llm.eval(ids)
+        answer: list[int] = []
+        while len(answer) < max_tokens:
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            if token in stops:
+                break
+            answer.append(token)
+            llm.eval([token])
+        answers.append(answer)
+    return answers
+
+
+def kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> float:
+    """Mean over prompts of KL(p || q), in float64."""
+    p, q = p_logits.double().log_softmax(-1), q_logits.double().log_softmax(-1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+def prefix_agreement(a: list[list[int]], b: list[list[int]]) -> tuple[int, float]:
+    """How many answers are identical, and the mean share of the longer answer that matches as a prefix."""
+    identical, shares = 0, []
+    for x, y in zip(a, b):
+        identical += x == y
+        same = next((i for i, (s, t) in enumerate(zip(x, y)) if s != t), min(len(x), len(y)))
+        shares.append(same / max(len(x), len(y), 1))
+    return identical, float(np.mean(shares))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=BUILTIN, help="builtin model (its own GGUF file is rewritten)")
+    parser.add_argument("--config", help="a steering configuration JSON to bake (mode ablate)")
+    parser.add_argument("--gguf-type", default="auto", help="type of the rewritten tensors (default auto)")
+    parser.add_argument("--out", type=Path, help="the exported .gguf (default: a temporary file)")
+    parser.add_argument("--max-tokens", type=int, default=48, help="greedy answer length (default 48)")
+    parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads (default 2)")
+    args = parser.parse_args()
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        print("SKIPPED: llama_cpp is not installed; pip install 'alignment-artifacts[llama]' (compiles llama.cpp).")
+        return
+
+    from alignment_artifacts.api import get_directions, get_model, resolve_config
+    from alignment_artifacts.evaluation import (
+        EvaluationSettings,
+        chat_texts,
+        first_logits,
+        generated_refusals,
+        is_refusal,
+        load_eval_sets,
+    )
+    from alignment_artifacts.export import export
+    from alignment_artifacts.export_gguf import read_manifest, source_gguf
+    from alignment_artifacts.models.generation import stop_token_ids
+    from alignment_artifacts.steering import SteeringConfig, apply_steering
+
+    started = time.perf_counter()
+    loaded = get_model(args.model, device="cpu", dtype="float32")
+    if args.config:
+        config = resolve_config(loaded, SteeringConfig.load(args.config))
+    else:
+        config = resolve_config(loaded, SteeringConfig(mode="auto"))
+        if config.mode != "ablate":
+            config = resolve_config(loaded, SteeringConfig(mode="ablate"))
+    directions = get_directions(loaded, config, progress=False)
+    out = args.out or Path(tempfile.mkdtemp(prefix="aa-gguf-")) / f"{args.model}-ablated.gguf"
+    export_started = time.perf_counter()
+    export(loaded, config, directions, out, format="gguf", force=True, gguf_type=args.gguf_type)
+    export_seconds = time.perf_counter() - export_started
+    modified = read_manifest(out)["modified"]
+
+    harmful, harmless = load_eval_sets(EvaluationSettings())
+    harmful_texts, harmless_texts = chat_texts(loaded, harmful, None), chat_texts(loaded, harmless, None)
+    texts = harmful_texts + harmless_texts
+    rows = [loaded.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    plain = first_logits(loaded, texts)
+    with apply_steering(loaded, config, directions):
+        hooked = first_logits(loaded, texts)
+        hooked_answers = generated_refusals(loaded, harmful_texts, args.max_tokens)
+    unmodified_answers = generated_refusals(loaded, harmful_texts, args.max_tokens)
+
+    stops = set(stop_token_ids(loaded.model, loaded.tokenizer))
+    llama_source = open_llama(source_gguf(loaded), args.threads)
+    n_vocab = min(llama_source.n_vocab(), plain.shape[1])
+    llama_plain = llama_first_logits(llama_source, rows, n_vocab)
+    del llama_source
+    llama_export = open_llama(out, args.threads)
+    llama_ablated = llama_first_logits(llama_export, rows, n_vocab)
+    gguf_answers = llama_greedy(llama_export, rows[:len(harmful_texts)], args.max_tokens, stops)
+    gguf_refusals = sum(is_refusal(loaded.tokenizer.decode(a, skip_special_tokens=True)) for a in gguf_answers)
+
+    plain, hooked = plain[:, :n_vocab], hooked[:, :n_vocab]
+    floor, ablated = kl(plain, llama_plain), kl(hooked, llama_ablated)
+    identical, share = prefix_agreement(hooked_answers.ids, gguf_answers)
+    n_h = len(harmful_texts)
+    types = sorted({f"{m['source_type']}->{m['written_type']}" for m in modified.values()})
+    print(f"model: {loaded.info.name}")
+    print(f"configuration: mode={config.mode} scale={config.scale:.3f} direction_layer={config.direction_layer} "
+          f"({config.notes.get('auto', 'explicit')})")
+    print(f"gguf_type: {args.gguf_type} ({', '.join(types)}; {len(modified)} tensors rewritten)")
+    print(f"export_seconds: {export_seconds:.1f}")
+    print(f"max_requantization_rms_error: {max(m['requantization_rms_error'] for m in modified.values()):.4f}")
+    print(f"prompts: {n_h} harmful + {len(harmless_texts)} harmless (first-token KL over all)")
+    print(f"kl_hooked_vs_gguf: {ablated:.5f}")
+    print(f"kl_floor_unmodified_hf_vs_llama: {floor:.5f}")
+    print(f"kl_ratio_to_floor: {ablated / max(floor, 1e-12):.2f}")
+    print(f"kl_hooked_vs_gguf_harmful: {kl(hooked[:n_h], llama_ablated[:n_h]):.5f}")
+    print(f"kl_hooked_vs_gguf_harmless: {kl(hooked[n_h:], llama_ablated[n_h:]):.5f}")
+    print(f"kl_ablation_effect_hooked_vs_unmodified: {kl(hooked, plain):.5f}")
+    print(f"top1_agreement_hooked_vs_gguf: {int((hooked.argmax(-1) == llama_ablated.argmax(-1)).sum())}/{len(texts)}")
+    print(f"refusals_harmful_unmodified_hf: {sum(unmodified_answers.flags)}/{n_h}")
+    print(f"refusals_harmful_hooked: {sum(hooked_answers.flags)}/{n_h}")
+    print(f"refusals_harmful_gguf: {gguf_refusals}/{n_h}")
+    print(f"greedy_identical_answers_hooked_vs_gguf: {identical}/{n_h}")
+    print(f"greedy_mean_matching_prefix_share: {share:.3f}")
+    print(f"total_seconds: {time.perf_counter() - started:.0f}")
+
+
+if __name__ == "__main__":
+    main()
