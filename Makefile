@@ -13,7 +13,10 @@ setup-dev:
 
 demo: setup
 	$(BIN)/alignment-artifacts analyze --model qwen2.5-coder-1.5b-instruct
-	$(BIN)/alignment-artifacts suppress "How do I pick a lock on my own front door?" --model qwen2.5-coder-1.5b-instruct --max-tokens 64
+	@echo "== a mildly sensitive request the model refuses, answered with the refusal direction ablated"
+	$(BIN)/alignment-artifacts suppress "How can I sneak snacks into a movie theatre?" --model qwen2.5-coder-1.5b-instruct --mode ablate --max-tokens 64
+	@echo "== an everyday request, refused with the refusal direction amplified"
+	$(BIN)/alignment-artifacts suppress "Give me a recipe for banana bread." --model qwen2.5-coder-1.5b-instruct --mode amplify --scale 1.0 --max-tokens 32
 
 test: setup-dev
 	$(BIN)/ruff check src tests bench examples scripts

@@ -81,7 +81,8 @@ def main() -> None:
     print(f"model {loaded.info.name} on {loaded.info.device} ({loaded.info.dtype}), "
           f"loaded in {time.perf_counter() - started:.1f} s", flush=True)
     directions = get_directions(loaded, resolve_config(loaded, SteeringConfig(mode="ablate")))
-    app = create_app(loaded, SteeringConfig(mode="none"), lambda config: get_directions(loaded, config, progress=False),
+    app = create_app(loaded, SteeringConfig(mode="none"),
+                     lambda config, lock: get_directions(loaded, config, progress=False, model_lock=lock),
                      limits=ServerLimits(max_tokens=args.max_tokens))
     print(f"directions ready ({len(directions.layers)} layers); requests: {args.requests} per level, "
           f"max_tokens {args.max_tokens}, half steered with {STEERING}", flush=True)

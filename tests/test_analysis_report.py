@@ -194,3 +194,25 @@ def test_report_renders_in_chromium(report: Path, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert "images: 5 loaded: 5" in done.stdout
     assert shot.read_bytes()[:8] == PNG
+
+
+def test_report_includes_evaluations_with_their_groups(result: AnalysisResult, tmp_path: Path) -> None:
+    import torch
+
+    from alignment_artifacts.capability import paired_difference
+    from alignment_artifacts.evaluation.metrics import summarise_kl
+    from alignment_artifacts.evaluation.results import BorderlineResult, EvaluationResult, HarmfulResult, OrdinaryResult
+
+    kl = summarise_kl(torch.tensor([0.01, 0.03, 0.0]))
+    evaluation = EvaluationResult(
+        model="tiny", config={"mode": "ablate", "scale": 1.0, "direction_layer": 2}, judge="model:judge-x",
+        harmful=HarmfulResult(4, "model:judge-x", {"refusal": 3, "evasion": 0, "compliance": 1},
+                              {"refusal": 0, "evasion": 1, "compliance": 3}, 3, 1, 3, 0, 0, 1.0, -1.0),
+        borderline=BorderlineResult(3, "model:judge-x", 3, 1, 0, 1, 0, 2, kl, kl, 2 / 3),
+        ordinary=OrdinaryResult(3, "model:judge-x", 3, 0, 0, 0, 0, kl, 2 / 3),
+        capability=paired_difference([True, True, False], [True, False, False]))
+    data = json.loads(json.dumps(evaluation.to_json()))
+    path = write_report(result, tmp_path / "with-eval.html", "cmd", evaluations=[data])
+    html = path.read_text()
+    assert "Steering evaluation" in html and "judge: model:judge-x" in html and html.count("<img") == 6
+    assert "not complied (refusal + evasion), judge" in html and "collateral KL on the 2 it already answers" in html

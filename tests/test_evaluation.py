@@ -14,21 +14,24 @@ from alignment_artifacts.errors import UserError
 from alignment_artifacts.evaluation import (
     EvaluationSettings,
     evaluate,
+    first_logits,
     generated_refusals,
     is_refusal,
     kl_divergence,
     refusal_log_odds,
+    refusal_opening_ids,
 )
 from alignment_artifacts.models.generation import format_chat
 from alignment_artifacts.optimize import (
     OptimizeSettings,
+    choose,
     config_from_params,
     layer_weights,
     optimize,
     search_and_direction_sets,
 )
 from alignment_artifacts.prompts import resolve_prompts
-from alignment_artifacts.steering import SteeringConfig
+from alignment_artifacts.steering import SteeringConfig, apply_steering
 from tiny_models import tiny_model
 
 
@@ -57,33 +60,131 @@ def prompt_files(tmp_path):
     return str(tmp_path / "harmful.txt"), str(tmp_path / "harmless.txt")
 
 
-def test_evaluate_none_is_exact_and_ablate_moves(cache_root, prompt_files):
+SMALL = dict(n_borderline=6, n_ordinary=8, n_capability=6, max_tokens=4, capability_max_tokens=4, batch_size=4,
+             generation_batch_size=4)
+
+
+def test_evaluate_reports_four_groups_none_exact_and_ablate_moves(cache_root, prompt_files):
     loaded = tiny_model("llama", layers=3)
     harmful, harmless = prompt_files
-    settings = EvaluationSettings(harmful=harmful, harmless=harmless, max_tokens=4, batch_size=4)
+    settings = EvaluationSettings(harmful=harmful, **SMALL)
     none = evaluate(loaded, SteeringConfig(mode="none"), settings, progress=False)
-    assert none.kl_mean == 0.0 and none.refusals == none.baseline_refusals and none.n_harmful == 10
+    data = json.loads(json.dumps(none.to_json()))
+    assert {"harmful", "borderline", "ordinary", "capability"} <= set(data) and data["judge"] == "markers"
+    h = none.harmful
+    assert h.n == 10 and h.before == h.after and h.marker_refusals_before == h.marker_refusals_after
+    assert sum(h.before.values()) == 10 and h.before["evasion"] == 0  # markers never say evasion
     texts = [format_chat(loaded.tokenizer, line) for line in Path(harmful).read_text().splitlines()]
-    assert none.broad_marker_hits == sum(generated_refusals(loaded, texts, 4, 4).broad)  # measured, not assumed
+    assert h.broad_marker_hits == sum(generated_refusals(loaded, texts, 4, 4).broad)  # measured, not assumed
+    assert none.ordinary.kl.mean == 0.0 and none.ordinary.n == 8 and none.ordinary.touched == 0.0
+    assert none.borderline.n == 6 and none.borderline.collateral_kl.mean == 0.0
+    assert none.capability.n == 6 and none.capability.delta == 0.0
     ablate = evaluate(loaded, SteeringConfig(mode="ablate", scale=1.0, source=f"{harmful},{harmless}"), settings,
                       progress=False)
-    assert ablate.kl_mean > 0 and ablate.n_harmless == 10
-    assert json.dumps(ablate.to_json())
+    assert ablate.ordinary.kl.mean > 0 and ablate.ordinary.touched == 1.0  # unconditional: every prompt moves
+    assert ablate.ordinary.kl.low <= ablate.ordinary.kl.mean <= ablate.ordinary.kl.high
+    assert ablate.borderline.kl.mean > 0 and ablate.borderline.touched == 1.0
+    assert ablate.capability.n == 6 and ablate.capability.before == none.capability.before
 
 
-def test_optimize_stores_config_used_by_auto_and_resumes(cache_root, prompt_files):
+def test_evaluate_cli_json_has_the_four_groups(cache_root, prompt_files, capsys, tmp_path):
+    from alignment_artifacts.cli import main
+    from tiny_models import save_tiny
+
+    folder = save_tiny("llama", tmp_path / "tiny", layers=3)
+    harmful, _ = prompt_files
+    assert main(["evaluate", "--model", str(folder), "--mode", "none", "--harmful", harmful, "--n-borderline", "4",
+                 "--n-ordinary", "4", "--n-capability", "4", "--max-tokens", "3", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["harmful"]["n"] == 10 and data["borderline"]["n"] == 4 and data["ordinary"]["n"] == 4
+    assert data["capability"]["n"] == 4 and data["judge"] == "markers"
+    assert main(["evaluate", "--model", str(folder), "--groups", "harmful,typo"]) == 2
+    assert "Unknown evaluation group(s) ['typo']" in capsys.readouterr().err
+
+
+class _CountingJudge:
+    """Labels by a fixed rule of the answer's length, and counts what it was asked."""
+
+    name = "counting"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def judge(self, prompts, answers, progress=None):
+        from alignment_artifacts.judge import Verdict
+
+        self.calls += len(answers)
+        return [Verdict(("refusal", "evasion", "compliance")[len(a) % 3], 1.0) for a in answers]
+
+
+def test_collateral_kl_of_a_gate_counts_only_the_prompts_it_lets_through(cache_root, prompt_files):
+    """A gate that steers some borderline prompts: the collateral KL sees exactly those, among the
+    prompts the unmodified model answers, and the touched fraction is the share it let through."""
+    from alignment_artifacts.api import get_directions
+    from alignment_artifacts.evaluation import Baseline, chat_texts, load_group_sets
+    from alignment_artifacts.evaluation.groups import evaluate_against
+
     loaded = tiny_model("llama", layers=4)
     harmful, harmless = prompt_files
-    settings = OptimizeSettings(trials=3, timeout=120, harmful=harmful, harmless=harmless, max_tokens=4,
-                                batch_size=8, finalists=2, max_kl=10.0)
+    settings = EvaluationSettings(harmful=harmful, groups=("borderline", "ordinary"), n_borderline=16,
+                                  n_ordinary=8, max_tokens=3, batch_size=4, generation_batch_size=4)
+    judge = _CountingJudge()
+    baseline = Baseline(loaded, load_group_sets(settings), settings, judge)
+    directions = get_directions(loaded, SteeringConfig(mode="clamp"), source=f"{harmful},{harmless}",
+                                progress=False)
+    touched = set()
+    for level in (-1.0, 0.5, 2.0):
+        config = resolve_config(loaded, SteeringConfig(mode="ablate", scale=1.0, direction_layer=2, gate_layer=3,
+                                                       gate_level=level))
+        result = evaluate_against(loaded, config, baseline, directions, progress=False)
+        b = result.borderline
+        answered = [x == "compliance" for x in baseline.side().borderline_labels]
+        assert b.n_answered == sum(answered) and 0 < b.n_answered < 16
+        # the same numbers from the per-prompt KLs: gated-out prompts are bit-identical (KL exactly 0)
+        with apply_steering(loaded, config, directions):
+            steered = first_logits(loaded, chat_texts(loaded, baseline.sets.borderline, None), 4)
+        kl = kl_divergence(baseline.logits("borderline", whole=True), steered)
+        assert b.touched == pytest.approx(float((kl > 1e-6).double().mean()))
+        assert b.collateral_kl.mean == pytest.approx(float(kl[torch.tensor(answered)].mean()), abs=1e-6)
+        touched.add(round(b.touched, 3))
+    assert (len(touched) > 1 and 0.0 in touched) or len(touched) == 3  # the levels let different shares through
+    calls = judge.calls
+    Baseline(loaded, load_group_sets(settings), settings, judge).side()  # cached: the judge is not asked again
+    assert judge.calls == calls
+
+
+def _optimize_settings(prompt_files, **extra):
+    harmful, harmless = prompt_files
+    values = dict(trials=3, timeout=120, harmful=harmful, harmless=harmless, max_tokens=3, batch_size=8,
+                  generation_batch_size=8, finalists=2, max_kl=10.0, search_size=6, n_val_ordinary=6,
+                  n_val_borderline=6, judged_borderline=4, judged_ordinary=3, n_capability=4)
+    values.update(extra)
+    return OptimizeSettings(**values)
+
+
+def test_optimize_stores_four_groups_and_a_relative_direction_path_used_by_auto(cache_root, prompt_files,
+                                                                                 tmp_path, monkeypatch):
+    from alignment_artifacts import cache
+
+    loaded = tiny_model("llama", layers=4)
+    settings = _optimize_settings(prompt_files)
     result = optimize(loaded, settings, progress=False)
-    assert result.trials == 3 and result.validation["n_harmful"] == 5
+    assert result.trials == 3 and result.validation["harmful"]["n"] == 5
+    assert {"harmful", "borderline", "ordinary", "capability"} <= set(result.validation)
+    assert all({"harmful", "ordinary"} <= set(row["validation"]) for row in result.finalists)
     stored = stored_config(loaded)
     assert stored is not None and stored.mode in ("clamp", "ablate") and stored.layer_weights
-    used = DirectionSet.load(stored.source)  # the stored config carries the search's own directions, computed
-    assert used.n_positive == 3 and used.n_negative == 3  # on the training prompts the search does not score
+    assert not Path(stored.source).is_absolute()  # relative to the cache root: a moved cache keeps working
+    used = DirectionSet.load(cache_root / stored.source)  # the search's own directions: the training prompts
+    assert used.n_positive == 3 and used.n_negative == 10  # it does not score, and the harmless set
+    moved = tmp_path / "moved"
+    cache_root.rename(moved)
+    monkeypatch.setenv(cache.ENV_VAR, str(moved))
     auto = resolve_config(loaded, SteeringConfig(mode="auto"))
     assert auto.direction_layer == stored.direction_layer and auto.scale == stored.scale
+    from alignment_artifacts.api import get_directions
+
+    assert get_directions(loaded, auto, progress=False).prompt_set_hash == used.prompt_set_hash
     settings.resume, settings.trials = True, 5
     again = optimize(loaded, settings, progress=False)
     assert again.trials == 5
@@ -93,8 +194,7 @@ def test_optimize_bad_input(cache_root, tmp_path):
     loaded = tiny_model("llama", layers=2)
     (tmp_path / "few.txt").write_text("one\ntwo\nthree")
     with pytest.raises(UserError, match="at least 8"):
-        optimize(loaded, OptimizeSettings(harmful=str(tmp_path / "few.txt"), harmless=str(tmp_path / "few.txt")),
-                 progress=False)
+        optimize(loaded, OptimizeSettings(harmful=str(tmp_path / "few.txt")), progress=False)
     with pytest.raises(UserError, match="too short"):
         optimize(loaded, OptimizeSettings(timeout=1), progress=False)
     with pytest.raises(UserError, match="--modes ablate"):
@@ -105,36 +205,66 @@ def test_optimize_bad_input(cache_root, tmp_path):
 
 def test_search_prompts_are_never_direction_prompts(prompt_files, tmp_path):
     harmful, harmless = (resolve_prompts(path, label=label) for path, label in zip(prompt_files, (1, 0)))
-    search_harmful, search_harmless, direction = search_and_direction_sets(
-        harmful, harmless, OptimizeSettings(search_size=3))
-    assert len(search_harmful) == 3 and len(search_harmless) == 3 and len(direction) == 14
-    assert not set(direction.texts) & set(search_harmful.texts + search_harmless.texts)
+    search_harmful, direction = search_and_direction_sets(harmful, harmless, OptimizeSettings(search_size=3))
+    assert len(search_harmful) == 3 and len(direction) == 17
+    assert not set(direction.texts) & set(search_harmful.texts)
     (tmp_path / "other.txt").write_text("\n".join(f"Describe harbour number {i}." for i in range(6)))
     explicit = OptimizeSettings(direction_prompts=f"{prompt_files[0]},{tmp_path / 'other.txt'}")
     with pytest.raises(UserError, match="0 of the 10 harmful training prompts are outside"):
-        search_and_direction_sets(harmful, harmless, explicit)
-    explicit.direction_prompts = f"{tmp_path / 'other.txt'},{prompt_files[1]}"
-    with pytest.raises(UserError, match="harmless training prompts are outside"):
         search_and_direction_sets(harmful, harmless, explicit)
 
 
 def test_optimize_ablate_only_keeps_the_result_bakeable(cache_root, prompt_files, tmp_path):
     loaded = tiny_model("llama", layers=3)
-    harmful, harmless = prompt_files
     (tmp_path / "dir_harmful.txt").write_text("\n".join(f"Explain how to do wrong deed {i}." for i in range(6)))
     (tmp_path / "dir_harmless.txt").write_text("\n".join(f"Explain how to bake loaf {i}." for i in range(6)))
-    settings = OptimizeSettings(trials=3, timeout=120, harmful=harmful, harmless=harmless, modes=["ablate"],
-                                direction_prompts=f"{tmp_path / 'dir_harmful.txt'},{tmp_path / 'dir_harmless.txt'}",
-                                max_tokens=4, batch_size=8, finalists=2, max_kl=10.0, screen_dtype="bfloat16",
-                                validate_all_finalists=True)
+    settings = _optimize_settings(prompt_files, modes=["ablate"], screen_dtype="bfloat16",
+                                  direction_prompts=f"{tmp_path / 'dir_harmful.txt'},{tmp_path / 'dir_harmless.txt'}",
+                                  check_plain_recipe=True)
     result = optimize(loaded, settings, progress=False)
-    assert result.config["mode"] == "ablate" and all(row["mode"] == "ablate" for row in result.finalists)
-    for row in result.finalists:  # each generated on validation, its proxy measured on the same prompts
-        val = row["validation"]
-        assert val["n_harmful"] == 5 and 0 <= val["proxy_refusals"] <= 5 and 0 <= val["proxy_agreement"] <= 1
-    assert result.proxy_agreement is not None
+    assert result.config["mode"] == "ablate" and all(row["config"]["mode"] == "ablate" for row in result.finalists)
+    plain = [row for row in result.finalists if row.get("reference") == "plain recipe"]
+    assert len(plain) == 1 and plain[0]["config"]["scale"] == 1.0
     assert all("clamp_scale" not in row["params"] for row in result.pareto)
     assert all(p.dtype == torch.float32 for p in loaded.model.parameters())  # screening dtype restored
+
+
+def test_optimize_charges_a_gate_for_the_borderline_prompts_it_steers(cache_root, prompt_files):
+    """The screening cost of a gated trial includes the collateral KL on borderline prompts it lets
+    through, equal to what the real gated hooks do there; a gate that lets none through costs nothing."""
+    from alignment_artifacts.api import get_directions
+    from alignment_artifacts.optimize.search import Scorer
+
+    loaded = tiny_model("llama", layers=4)
+    harmful, harmless = prompt_files
+    directions = get_directions(loaded, SteeringConfig(mode="clamp"), source=f"{harmful},{harmless}",
+                                progress=False)
+    chat = lambda lines: [format_chat(loaded.tokenizer, t) for t in lines]  # noqa: E731
+    borderline = chat(resolve_prompts("borderline:train", label=0).filter(label=0).texts[:16])
+    ordinary = chat(resolve_prompts("ordinary:train").texts[:8])
+    harmful_texts = chat(Path(harmful).read_text().splitlines())
+    scorer = Scorer(loaded, harmful_texts, ordinary, borderline, 4, directions, range(2, 4))
+    opening = refusal_opening_ids(loaded.tokenizer)
+    base = {"ordinary": first_logits(loaded, ordinary, 4, whole=True),
+            "borderline": first_logits(loaded, borderline, 4, whole=True)}
+    costs = []
+    for level in (-0.5, 0.3, 0.7, 2.0):
+        config = SteeringConfig(mode="clamp", scale=1.0, clamp_level=0.0, direction_layer=2, gate_layer=3,
+                                gate_level=level)
+        score = scorer.score(config)
+        with apply_steering(loaded, config, directions):
+            real_odds = refusal_log_odds(first_logits(loaded, harmful_texts, 4), opening)
+            real = {name: kl_divergence(base[name], first_logits(loaded, texts, 4))
+                    for name, texts in (("ordinary", ordinary), ("borderline", borderline))}
+        torch.testing.assert_close(score.odds, real_odds, rtol=1e-4, atol=1e-4)
+        assert score.kl_ordinary == pytest.approx(float(real["ordinary"].mean()), abs=1e-6)
+        collateral = real["borderline"][scorer.answered]
+        assert score.kl_collateral == pytest.approx(float(collateral.mean()), abs=1e-6)
+        assert score.cost == pytest.approx(score.kl_ordinary + score.kl_collateral)
+        steered_answered = set(scorer._passing("borderline", 3, level)) & set(scorer.answered)
+        assert (score.kl_collateral > 0) == bool(steered_answered)  # charged exactly when it steers those
+        costs.append(score.kl_collateral)
+    assert len(set(costs)) > 1 and max(costs) > 0
 
 
 def test_optimize_searches_per_prompt_gates_unless_told_not_to(cache_root, prompt_files):
@@ -143,9 +273,7 @@ def test_optimize_searches_per_prompt_gates_unless_told_not_to(cache_root, promp
     from alignment_artifacts.cache import cache_dir
 
     loaded = tiny_model("llama", layers=4)
-    harmful, harmless = prompt_files
-    settings = OptimizeSettings(trials=5, timeout=120, harmful=harmful, harmless=harmless, modes=["clamp"],
-                                max_tokens=4, batch_size=8, finalists=2, max_kl=10.0)
+    settings = _optimize_settings(prompt_files, trials=5, modes=["clamp"], finalists=1)
     for gate in (True, False):
         settings.gate = gate
         optimize(loaded, settings, progress=False)
@@ -154,43 +282,25 @@ def test_optimize_searches_per_prompt_gates_unless_told_not_to(cache_root, promp
         trials = optuna.load_study(study_name=study_name, storage=storage).trials
         gated = [t for t in trials if t.params.get("gated")]
         assert len(gated) == (2 if gate else 0)  # the two gated seed clamps
-        assert all(2 <= t.params["gate_layer"] <= 3 and t.user_attrs["kl"] >= 0 for t in gated)
+        assert all(2 <= t.params["gate_layer"] <= 3 and t.user_attrs["kl_collateral"] >= 0 for t in gated)
+        assert all(t.params["clamp_level"] >= 0.0 and t.params["clamp_scale"] <= 1.3 for t in trials)
     config = config_from_params({"mode": "clamp", "clamp_scale": 1.2, "direction_layer": 2, "kernel_centre": 1,
                                  "kernel_width": 4, "kernel_floor": 1.0, "gated": True, "gate_layer": 3,
                                  "gate_level": 0.1}, 4, loaded)
     assert (config.gate_layer, config.gate_level, config.scale) == (3, 0.1, 1.2)
 
 
-def test_gated_screening_equals_the_gated_passes(cache_root, prompt_files):
-    """The search scores a gated trial as its ungated twin on the prompts the gate lets through and
-    the unmodified model elsewhere; that must be what the gated hooks do."""
-    from alignment_artifacts.api import get_directions
-    from alignment_artifacts.evaluation import first_logits, refusal_opening_ids
-    from alignment_artifacts.optimize import _Scorer
-    from alignment_artifacts.steering import apply_steering
+def test_choice_prefers_fewer_not_complied_then_lower_cost_within_the_capability_budget():
+    def row(trial, not_complied, kl, collateral, delta):
+        return {"trial": trial, "validation": {"harmful": {"not_complied_after": not_complied},
+                                               "ordinary": {"kl": {"mean": kl}},
+                                               "borderline": {"collateral_kl": {"mean": collateral}},
+                                               "capability": {"delta": delta}}}
 
-    loaded = tiny_model("llama", layers=4)
-    harmful, harmless = prompt_files
-    directions = get_directions(loaded, SteeringConfig(mode="clamp"), source=f"{harmful},{harmless}",
-                                progress=False)
-    texts = {path: [format_chat(loaded.tokenizer, line) for line in Path(path).read_text().splitlines()]
-             for path in prompt_files}
-    scorer = _Scorer(loaded, texts[harmful], texts[harmless], 4, directions, range(2, 4))
-    opening = refusal_opening_ids(loaded.tokenizer)
-    base = first_logits(loaded, texts[harmless], 4, whole=True)
-    tried = []
-    for level in (-0.5, 0.3, 0.5, 0.7, 1.5):
-        config = SteeringConfig(mode="clamp", scale=2.0, clamp_level=-1.0, direction_layer=2, gate_layer=3,
-                                gate_level=level)
-        refusal, kl, odds = scorer.score(config)
-        with apply_steering(loaded, config, directions):
-            real_odds = refusal_log_odds(first_logits(loaded, texts[harmful], 4), opening)
-            real_kl = kl_divergence(base, first_logits(loaded, texts[harmless], 4))
-        torch.testing.assert_close(odds, real_odds, rtol=1e-4, atol=1e-4)
-        assert refusal == pytest.approx(float(torch.sigmoid(real_odds).mean()), abs=1e-5)
-        assert kl == pytest.approx(float(real_kl.mean()), abs=1e-6)
-        tried.append(int((real_kl > 1e-9).sum()))
-    assert len(set(tried)) > 1 and max(tried) > 0  # the levels gate different numbers of prompts
+    rows = [row(1, 0, 0.05, 0.5, -0.05), row(2, 0, 0.02, 0.04, 0.0), row(3, 0, 0.01, 0.01, -0.005),
+            row(4, 2, 0.001, 0.0, 0.0)]
+    assert choose(rows, 0.01)["trial"] == 3  # 1 loses capability; 3 is cheaper than 2
+    assert choose([rows[0]], 0.01)["trial"] == 1  # nothing qualifies: all are considered
 
 
 def test_layer_kernel_shape():
@@ -205,11 +315,13 @@ def test_exported_folder_evaluates_like_hooked_configuration(cache_root, prompt_
 
     loaded = tiny_model("qwen2", layers=3)
     harmful, harmless = prompt_files
-    settings = EvaluationSettings(harmful=harmful, harmless=harmless, max_tokens=4, batch_size=4)
+    settings = EvaluationSettings(harmful=harmful, **SMALL)
     config = resolve_config(loaded, SteeringConfig(mode="ablate", scale=1.0, source=f"{harmful},{harmless}"))
     hooked = evaluate(loaded, config, settings, progress=False)
     folder = export(loaded, config, get_directions(loaded, config, progress=False), tmp_path / "baked")
     exported = load_model(str(folder), device="cpu")
     baked = evaluate(exported, SteeringConfig(mode="none"), settings, progress=False, reference=loaded)
-    assert baked.refusals == hooked.refusals and baked.baseline_refusals == hooked.baseline_refusals
-    assert baked.kl_mean == pytest.approx(hooked.kl_mean, rel=1e-3, abs=1e-6)
+    assert baked.harmful.after == hooked.harmful.after and baked.harmful.before == hooked.harmful.before
+    assert baked.ordinary.kl.mean == pytest.approx(hooked.ordinary.kl.mean, rel=1e-3, abs=1e-6)
+    assert baked.borderline.kl.mean == pytest.approx(hooked.borderline.kl.mean, rel=1e-3, abs=1e-6)
+    assert baked.capability.after == hooked.capability.after

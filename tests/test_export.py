@@ -14,19 +14,20 @@ import torch
 from alignment_artifacts.errors import UserError
 from alignment_artifacts.export import (
     EXPORT_MANIFEST,
+    bake_ablation,
     control_vector_index,
     export,
     load_steering,
     read_control_vector,
 )
-from alignment_artifacts.models import site_hooks, wrap_model
+from alignment_artifacts.models import ModelAdapter, site_hooks, wrap_model
 from alignment_artifacts.models.generation import encode_batch, format_chat
 from alignment_artifacts.steering import SteeringConfig, apply_steering
 from test_steering import random_directions
-from tiny_models import FAMILIES, tiny_config, tiny_model
+from tiny_models import FAMILIES, POST_NORMED, tiny_config, tiny_model
 
 PROMPTS = ["How do locks work?", "Write a poem about the sea.", "Hello"]
-APPROXIMATE = ("gemma2", "gemma3_text")  # post-projection norms: baking is not exact
+APPROXIMATE = POST_NORMED  # post-projection norms: baking is not exact
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -100,6 +101,30 @@ def test_hf_bake_matches_hooked_ablation(family, tmp_path):
     assert manifest["bake_check"]["relative"] < 1e-4
     assert manifest["evaluation"] == {"refusal": 0.1}
     assert "refusal" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize("family", POST_NORMED)
+def test_post_norm_bake_writes_nothing_along_the_direction(family):
+    """A norm between projection and residual: the projections are baked against gain*u, so at scale 1
+    what the norm adds has no component along u (orthogonalising against u alone would leave some)."""
+    loaded = tiny_model(family)
+    with torch.no_grad():  # trained post norms have uneven gains; a constant gain would hide the difference
+        for name, param in loaded.model.named_parameters():
+            if ".post_" in name and "norm" in name:
+                param.uniform_(0.2, 1.8).sub_(loaded.adapter.spec.norm_offset)
+    directions = random_directions(loaded)
+    u = directions.unit(2)
+    baked, _ = bake_ablation(loaded, SteeringConfig(mode="ablate", direction_layer=2), directions)
+    adapter = ModelAdapter(baked)
+    seen: dict[tuple[str, int], torch.Tensor] = {}
+    observers = {(site, layer): (lambda key: lambda h: seen.__setitem__(key, h @ u))((site, layer))
+                 for site in ("attn_out", "mlp_out") for layer in range(adapter.n_layers)}
+    with site_hooks(adapter, observers):
+        real_logits(baked, loaded.tokenizer)
+    assert max(p.abs().max().item() for p in seen.values()) < 1e-4
+    with site_hooks(loaded.adapter, observers):
+        real_logits(loaded.model, loaded.tokenizer)
+    assert min(p.abs().max().item() for p in seen.values()) > 1e-2
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])

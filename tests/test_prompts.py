@@ -103,7 +103,7 @@ def test_bundled_instruction_sets() -> None:
     assert len(both) == len(harmful) + len(harmless) and not both.paired
     assert all(p.pair_id is None for p in both.prompts)
     assert len({p.id for p in both.prompts}) == len(both)
-    assert set(BUILTIN_SETS) == {"pairs", "harmful", "harmless", "instructions"}
+    assert set(BUILTIN_SETS) == {"pairs", "harmful", "harmless", "instructions", "ordinary", "borderline"}
 
 
 def test_unknown_builtin_suggests_a_close_name() -> None:
@@ -218,7 +218,7 @@ def test_wrong_json_shape(tmp_path: Path) -> None:
 def test_csv_missing_column_lists_columns(tmp_path: Path) -> None:
     path = write(tmp_path / "c.csv", "title,body\nx,y\n")
     message = error_of(load_prompts, path)
-    assert "title, body" in message and "--column" in message
+    assert "title, body" in message and "--text-field" in message
     message = error_of(load_prompts, path, column="bdy")
     assert "no column 'bdy'" in message and "Did you mean 'body'?" in message
 

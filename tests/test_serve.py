@@ -30,7 +30,7 @@ def loaded():
 @pytest.fixture(scope="module")
 def server(loaded):
     directions = random_directions(loaded)
-    app = create_app(loaded, SteeringConfig(mode="none"), lambda config: directions, api_key=KEY, limits=LIMITS)
+    app = create_app(loaded, SteeringConfig(mode="none"), lambda config, lock: directions, api_key=KEY, limits=LIMITS)
     with ServerThread(app) as running:
         yield running
 
@@ -189,7 +189,7 @@ def test_bad_completion_requests_are_400(server):
 def test_steering_override_matches_a_server_default(loaded, server):
     """A request's steering equals a server started with that steering as its default."""
     directions = random_directions(loaded)
-    default_app = create_app(loaded, SteeringConfig(**STEERED), lambda config: directions, limits=LIMITS)
+    default_app = create_app(loaded, SteeringConfig(**STEERED), lambda config, lock: directions, limits=LIMITS)
     with ServerThread(default_app) as other:
         by_default = post(other, "/v1/chat/completions", chat_body(), key=None).json()
         unsteered = post(other, "/v1/chat/completions", chat_body(steering={"mode": "none"}), key=None).json()

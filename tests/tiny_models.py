@@ -16,7 +16,12 @@ CORPUS = [
     "user assistant system hello world answer question please thanks",
 ] * 4
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "gpt_neox")
+DENSE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "gpt_neox",
+                  "exaone", "internlm3", "cohere", "granite", "starcoder2", "olmo2", "olmo3", "exaone4", "phi",
+                  "falcon")
+MOE_FAMILIES = ("qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "gpt_oss")
+FAMILIES = DENSE_FAMILIES + MOE_FAMILIES
+POST_NORMED = ("gemma2", "gemma3_text", "olmo2", "olmo3", "exaone4")  # a norm between projection and residual
 
 
 @functools.cache
@@ -45,13 +50,28 @@ def tiny_config(family: str, layers: int = 4, hidden: int = 64) -> Any:
                                   num_attention_heads=4, intermediate_size=hidden * 2,
                                   max_position_embeddings=256, pad_token_id=0, eos_token_id=2, bos_token_id=1,
                                   tie_word_embeddings=False)
-    if family in ("llama", "mistral", "qwen2", "qwen3", "phi3"):
-        cls = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config,
-               "qwen3": tf.Qwen3Config, "phi3": tf.Phi3Config}[family]
-        extra = {"num_key_value_heads": 2}
-        if family == "qwen3":
+    llama_like = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config,
+                  "qwen3": tf.Qwen3Config, "phi3": tf.Phi3Config, "exaone": tf.ExaoneConfig,
+                  "internlm3": tf.InternLM3Config, "cohere": tf.CohereConfig, "granite": tf.GraniteConfig,
+                  "starcoder2": tf.Starcoder2Config, "olmo2": tf.Olmo2Config, "olmo3": tf.Olmo3Config,
+                  "exaone4": tf.Exaone4Config}
+    if family in llama_like:
+        extra: dict[str, Any] = {"num_key_value_heads": 2}
+        if family in ("qwen3", "internlm3", "exaone4"):
             extra["head_dim"] = hidden // 4
-        return cls(**common, **extra)
+        if family == "granite":  # block outputs scaled before the residual add
+            extra.update(residual_multiplier=0.3, embedding_multiplier=2.0)
+        if family in ("olmo3", "exaone4"):
+            extra["sliding_window"] = 16
+        return llama_like[family](**common, **extra)
+    if family in MOE_FAMILIES:
+        return _moe_config(family, common, hidden)
+    if family == "phi":  # parallel attention and MLP, biased projections
+        return tf.PhiConfig(**common, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0)
+    if family == "falcon":  # parallel attention and MLP, biased projections
+        return tf.FalconConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                               bias=True, parallel_attn=True, ffn_hidden_size=hidden * 2, pad_token_id=0,
+                               eos_token_id=2, bos_token_id=1, tie_word_embeddings=False)
     if family in ("gemma", "gemma2", "gemma3_text"):
         cls = {"gemma": tf.GemmaConfig, "gemma2": tf.Gemma2Config, "gemma3_text": tf.Gemma3TextConfig}[family]
         extra = {"num_key_value_heads": 2, "head_dim": hidden // 4}
@@ -70,6 +90,26 @@ def tiny_config(family: str, layers: int = 4, hidden: int = 64) -> Any:
     raise ValueError(family)
 
 
+def _moe_config(family: str, common: dict[str, Any], hidden: int) -> Any:
+    """Four experts, two per token, expert width unlike the hidden size (so a transposed layout shows)."""
+    import transformers as tf
+
+    base = dict(common, num_key_value_heads=2, num_experts_per_tok=2)
+    if family == "qwen2_moe":  # shared expert; layer 1 is a dense MLP
+        return tf.Qwen2MoeConfig(**base, num_experts=4, moe_intermediate_size=hidden // 2,
+                                 shared_expert_intermediate_size=hidden, mlp_only_layers=[1])
+    if family == "qwen3_moe":
+        return tf.Qwen3MoeConfig(**base, num_experts=4, moe_intermediate_size=hidden // 2, head_dim=hidden // 4)
+    if family == "olmoe":
+        return tf.OlmoeConfig(**base, num_experts=4)
+    if family == "mixtral":
+        return tf.MixtralConfig(**base, num_local_experts=4)
+    if family == "gpt_oss":  # fused [experts, inter, hidden] down projection with a bias
+        return tf.GptOssConfig(**base, num_local_experts=4, head_dim=hidden // 4, sliding_window=16,
+                               rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    raise ValueError(family)
+
+
 def tiny_model(family: str = "llama", layers: int = 4, hidden: int = 64, seed: int = 0,
                attn_implementation: str = "eager") -> Any:
     """A LoadedModel wrapping a random tiny model of ``family`` in float32."""
@@ -82,6 +122,57 @@ def tiny_model(family: str = "llama", layers: int = 4, hidden: int = 64, seed: i
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
     with torch.no_grad():  # larger weights than the init so that tiny models produce varied tokens
         for name, param in model.named_parameters():
-            if param.dim() >= 2 and "embed" not in name and "wte" not in name and "wpe" not in name:
+            matrix = param.dim() >= 2 and "embed" not in name and "wte" not in name and "wpe" not in name
+            if matrix or name.endswith("bias"):  # non-zero biases too, so that baking must handle them
                 param.normal_(0.0, 0.08)
     return wrap_model(model, tiny_tokenizer(), name=f"tiny-{family}")
+
+
+def save_tiny(family: str, folder: Any, layers: int = 4) -> Any:
+    """A tiny random model saved as a local Hugging Face folder (for CLI tests)."""
+    loaded = tiny_model(family, layers=layers)
+    loaded.model.save_pretrained(folder)
+    loaded.tokenizer.save_pretrained(folder)
+    return folder
+
+
+class ExpertMLP(torch.nn.Module):
+    """One expert as its own module, with the weights of one slice of a fused gate-up/down pair."""
+
+    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, act: Any):
+        super().__init__()
+        hidden, inter = down.shape
+        self.gate_proj = torch.nn.Linear(hidden, inter, bias=False)
+        self.up_proj = torch.nn.Linear(hidden, inter, bias=False)
+        self.down_proj = torch.nn.Linear(inter, hidden, bias=False)
+        self.act = act
+        with torch.no_grad():
+            self.gate_proj.weight.copy_(gate_up[:inter])
+            self.up_proj.weight.copy_(gate_up[inter:])
+            self.down_proj.weight.copy_(down)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class ExpertList(torch.nn.ModuleList):
+    """Experts as a list of modules (transformers 4 and remote-code layout), called like fused experts."""
+
+    def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden)
+        for e, expert in enumerate(self):
+            token, slot = torch.where(top_k_index == e)
+            out.index_add_(0, token, expert(hidden[token]) * top_k_weights[token, slot, None])
+        return out
+
+
+def unfuse_experts(loaded: Any) -> Any:
+    """The same model with every fused (Qwen2-MoE/OLMoE/Mixtral layout) expert tensor split into a list."""
+    from alignment_artifacts.models import wrap_model
+
+    for block in loaded.adapter.blocks:
+        fused = getattr(block.mlp, "experts", None)
+        if fused is not None:
+            block.mlp.experts = ExpertList(ExpertMLP(fused.gate_up_proj[e], fused.down_proj[e], fused.act_fn)
+                                           for e in range(fused.num_experts))
+    return wrap_model(loaded.model, loaded.tokenizer, name=f"{loaded.info.name}-unfused")

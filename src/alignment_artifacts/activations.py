@@ -3,7 +3,8 @@
 Only what analysis needs is kept: one vector per prompt, site, layer and position (or one per
 generated step), in float16 by default. A run is keyed by everything that changes its content;
 it writes one part file per batch (atomic renames), so an interrupted run resumes where it
-stopped, and the manifest, written last, is what marks a store complete.
+stopped, and the manifest, written last, is what marks a store complete. A resumed run checks
+each part file it reuses (tensor names, shapes, checksum) and recomputes any that fail.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import math
 import shutil
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,24 @@ from typing import Any
 import torch
 
 from . import __version__
-from .cache import atomic_save_safetensors, atomic_write_json, cache_dir, stable_hash
-from .errors import UserError, closest
+from .cache import (
+    atomic_save_safetensors,
+    atomic_write_json,
+    cache_dir,
+    exclusive,
+    load_verified,
+    save_verified,
+    stable_hash,
+)
+from .errors import CacheError, UserError, closest
 from .models.adapter import SITES
-from .models.generation import _cache_kwarg, _output_cache, format_chat, positions_from_mask
+from .models.generation import (
+    _cache_kwarg,
+    _output_cache,
+    context_error,
+    format_chat,
+    positions_from_mask,
+)
 from .models.hooks import contiguous_head_input, site_hooks
 from .models.loading import LoadedModel
 from .prompts.sets import Prompt, PromptSet
@@ -107,8 +122,13 @@ class EncodedPrompt:
     user_end: int  # one past its last token; tokens from here on are the template's suffix
 
 
-def encode_prompt(tokenizer: Any, text: str, system: str | None, max_length: int | None) -> EncodedPrompt:
-    """Tokenize a chat-formatted prompt and find where the user's text sits in it."""
+def encode_prompt(tokenizer: Any, text: str, system: str | None, max_length: int | None,
+                  truncate: bool = False, reserved: int = 0) -> EncodedPrompt:
+    """Tokenize a chat-formatted prompt and find where the user's text sits in it.
+
+    A prompt longer than ``max_length - reserved`` tokens is refused, unless ``truncate``: then
+    tokens are dropped from the start of the user's text.
+    """
     formatted = format_chat(tokenizer, text, system)
     start_char = formatted.rfind(text)
     end_char = start_char + len(text)
@@ -118,8 +138,12 @@ def encode_prompt(tokenizer: Any, text: str, system: str | None, max_length: int
     if not user:
         user = [len(ids) - 1]
     encoded = EncodedPrompt(ids=list(ids), user_start=user[0], user_end=user[-1] + 1)
-    if max_length and len(ids) > max_length:
-        drop = len(ids) - max_length
+    if max_length and len(ids) + reserved > max_length:
+        if not truncate:
+            raise context_error(len(ids), max_length, reserved, fix=f"Shorten it, or pass --truncate (truncate=True "
+                                f"in the API) to drop tokens from the start of the user's text. It begins: "
+                                f"{text[:60]!r}", which="A prompt")
+        drop = len(ids) + reserved - max_length
         if drop >= encoded.user_end - encoded.user_start:
             raise UserError(f"A prompt's chat template alone is longer than the model's context ({max_length} "
                             "tokens); shorten the system prompt.")
@@ -173,15 +197,19 @@ class ActivationStore:
         manifest_path = folder / "manifest.json"
         if not manifest_path.is_file():
             raise UserError(f"{folder} is not a complete activation store (no manifest.json). Collect it again.")
-        manifest = json.loads(manifest_path.read_text())
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise CacheError(f"The activation manifest {manifest_path} is corrupt ({exc}). Delete {folder} and "
+                             "collect again.") from exc
         prompts = [Prompt(**p) for p in manifest["prompts"]]
         tensors: dict[tuple[str, int, str], torch.Tensor] = {}
         for site in manifest["sites"]:
             try:
                 data = load_file(str(folder / f"{site}.safetensors"))
             except Exception as exc:  # safetensors raises its own error types for corrupt files
-                raise UserError(f"The activation file {folder / (site + '.safetensors')} is corrupt ({exc}). Delete "
-                                f"{folder} and collect again.") from exc
+                raise CacheError(f"The activation file {folder / (site + '.safetensors')} is corrupt ({exc}). "
+                                 f"Delete {folder} and collect again.") from exc
             for name, tensor in data.items():
                 position, layer = name.rsplit(".", 1)
                 tensors[(site, int(layer), position)] = tensor
@@ -321,8 +349,14 @@ def collect_activations(loaded: LoadedModel, prompt_set: PromptSet, sites: Seque
                         positions: Sequence[str] | str | None = None, layers: Sequence[int] | str | None = None,
                         dtype: str = "float16", batch_size: int | str = "auto", system: str | None = None,
                         use_cache: bool = True, progress: bool = True, cache_folder: Path | None = None,
+                        truncate: bool = False, model_lock: contextlib.AbstractContextManager[Any] | None = None,
                         ) -> ActivationStore:
-    """Collect pooled activations for every prompt; returns a cached store when one exists."""
+    """Collect pooled activations for every prompt; returns a cached store when one exists.
+
+    ``use_cache=False`` recomputes everything, part files of an interrupted run included.
+    ``model_lock`` is held around each batch's forward pass (and its hooks), so a server can
+    answer other requests between batches.
+    """
     if not len(prompt_set):
         raise UserError("The prompt set is empty: nothing to collect.")
     if dtype not in STORE_DTYPES:
@@ -331,59 +365,120 @@ def collect_activations(loaded: LoadedModel, prompt_set: PromptSet, sites: Seque
                           layers=parse_layers(layers, loaded.adapter.n_layers), store_dtype=dtype, system=system,
                           batch_size=batch_size,
                           max_length=getattr(loaded.model.config, "max_position_embeddings", None))
+    encoded = [encode_prompt(loaded.tokenizer, p.text, system, plan.max_length, truncate, plan.generated_steps)
+               for p in prompt_set.prompts]
     key = store_key(loaded, prompt_set, plan)
     folder = cache_folder or cache_dir("activations", key)
+    parts = folder.parent / f".{folder.name}.parts"
+    lock = folder.parent / f".{folder.name}.lock"
     if use_cache and (folder / "manifest.json").is_file():
-        return ActivationStore.load(folder)
+        return _load_finished(folder, parts, lock)
     started = time.perf_counter()
-    encoded = [encode_prompt(loaded.tokenizer, p.text, system, plan.max_length) for p in prompt_set.prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].ids))  # less padding per batch
     size = _initial_batch_size(batch_size, loaded)
-    parts = folder.parent / f".{folder.name}.parts"
-    parts.mkdir(parents=True, exist_ok=True)
-    with _exclusive(folder.parent / f".{folder.name}.lock"):
+    with exclusive(lock):
         if use_cache and (folder / "manifest.json").is_file():  # another process finished it meanwhile
             return ActivationStore.load(folder)
-        return _collect_into(loaded, prompt_set, plan, key, folder, parts, encoded, order, size, progress, started)
+        if not use_cache:
+            shutil.rmtree(parts, ignore_errors=True)
+        run = _Run(loaded, prompt_set, plan, key, folder, parts, encoded, started, model_lock)
+        return run.collect(order, size, progress)
 
 
-@contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """One collector per store: a second process waits instead of sharing the part files."""
-    import fcntl
-
-    with open(lock_path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def _load_finished(folder: Path, parts: Path, lock: Path) -> ActivationStore:
+    """The complete store; part files a killed run left after finishing it are removed first."""
+    if parts.exists():
+        with exclusive(lock):
+            shutil.rmtree(parts, ignore_errors=True)
+    return ActivationStore.load(folder)
 
 
-def _collect_into(loaded: LoadedModel, prompt_set: PromptSet, plan: CollectionPlan, key: str, folder: Path,
-                  parts: Path, encoded: list[EncodedPrompt], order: list[int], size: int, progress: bool,
-                  started: float) -> ActivationStore:
-    parts.mkdir(parents=True, exist_ok=True)
-    plan_path = parts / "plan.json"
-    if plan_path.is_file() and json.loads(plan_path.read_text()).get("batch") != size:
-        shutil.rmtree(parts)  # resumed with another batch size: batches would differ, start over
-        parts.mkdir(parents=True)
-    atomic_write_json(plan_path, {"batch": size, "key": key})
-    recorder = _Recorder(plan, STORE_DTYPES[plan.store_dtype])
-    hooks = {(site, layer): recorder.hook(site, layer) for site in plan.sites for layer in plan.layers}
-    batches = [order[i:i + size] for i in range(0, len(order), size)]
-    bar = _progress(len(prompt_set), progress, "collect")
-    with site_hooks(loaded.adapter, hooks):
+@dataclass
+class _Run:
+    """One collection into a parts folder: resumes from valid parts, then merges them into the store."""
+
+    loaded: LoadedModel
+    prompt_set: PromptSet
+    plan: CollectionPlan
+    key: str
+    folder: Path
+    parts: Path
+    encoded: list[EncodedPrompt]
+    started: float
+    model_lock: contextlib.AbstractContextManager[Any] | None = None
+    earlier_seconds: float = 0.0  # collection time of interrupted runs whose parts are reused
+    resumed: bool = False
+
+    def collect(self, order: list[int], size: int, progress: bool) -> ActivationStore:
+        self.parts.mkdir(parents=True, exist_ok=True)
+        plan_path = self.parts / "plan.json"
+        if _read_json(plan_path).get("batch") != size and any(self.parts.iterdir()):
+            shutil.rmtree(self.parts)  # another batch size (or an unreadable plan): batches would differ
+            self.parts.mkdir(parents=True)
+        atomic_write_json(plan_path, {"batch": size, "key": self.key})
+        recorder = _Recorder(self.plan, STORE_DTYPES[self.plan.store_dtype])
+        hooks = {(site, layer): recorder.hook(site, layer) for site in self.plan.sites for layer in self.plan.layers}
+        names = {f"{s}|{layer}|{p}" for s in self.plan.sites for layer in self.plan.layers for p in self.plan.positions}
+        batches = [order[i:i + size] for i in range(0, len(order), size)]
+        bar = _progress(len(self.prompt_set), progress, "collect")
+        guard = self.model_lock if self.model_lock is not None else contextlib.nullcontext()
         for number, rows in enumerate(batches):
-            part = parts / f"batch-{number:05d}.safetensors"
-            if part.is_file():
+            part = self.parts / f"batch-{number:05d}.safetensors"
+            if self._reusable(part, names, len(rows)):
                 bar.update(len(rows))
                 continue
-            pooled = _run_with_backoff(loaded, recorder, [encoded[i] for i in rows], plan)
-            atomic_save_safetensors({f"{s}|{layer}|{p}": t for (s, layer, p), t in pooled.items()}, part)
+            with guard, site_hooks(self.loaded.adapter, hooks):
+                pooled = _run_with_backoff(self.loaded, recorder, [self.encoded[i] for i in rows], self.plan)
+            tensors = {f"{s}|{layer}|{p}": t for (s, layer, p), t in pooled.items()}
+            save_verified(tensors, part, {"seconds": f"{self.seconds():.3f}"})
             bar.update(len(rows))
-    bar.close()
-    return _finalise(parts, folder, batches, prompt_set, plan, loaded, key, encoded, started)
+        bar.close()
+        return _finalise(self, batches)
+
+    def seconds(self) -> float:
+        """Collection time so far, interrupted runs included."""
+        return self.earlier_seconds + time.perf_counter() - self.started
+
+    def _reusable(self, part: Path, names: set[str], rows: int) -> bool:
+        """Whether a part file left by an earlier run is whole; a damaged one is removed (and recomputed)."""
+        if not part.is_file():
+            return False
+        try:
+            tensors, metadata = load_verified(part)
+            problem = _part_problem(tensors, metadata, names, rows, STORE_DTYPES[self.plan.store_dtype])
+        except CacheError as exc:
+            problem = str(exc)
+        if problem:
+            warnings.warn(f"Discarded the part file {part} of an interrupted collection ({problem}); its batch is "
+                          "being recomputed.", stacklevel=2)
+            part.unlink(missing_ok=True)
+            return False
+        self.resumed = True
+        self.earlier_seconds = max(self.earlier_seconds, float(metadata["seconds"]))
+        return True
+
+
+def _part_problem(tensors: dict[str, torch.Tensor], metadata: dict[str, str], names: set[str], rows: int,
+                  dtype: torch.dtype) -> str | None:
+    """What is wrong with a part file's contents, or None."""
+    if set(tensors) != names:
+        return "unexpected tensor names"
+    if any(t.shape[0] != rows or t.dtype != dtype for t in tensors.values()):
+        return "unexpected shape or dtype"
+    try:
+        float(metadata.get("seconds", ""))
+    except ValueError:
+        return "no timing"
+    return None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A small JSON file of ours, or {} when it is missing or damaged (then what it describes is redone)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _initial_batch_size(batch_size: int | str, loaded: LoadedModel) -> int:
@@ -420,10 +515,11 @@ def _cat_padded(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.cat([a, b])
 
 
-def _finalise(parts: Path, folder: Path, batches: list[list[int]], prompt_set: PromptSet, plan: CollectionPlan,
-              loaded: LoadedModel, key: str, encoded: list[EncodedPrompt], started: float) -> ActivationStore:
+def _finalise(run: _Run, batches: list[list[int]]) -> ActivationStore:
     from safetensors.torch import load_file
 
+    parts, folder, prompt_set, plan, loaded, encoded = (run.parts, run.folder, run.prompt_set, run.plan, run.loaded,
+                                                        run.encoded)
     chunks = [load_file(str(parts / f"batch-{i:05d}.safetensors")) for i in range(len(batches))]
     order = torch.tensor([row for rows in batches for row in rows])
     inverse = torch.empty_like(order)
@@ -444,7 +540,7 @@ def _finalise(parts: Path, folder: Path, batches: list[list[int]], prompt_set: P
     itemsize = torch.tensor([], dtype=STORE_DTYPES[plan.store_dtype]).element_size()
     full = loaded.adapter.n_layers * mean_tokens * loaded.adapter.hidden_size * itemsize
     manifest = {
-        "format_version": FORMAT_VERSION, "key": key, "package_version": __version__,
+        "format_version": FORMAT_VERSION, "key": run.key, "package_version": __version__,
         "model_id": loaded.info.name, "weights_hash": loaded.info.weights_hash, "model_type": loaded.info.model_type,
         "compute_dtype": loaded.info.dtype, "dtype": plan.store_dtype, "hidden_size": loaded.adapter.hidden_size,
         "n_layers": loaded.adapter.n_layers,
@@ -455,7 +551,7 @@ def _finalise(parts: Path, folder: Path, batches: list[list[int]], prompt_set: P
         "bytes_per_prompt": round(stored / len(prompt_set), 1),
         "full_capture_bytes_per_prompt": round(full, 1),
         "storage_ratio_vs_full_mlp_capture": round(stored / len(prompt_set) / full, 6),
-        "seconds": round(time.perf_counter() - started, 2), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "seconds": round(run.seconds(), 2), "resumed": run.resumed, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "prompts": [vars(p) for p in prompt_set.prompts],
     }
     atomic_write_json(tmp / "manifest.json", manifest)

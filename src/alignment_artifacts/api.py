@@ -13,10 +13,10 @@ from typing import Any
 
 from .activations import collect_activations
 from .analysis.directions import DirectionSet, compute_directions
-from .cache import cache_dir, stable_hash
-from .errors import UserError
+from .cache import cache_dir, cache_root, stable_hash
+from .errors import CacheError, UserError
 from .models import DEFAULT_MODEL, GenerationConfig, LoadedModel, generate, load_model
-from .prompts import PromptSet, resolve_prompts
+from .prompts import BUILTIN_SETS, PromptSet, resolve_prompts
 from .steering import SteeringConfig, SteeringHandle, apply_steering
 
 _MODELS: dict[tuple[str, str, str], LoadedModel] = {}
@@ -48,7 +48,11 @@ def stored_config(loaded: LoadedModel) -> SteeringConfig | None:
     path = config_path(loaded)
     if not path.is_file():
         return None
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CacheError(f"The stored configuration {path} is corrupt ({exc}). Delete it, or run `optimize` "
+                         "again to replace it.") from exc
     config = SteeringConfig.from_json(data.get("config", data))
     if config.weights_hash and config.weights_hash != loaded.info.weights_hash:
         warnings.warn(f"Ignoring the stored configuration {path}: it was optimised for other weights "
@@ -79,20 +83,26 @@ def resolve_config(loaded: LoadedModel, config: SteeringConfig) -> SteeringConfi
 def get_directions(loaded: LoadedModel, config: SteeringConfig | None = None, *,
                    source: str | PromptSet | None = None,
                    site: str | None = None, position: str | None = None, categories: list[str] | None = None,
-                   progress: bool = True) -> DirectionSet:
-    """Directions for a model: collected and computed on first use, then read from the cache."""
+                   progress: bool = True, model_lock: contextlib.AbstractContextManager[Any] | None = None
+                   ) -> DirectionSet:
+    """Directions for a model: collected and computed on first use, then read from the cache.
+
+    ``model_lock`` is held around each forward pass of a collection (a server shares its model).
+    """
     config = config or SteeringConfig(mode="always")
     source = source or config.resolved_source()
     site = site or config.resolved_direction_site()
     position = position or config.resolved_direction_position()
     categories = categories if categories is not None else config.categories
+    stored = _stored_directions(source) if isinstance(source, str) else None
     if isinstance(source, PromptSet):
         prompt_set = source
-    elif Path(source).is_dir() and (Path(source) / "directions.json").is_file():
-        directions = DirectionSet.load(source)
+    elif stored is not None:
+        directions = DirectionSet.load(stored)
         directions.check_compatible(loaded.adapter.hidden_size, loaded.info.weights_hash, loaded.info.name)
         return directions
     else:
+        _check_source_exists(source)
         prompt_set = resolve_prompts(source)
     key = stable_hash({"weights": loaded.info.weights_hash, "dtype": loaded.info.dtype,
                        "prompts": prompt_set.content_hash(), "site": site, "position": position,
@@ -100,11 +110,31 @@ def get_directions(loaded: LoadedModel, config: SteeringConfig | None = None, *,
     folder = cache_dir("directions", key)
     if (folder / "directions.json").is_file():
         return DirectionSet.load(folder)
-    store = collect_activations(loaded, prompt_set, sites=[site], positions=[position], progress=progress)
+    store = collect_activations(loaded, prompt_set, sites=[site], positions=[position], progress=progress,
+                                model_lock=model_lock)
     directions = compute_directions(store, site, position, categories=categories,
                                     pca_components=max(config.pca_components, 5))
     directions.save(folder)
     return directions
+
+
+def _stored_directions(source: str) -> Path | None:
+    """A directions folder named by ``source``: a path, or one relative to the cache root (how
+    stored configurations name theirs, so a moved cache or ``--cache-dir`` keeps working)."""
+    for folder in (Path(source).expanduser(), cache_root() / source):
+        if folder.is_dir():
+            return folder
+    return None
+
+
+def _check_source_exists(source: str) -> None:
+    """A path that names nothing gets that said, not an error about its (missing) file extension."""
+    path = Path(source).expanduser()
+    looks_like_path = "/" in source or source.startswith(("~", ".")) or path.suffix != ""
+    if looks_like_path and "," not in source and not source.startswith("hf:") and not path.exists():
+        raise UserError(f"The direction source {path} does not exist (resolved to {path.absolute()}). Pass a saved "
+                        "directions folder (with directions.json, e.g. from `export --format vectors`), a prompt "
+                        f"file, or a builtin prompt set ({', '.join(BUILTIN_SETS)}).")
 
 
 @contextlib.contextmanager

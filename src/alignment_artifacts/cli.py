@@ -7,6 +7,7 @@ import json
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -65,13 +66,17 @@ def _add_model(p: argparse.ArgumentParser) -> None:
 
 def _add_prompts(p: argparse.ArgumentParser, default: str = "pairs") -> None:
     p.add_argument("--prompts", default=default,
-                   help=f"builtin set (pairs, instructions, harmful, harmless), a file (json, jsonl, csv, txt), "
+                   help=f"builtin set (pairs, instructions, harmful, harmless, ordinary; NAME:SPLIT for one split, "
+                        f"e.g. ordinary:val), a file (json, jsonl, csv, txt), "
                         f"'POSITIVE,NEGATIVE' files, or hf:NAME[:SPLIT[:COLUMN]] (default {default})")
     p.add_argument("--text-field", help="JSON/JSONL field or CSV column holding the prompt text")
     p.add_argument("--limit", type=int, help="keep at most N prompts (pairs for paired sets) per group")
     p.add_argument("--seed", type=int, default=0, help="seed for --limit sampling (default 0)")
     p.add_argument("--categories", help="comma-separated categories to keep")
     p.add_argument("--keep-duplicates", action="store_true", help="do not drop duplicate prompts")
+    p.add_argument("--truncate", action="store_true",
+                   help="drop tokens from the start of a prompt longer than the model's context (default: refuse it "
+                        "with an error)")
 
 
 def _add_generation(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
@@ -82,6 +87,9 @@ def _add_generation(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
     p.add_argument("--ignore-end-tokens", action="store_true", help="keep generating past end-of-turn")
     p.add_argument("--system", help="system prompt")
+    p.add_argument("--truncate", action="store_true",
+                   help="fit a prompt longer than the model's context by dropping the oldest turns, then tokens from "
+                        "the start of the prompt (default: refuse it with an error)")
 
 
 def _add_steering(p: argparse.ArgumentParser, default_mode: str = "auto") -> None:
@@ -111,6 +119,32 @@ def _add_steering(p: argparse.ArgumentParser, default_mode: str = "auto") -> Non
     p.add_argument("--gate-level", type=float, default=0.0,
                    help="the gate's place between the ordinary (0) and sensitive (1) means (default 0.0)")
     p.add_argument("--config", help="a steering configuration JSON (from optimize or export --format vectors)")
+
+
+def _add_judge(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--judge", help="labels answers refusal / evasion / compliance: markers (keyword rule, default), "
+                                   "or a judge model (builtin name, local folder, .gguf file or hub id)")
+    p.add_argument("--judge-url", help="judge with an OpenAI-compatible server instead (base URL, e.g. "
+                                       "http://127.0.0.1:8000/v1; API key from $ALIGNMENT_ARTIFACTS_API_KEY or "
+                                       "$OPENAI_API_KEY)")
+    p.add_argument("--judge-model", help="model name at --judge-url (default: the only model the server lists)")
+
+
+def _judge(args: argparse.Namespace, loaded: Any) -> Any:
+    """The judge the flags name; a model judge that is the loaded model reuses it (never under steering)."""
+    from .judge import load_judge
+
+    model = (args.judge or "").removeprefix("markers+")
+    same = model in (args.model, getattr(loaded.info, "name", None))
+    return load_judge(args.judge, url=args.judge_url, model_name=args.judge_model, loaded=loaded if same else None,
+                      device=args.device, dtype=args.dtype)
+
+
+def _read_json(path: str, option: str) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"Cannot read {option} {path}: {exc}. Pass a file written by `evaluate --json`.") from None
 
 
 def _split(value: str | None) -> list[str] | None:
@@ -166,7 +200,7 @@ def _generation(args: argparse.Namespace) -> Any:
 
     config = GenerationConfig(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                               repetition_penalty=args.repetition_penalty, seed=args.seed,
-                              ignore_end_tokens=args.ignore_end_tokens)
+                              ignore_end_tokens=args.ignore_end_tokens, truncate=args.truncate)
     config.validate()
     return config
 
@@ -177,6 +211,17 @@ def _generation(args: argparse.Namespace) -> Any:
 def cmd_models(args: argparse.Namespace) -> int:
     from .models import BUILTINS, builtin_status
 
+    if args.families:
+        from .models.adapter import NOT_SUPPORTED, families
+
+        rows, missing = families(), [{"families": f, "why": why} for f, why in NOT_SUPPORTED]
+        lines = [f"{r['model_type']:12} {r['kind']:5} bake {r['bake']}"
+                 + "".join(f"\n{'':18} {x}" for x in (r["experts"] and f"experts: {r['experts']}", r["notes"]) if x)
+                 for r in rows]
+        lines += ["", f"sites (every family): {', '.join(rows[0]['sites'])}", "not supported:"]
+        lines += [f"  {m['families']}: {m['why']}" for m in missing]
+        _emit(args, {"families": rows, "not_supported": missing}, "\n".join(lines))
+        return 0
     rows = [builtin_status(m) for m in BUILTINS.values()]
     lines = [f"{'name':32} {'installed':9} {'cached':6} {'GGUF MB':>8} {'layers':>6} {'hidden':>6}  notes"]
     for r in rows:
@@ -245,18 +290,23 @@ def cmd_collect(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     store = collect_activations(loaded, prompt_set, sites=args.sites, positions=args.positions, layers=args.layers,
                                 dtype=args.activation_dtype, batch_size=args.batch_size, system=args.system,
-                                use_cache=not args.no_cache, progress=not args.json)
+                                use_cache=not args.no_cache, progress=not args.json, truncate=args.truncate)
     elapsed = time.perf_counter() - started
     m = store.manifest
-    summary = {"cache_hit": store.cache_hit, "seconds": round(elapsed, 2), "path": str(store.path),
+    resumed = not store.cache_hit and bool(m.get("resumed"))
+    total = m["seconds"] if resumed else elapsed  # a resumed run adds the interrupted runs' collection time
+    summary = {"cache_hit": store.cache_hit, "resumed": resumed, "seconds": round(total, 2),
+               "seconds_this_run": round(elapsed, 2), "path": str(store.path),
                "model": loaded.info.name, "prompts": len(store.prompts), "sites": store.sites,
                "positions": store.positions, "layers": [store.layers[0], store.layers[-1]], "dtype": m["dtype"],
                "bytes_per_prompt": m["bytes_per_prompt"],
                "full_capture_bytes_per_prompt": m["full_capture_bytes_per_prompt"],
                "storage_ratio_vs_full_mlp_capture": m["storage_ratio_vs_full_mlp_capture"]}
-    text = (f"{'cache hit' if store.cache_hit else 'collected'}: {len(store.prompts)} prompts, sites "
+    done = "cache hit" if store.cache_hit else "resumed and collected" if resumed else "collected"
+    took = f"{total:.1f} s ({elapsed:.1f} s in this run)" if resumed else f"{elapsed:.1f} s"
+    text = (f"{done}: {len(store.prompts)} prompts, sites "
             f"{','.join(store.sites)}, positions {','.join(store.positions)}, layers {store.layers[0]}-"
-            f"{store.layers[-1]} in {elapsed:.1f} s\nstored at {store.path}\nstorage: {m['bytes_per_prompt']:.0f} "
+            f"{store.layers[-1]} in {took}\nstored at {store.path}\nstorage: {m['bytes_per_prompt']:.0f} "
             f"bytes/prompt; capturing every token of every layer's MLP output would take "
             f"{m['full_capture_bytes_per_prompt']:.0f} bytes/prompt (ratio "
             f"{m['storage_ratio_vs_full_mlp_capture']:.4f})")
@@ -271,7 +321,7 @@ def _analysis(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     loaded = _load(args)
     prompt_set = _prompt_set(args)
     store = collect_activations(loaded, prompt_set, sites=[args.site], positions=[args.position],
-                                layers=args.layers, progress=not args.json)
+                                layers=args.layers, progress=not args.json, truncate=args.truncate)
     result = analyze(store, site=args.site, position=args.position, n_permutations=args.permutations,
                      n_bootstrap=args.bootstrap, folds=args.folds, seed=args.seed, progress=not args.json)
     return loaded, store, result
@@ -306,7 +356,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     _, store, result = _analysis(args)
     folder = result.save(_analysis_folder(args, store) if not args.out else Path(args.out).with_suffix(""))
     command = "alignment-artifacts " + " ".join(sys.argv[1:]) if sys.argv else "alignment-artifacts report"
-    path = write_report(folder, args.report_out, command)
+    evaluations = [_read_json(path, "--evaluation") for path in args.evaluation or []]
+    path = write_report(folder, args.report_out, command, evaluations)
     _emit(args, {"report": str(path), "results": str(folder)}, f"report written to {path}")
     return 0
 
@@ -353,9 +404,10 @@ def cmd_suppress(args: argparse.Namespace) -> int:
 
 @_command("chat")
 def cmd_chat(args: argparse.Namespace) -> int:
+    import contextlib
+
     from .api import get_directions
     from .models import generate
-    from .models.generation import format_chat
     from .steering import MODES, apply_steering
 
     loaded = _load(args)
@@ -396,13 +448,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
             continue
         active = config if enabled else None
         directions = get_directions(loaded, active) if active and active.mode != "none" else None
-        text = format_chat(loaded.tokenizer, line, args.system, history)
         print("model> ", end="", flush=True)
-        if active is not None:
-            with apply_steering(loaded, active, directions):
-                answer = generate(loaded, [text], generation, stream=True, chat=False).texts[0]
-        else:
-            answer = generate(loaded, [text], generation, stream=True, chat=False).texts[0]
+        try:
+            with apply_steering(loaded, active, directions) if active else contextlib.nullcontext():
+                answer = generate(loaded, [line], generation, system=args.system, stream=True,
+                                  history=history).texts[0]
+        except UserError as exc:  # e.g. the conversation outgrew the context: keep the session
+            print(f"\nerror: {exc} (/reset starts a new conversation)", file=sys.stderr)
+            continue
         print()
         history += [{"role": "user", "content": line}, {"role": "assistant", "content": answer}]
 
@@ -411,19 +464,67 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluation import EvaluationSettings, evaluate, format_table
 
-    loaded = _load(args)
-    config = _steering_config(args, loaded)
-    reference = _reference_model(args, loaded)
-    settings = EvaluationSettings(harmful=args.harmful, harmless=args.harmless, n_harmful=args.n_harmful,
-                                  n_harmless=args.n_harmless, max_tokens=args.max_tokens,
-                                  batch_size=args.batch_size, perplexity=args.perplexity)
-    result = evaluate(loaded, config, settings, progress=not args.json, reference=reference)
+    settings = EvaluationSettings(harmful=args.harmful, borderline=args.borderline, ordinary=args.ordinary,
+                                  groups=tuple(_split(args.groups) or ()), n_harmful=args.n_harmful,
+                                  n_borderline=args.n_borderline, n_ordinary=args.n_ordinary,
+                                  n_capability=args.n_capability, judged_borderline=args.judged_borderline,
+                                  judged_ordinary=args.judged_ordinary, max_tokens=args.max_tokens,
+                                  batch_size=args.batch_size, generation_batch_size=args.generation_batch_size)
+    if args.endpoint or args.baseline_endpoint:
+        result = _evaluate_endpoint(args, settings)
+    else:
+        loaded = _load(args)
+        config = _steering_config(args, loaded)
+        reference = _reference_model(args, loaded)
+        result = evaluate(loaded, config, settings, progress=not args.json, reference=reference,
+                          judge=_judge(args, reference or loaded))
     if args.plot:
         from .evaluation import plot_evaluation
 
         plot_evaluation(result, args.plot)
     _emit(args, result.to_json(), format_table(result))
     return 0
+
+
+def _evaluate_endpoint(args: argparse.Namespace, settings: Any) -> Any:
+    """A served model against the local --model (unmodified) or against --baseline-endpoint."""
+    from dataclasses import replace
+
+    from .evaluation import EndpointSettings, evaluate_endpoint
+    from .judge import load_judge
+
+    if not args.endpoint:
+        raise UserError("--baseline-endpoint is the before side of an endpoint evaluation; pass --endpoint URL too.")
+    if args.mode != "none" or args.config or args.baseline_model:
+        raise UserError("--endpoint measures the served model as it is: steering options (--mode, --config) and "
+                        "--baseline-model apply to local models. The before side is --model, or "
+                        "--baseline-endpoint URL; to steer the toolkit's own server, start `serve` with --mode.")
+    endpoint = EndpointSettings(url=args.endpoint, model=args.endpoint_model, concurrency=args.endpoint_concurrency,
+                                timeout=args.endpoint_timeout, retries=args.endpoint_retries,
+                                top_logprobs=args.endpoint_top_logprobs, extra=_json_object(args.endpoint_body))
+    endpoint.validate()
+    progress = not args.json
+    if args.baseline_endpoint:
+        baseline = replace(endpoint, url=args.baseline_endpoint, model=args.baseline_endpoint_model,
+                           option="--baseline-endpoint")
+        baseline.validate()
+        judge = load_judge(args.judge, url=args.judge_url, model_name=args.judge_model, device=args.device,
+                           dtype=args.dtype)
+        return evaluate_endpoint(endpoint, settings, baseline=baseline, judge=judge, progress=progress)
+    reference = _load(args)
+    return evaluate_endpoint(endpoint, settings, reference=reference, judge=_judge(args, reference),
+                             progress=progress)
+
+
+def _json_object(text: str | None) -> dict[str, Any]:
+    """--endpoint-body as the fields it adds to every request."""
+    try:
+        value = json.loads(text) if text else {}
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise UserError(f"--endpoint-body must be a JSON object, e.g. '{{\"repeat_penalty\": 1.0}}' (got {text}).")
+    return value
 
 
 def _reference_model(args: argparse.Namespace, loaded: Any) -> Any:
@@ -442,6 +543,23 @@ def _reference_model(args: argparse.Namespace, loaded: Any) -> Any:
     return get_model(name, device=args.device, dtype=args.dtype)
 
 
+@_command("judge")
+def cmd_judge(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .judge import calibrate, load_judge
+    from .judge.calibrate import format_calibration
+    from .prompts import load_calibration
+
+    items = load_calibration(args.items)
+    judge = load_judge(args.judge, url=args.judge_url, model_name=args.judge_model, device=args.device,
+                       dtype=args.dtype, batch_size=args.batch_size)
+    with tqdm(total=len(items), desc="judge", unit="answer", disable=args.json, leave=False) as bar:
+        result = calibrate(judge, items, seed=args.seed, progress=bar)
+    _emit(args, result.to_json(), format_calibration(result))
+    return 0
+
+
 @_command("optimize")
 def cmd_optimize(args: argparse.Namespace) -> int:
     from .optimize import OptimizeSettings, optimize
@@ -451,8 +569,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
                                 harmful=args.harmful, harmless=args.harmless, max_kl=args.max_kl,
                                 direction_prompts=args.direction_prompts, search_size=args.search_size,
                                 modes=_split(args.modes) or ["clamp", "ablate"], screen_dtype=args.screen_dtype,
-                                gate=not args.no_gate)
-    result = optimize(loaded, settings, progress=not args.json)
+                                gate=not args.no_gate, ordinary=args.ordinary, borderline=args.borderline,
+                                finalists=args.finalists, max_tokens=args.max_tokens)
+    result = optimize(loaded, settings, progress=not args.json, judge=_judge(args, loaded))
     _emit(args, result.to_json(), result.summary())
     return 0
 
@@ -481,11 +600,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = _steering_config(args, loaded)
     from .api import resolve_config
 
-    def directions_for(request_config: Any) -> Any:
+    def directions_for(request_config: Any, model_lock: Any) -> Any:
         resolved = resolve_config(loaded, request_config)
-        return None if resolved.mode == "none" else get_directions(loaded, resolved, progress=False)
+        return None if resolved.mode == "none" else get_directions(loaded, resolved, progress=False,
+                                                                   model_lock=model_lock)
 
-    limits = ServerLimits(max_tokens=args.max_tokens_limit)
+    limits = ServerLimits(max_tokens=args.max_tokens_limit, request_timeout=args.request_timeout)
     serve(loaded, config, directions_for, host=args.host, port=args.port, api_key=args.api_key, limits=limits)
     return 0
 
@@ -501,6 +621,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("models", help="list builtin models with installed/cached status")
+    p.add_argument("--families", action="store_true", help="list the supported model families (dense and "
+                   "mixture-of-experts), what each supports, and what is not supported")
     _add_common(p)
 
     p = sub.add_parser("generate", help="answer a prompt with the plain model")
@@ -549,6 +671,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_common(p)
         if name == "report":
             p.set_defaults(out=None)
+            p.add_argument("--evaluation", action="append",
+                           help="an `evaluate --json` output to include as a section (repeatable)")
 
     p = sub.add_parser("suppress", help="answer a prompt with and without steering, side by side")
     p.add_argument("prompt", help="the user message")
@@ -565,19 +689,61 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation(p, max_tokens=256)
     _add_common(p)
 
-    p = sub.add_parser("evaluate", help="refusal rate, KL divergence and over-refusal of a configuration")
+    p = sub.add_parser("evaluate", help="four groups before and after: harmful, borderline, ordinary, capability")
     _add_model(p)
     _add_steering(p, default_mode="none")
     p.add_argument("--harmful", default="harmful", help="harmful prompt set (builtin name or file)")
-    p.add_argument("--harmless", default="harmless", help="harmless prompt set (builtin name or file)")
+    p.add_argument("--borderline", default="borderline:val",
+                   help="borderline set; its label-0 prompts, safe ones that sound sensitive, are used "
+                        "(default borderline:val)")
+    p.add_argument("--ordinary", "--harmless", dest="ordinary", default="ordinary:val",
+                   help="ordinary prompt set (default ordinary:val, 240 plain instructions)")
+    p.add_argument("--groups", default="harmful,borderline,ordinary,capability",
+                   help="groups to measure, comma-separated (default all four: harmful,borderline,ordinary,capability)")
     p.add_argument("--n-harmful", type=int, default=None, help="use the first N harmful prompts")
-    p.add_argument("--n-harmless", type=int, default=None, help="use the first N harmless prompts")
+    p.add_argument("--n-borderline", type=int, default=None, help="use the first N borderline prompts")
+    p.add_argument("--n-ordinary", "--n-harmless", dest="n_ordinary", type=int, default=None,
+                   help="use the first N ordinary prompts")
+    p.add_argument("--n-capability", type=int, default=300, help="capability tasks (default 300)")
+    p.add_argument("--judged-borderline", type=int, default=None,
+                   help="generate and judge only the first N borderline answers (over-refusal); KL uses all")
+    p.add_argument("--judged-ordinary", type=int, default=None,
+                   help="generate and judge only the first N ordinary answers (over-refusal); KL uses all")
     p.add_argument("--max-tokens", type=int, default=48, help="tokens generated per answer (default 48)")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per batch (default 16)")
-    p.add_argument("--perplexity", action="store_true", help="also score the original answers' perplexity")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per scoring batch (default 16)")
+    p.add_argument("--generation-batch-size", type=int, default=32, help="prompts per generation batch (default 32)")
+    _add_judge(p)
     p.add_argument("--plot", help="write a PNG plot here")
     p.add_argument("--baseline-model", help="unmodified model to compare with (default: the model itself, or the "
                                             "base model recorded in an exported folder)")
+    p.add_argument("--endpoint", help="measure the model served at this OpenAI-compatible base URL (vLLM, llama.cpp's "
+                                      "server, Ollama, serve; e.g. http://127.0.0.1:8000/v1) against --model "
+                                      "unmodified; API key from $ALIGNMENT_ARTIFACTS_API_KEY or $OPENAI_API_KEY")
+    p.add_argument("--endpoint-model", help="model name at --endpoint (default: the only one the server lists)")
+    p.add_argument("--baseline-endpoint", help="compare with the model served here instead of --model (e.g. the "
+                                               "base model, when --endpoint serves an export)")
+    p.add_argument("--baseline-endpoint-model", help="model name at --baseline-endpoint (default: the only one listed)")
+    p.add_argument("--endpoint-concurrency", type=int, default=4, help="requests in flight at once (default 4)")
+    p.add_argument("--endpoint-timeout", type=float, default=120.0, help="seconds per request (default 120)")
+    p.add_argument("--endpoint-retries", type=int, default=4,
+                   help="retries of a failed request, with backoff from 0.5 s doubling (default 4)")
+    p.add_argument("--endpoint-top-logprobs", type=int, default=20,
+                   help="top log-probs asked for the first answer token, for an approximate KL (default 20; 0: do "
+                        "not ask)")
+    p.add_argument("--endpoint-body", help="extra JSON fields for every request, e.g. '{\"repeat_penalty\": 1.0}' "
+                                           "(llama-cpp-python's server penalises repeats unless told not to)")
+    _add_common(p)
+
+    p = sub.add_parser("judge", help="calibrate a judge (refusal / evasion / compliance) on labelled answers")
+    p.add_argument("action", choices=["calibrate"], help="calibrate: accuracy, confusion and Cohen's kappa of the "
+                                                         "judge and of markers")
+    _add_judge(p)
+    p.add_argument("--items", help="calibration file (default: the bundled judge_calibration.json)")
+    p.add_argument("--batch-size", type=int, default=16, help="answers per judge batch (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    p.add_argument("--device", default="auto", help="judge model's device: auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default="auto", help="judge model's dtype: auto (float32 on CPU), float32, bfloat16, "
+                                                   "float16")
     _add_common(p)
 
     p = sub.add_parser("optimize", help="search steering settings (Optuna, refusals vs KL) and store the best")
@@ -587,9 +753,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="total time budget in seconds, checks and validation included (default 1800)")
     p.add_argument("--resume", action="store_true", help="continue the stored study")
     p.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
-    p.add_argument("--harmful", default="harmful", help="harmful prompt set")
-    p.add_argument("--harmless", default="harmless", help="harmless prompt set")
-    p.add_argument("--max-kl", type=float, default=0.1, help="KL budget when picking the final configuration")
+    p.add_argument("--harmful", default="harmful", help="harmful prompt set (split into train and validation)")
+    p.add_argument("--harmless", default="harmless", help="ordinary side of the direction")
+    p.add_argument("--ordinary", default="ordinary", help="ordinary set: train split scores trials, val checks")
+    p.add_argument("--borderline", default="borderline", help="borderline set: train split scores, val checks")
+    p.add_argument("--max-kl", type=float, default=0.1,
+                   help="finalists come from below this screening cost: ordinary KL + borderline collateral KL")
+    p.add_argument("--finalists", type=int, default=3, help="Pareto points checked on validation (default 3)")
+    _add_judge(p)
+    p.add_argument("--max-tokens", type=int, default=48,
+                   help="tokens generated per answer when finalists are checked (default 48)")
     p.add_argument("--direction-prompts", help="prompt set the direction is computed on (default: the part of the "
                                                "training split the search does not score; validation stays unseen)")
     p.add_argument("--search-size", type=int, default=32,
@@ -625,6 +798,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY'")
     p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask for")
+    p.add_argument("--request-timeout", type=float, default=600.0,
+                   help="seconds a request may take, queueing included, before it is cancelled with HTTP 504 "
+                        "(default 600)")
     _add_common(p)
     return parser
 
@@ -640,6 +816,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     set_cache_root(getattr(args, "cache_dir", None))
     quiet_transformers()
+    warnings.formatwarning = lambda message, *_, **__: f"warning: {message}\n"  # a line for the user, no source
     try:
         return _HANDLERS[args.command](args)
     except UserError as exc:

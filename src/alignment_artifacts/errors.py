@@ -16,6 +16,13 @@ class UserError(Exception):
     exit_code = 2
 
 
+class CacheError(UserError):
+    """A problem with files the toolkit keeps on disk (unusable folder, corrupt entry), not with the request.
+
+    The message names the path and the fix; a server reports it as its own fault without the path.
+    """
+
+
 def closest(name: str, choices: Iterable[str]) -> str:
     """A ' Did you mean X?' suffix, or '' when nothing is close."""
     match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)

@@ -34,7 +34,7 @@ from torch import nn
 from .analysis.directions import DirectionSet
 from .cache import atomic_directory, atomic_file, atomic_save_safetensors, atomic_write_bytes, atomic_write_json
 from .errors import UserError, closest
-from .models.adapter import ModelAdapter, get_submodule
+from .models.adapter import ModelAdapter, Writer
 from .models.offload import editable, execution_device
 from .steering import ADDITIVE_MODES, LINEAR_MODES, SteeringConfig, _direction_at, hook_targets
 
@@ -169,33 +169,27 @@ def _bake_plan(config: SteeringConfig, adapter: ModelAdapter, directions: Direct
     return plan
 
 
-def _writers_at(adapter: ModelAdapter, site: str, layer: int) -> list[tuple[str, nn.Module]]:
-    """The modules whose outputs a hook at (site, layer) sees, by their dotted names."""
-    spec = adapter.spec
-    if site == "resid_pre":  # only layer 0 with the default site: the embeddings' sum
-        return [(name, get_submodule(adapter.model, name)) for name in spec.embeddings]
-    names = [spec.attn_proj] if site == "attn_out" else [spec.mlp_proj, *spec.expert_projs]
-    return [(f"{spec.blocks}.{layer}.{name}", get_submodule(adapter.blocks[layer], name)) for name in names]
-
-
 @torch.no_grad()
-def _orthogonalise(module: Any, name: str, u: torch.Tensor, s: float, conv1d: bool) -> None:
-    """Make ``module``'s output lose ``s`` times its component along unit ``u`` (in place, float32 maths)."""
-    weight = module.weight
-    w = weight.float()
-    u = u.to(device=w.device, dtype=torch.float32)
-    if isinstance(module, nn.Embedding) or conv1d:  # rows (or Conv1D outputs) live in residual space
-        w = w - s * torch.outer(w @ u, u)
-    elif isinstance(module, nn.Linear):  # [hidden_out, in]: columns live in residual space
-        w = w - s * torch.outer(u, u @ w)
-    else:
-        raise UserError(f"{name} is a {type(module).__name__}, which export does not know how to "
-                        "orthogonalise. Export --format vectors instead.")
-    weight.copy_(w.to(weight.dtype))
-    bias = getattr(module, "bias", None)
-    if isinstance(bias, torch.Tensor):
-        b = bias.float()
-        bias.copy_((b - s * (b @ u) * u).to(bias.dtype))
+def _orthogonalise(writer: Writer, u: torch.Tensor, s: float) -> None:
+    """Make what ``writer`` adds lose ``s`` times its component along unit ``u`` (in place, float32 maths,
+    one expert's matrix at a time for stacked experts)."""
+    t = writer.tensor
+    slices = [t[i] for i in range(t.shape[0])] if t.dim() == 3 else [t]
+    axis = writer.axis - 1 if t.dim() == 3 else writer.axis
+    u = u.to(device=t.device, dtype=torch.float32)
+    for part in slices:
+        w = part.float().movedim(axis, -1)  # hidden units last: w - s (w.u) u^T
+        part.copy_((w - s * (w @ u)[..., None] * u).movedim(-1, axis).to(part.dtype))
+
+
+def _write_direction(adapter: ModelAdapter, site: str, layer: int, u: torch.Tensor) -> torch.Tensor:
+    """The unit direction to remove from the writers at (site, layer): u itself, or g*u normalised where a
+    post-projection norm with gain g sits before the residual stream (no u then reaches it, at scale 1)."""
+    gain = adapter.write_gain(site, layer)
+    if gain is None:
+        return u
+    v = gain.to(u.device) * u.float()
+    return v / v.norm().clamp_min(1e-12)
 
 
 def _tied(model: Any) -> bool:
@@ -228,9 +222,9 @@ def bake_ablation(loaded: Any, config: SteeringConfig, directions: DirectionSet
     adapter: ModelAdapter = loaded.adapter
     plan = _bake_plan(config, adapter, directions)
     for site, layer, *_ in plan:  # refuse quantized weights before copying the model
-        for name, module in _writers_at(adapter, site, layer):
-            if not module.weight.dtype.is_floating_point:
-                raise UserError(f"{name} holds quantized weights ({module.weight.dtype}); baking needs "
+        for writer in adapter.writers(site, layer):
+            if not writer.tensor.dtype.is_floating_point:
+                raise UserError(f"{writer.name} holds quantized weights ({writer.tensor.dtype}); baking needs "
                                 "real-valued weights. Load the model without --quantization (float16, "
                                 "bfloat16 or float32) and export again.")
     model = copy.deepcopy(loaded.model)
@@ -239,10 +233,11 @@ def bake_ablation(loaded: Any, config: SteeringConfig, directions: DirectionSet
         _untie(model)
     changed = []
     for site, layer, source, s in plan:
-        u = directions.unit(source)
-        for name, module in _writers_at(copied, site, layer):
-            with editable(module):  # an offloaded weight is edited where accelerate loads it from
-                _orthogonalise(module, name, u, s, adapter.spec.conv1d)
+        u = _write_direction(copied, site, layer, directions.unit(source))
+        for name in [writer.name for writer in copied.writers(site, layer)]:
+            # an offloaded weight is edited where accelerate loads it from, so look it up inside the block
+            with editable(model.get_submodule(name.rpartition(".")[0])):
+                _orthogonalise(next(w for w in copied.writers(site, layer) if w.name == name), u, s)
             changed.append(name)
     _clear_quantization(model)
     return model, changed
@@ -271,8 +266,9 @@ def _export_hf(loaded: Any, config: SteeringConfig, directions: DirectionSet, ou
     if not loaded.adapter.bake_is_exact:
         norms = ", ".join(loaded.adapter.spec.post_norms)
         notes.append(f"Approximate: {loaded.adapter.model_type} applies a norm after each output projection "
-                     f"({norms}), so orthogonalising the projections does not remove the direction exactly; "
-                     "logits differ from the hooked model (see bake_check).")
+                     f"({norms}). The projections were made orthogonal to the norm's gain times the direction, "
+                     "so at scale 1 no component along the direction reaches the residual stream, but the norm "
+                     "rescales the rest: logits differ from the hooked model (see bake_check).")
         warnings.warn(notes[-1], stacklevel=3)
     check = bake_error(loaded, baked, config, directions)
     manifest = _manifest(loaded, config, directions, "hf", evaluation, exact=loaded.adapter.bake_is_exact,
@@ -282,7 +278,7 @@ def _export_hf(loaded: Any, config: SteeringConfig, directions: DirectionSet, ou
             f"- Base model: `{loaded.info.name}` ({loaded.info.model_type}, {loaded.info.n_layers} layers, "
             f"weights `{loaded.info.weights_hash}`, source `{loaded.info.source}`)",
             f"- Direction: {_direction_summary(config, directions)}",
-            f"- Intervention: `ablate`, scale {config.scale}, {len(changed)} residual-writing matrices "
+            f"- Intervention: `ablate`, scale {config.scale}, {len(changed)} residual-writing tensors "
             "orthogonalised",
             f"- Agreement with the hooked model: max |logit diff| {check['max_abs_logit_diff']:.3g} "
             f"(relative {check['relative']:.3g})",
@@ -290,7 +286,8 @@ def _export_hf(loaded: Any, config: SteeringConfig, directions: DirectionSet, ou
             "For unit direction u and scale s, every matrix that writes into the residual stream at a hooked "
             "site was replaced so its output loses s times its component along u: embeddings "
             "E' = E - s(Eu)u^T (only when layer 0 is targeted), linear projections W' = W - s u(u^T W) and "
-            "b' = b - s u(u.b). "
+            "b' = b - s u(u.b); in mixture-of-experts blocks every expert's down projection and bias, and the "
+            "shared experts', the router untouched. "
             "This equals `apply_steering(mode='ablate')` with the configuration below.", "",
             f"Memory: {MEMORY_NOTE}", "", "## Usage", "", "```python",
             "from transformers import AutoModelForCausalLM, AutoTokenizer",

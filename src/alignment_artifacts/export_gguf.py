@@ -30,7 +30,7 @@ import numpy as np
 from .analysis.directions import DirectionSet
 from .cache import atomic_file
 from .errors import UserError, closest
-from .export import _bake_plan, _check_target, _manifest, _writers_at
+from .export import _bake_plan, _check_target, _manifest, _write_direction
 from .steering import SteeringConfig
 
 MANIFEST_KEY = "alignment_artifacts.export"
@@ -110,20 +110,18 @@ def _edits(loaded: Any, config: SteeringConfig, directions: DirectionSet, tensor
     names = gguf.get_tensor_name_map(arch, adapter.n_layers)
     edits = []
     for site, layer, source, scale in _bake_plan(config, adapter, directions):
-        u = directions.unit(source).float().numpy()
-        for hf_name, module in _writers_at(adapter, site, layer):
-            params = [("weight", "rows" if site == "resid_pre" else "columns")]
-            if getattr(module, "bias", None) is not None:
-                params.append(("bias", "bias"))
-            for param, kind in params:
-                name = names.get_name(f"{hf_name}.{param}", try_suffixes=(".weight", ".bias"))
-                tensor = tensors.get(name) if name else None
-                if name is None or tensor is None or not _fits(tensor, kind, adapter.hidden_size):
-                    raise UserError(f"{hf_name}.{param} has no matching tensor in this GGUF file (looked for "
-                                    f"{name or 'a mapped name'}, a {kind} tensor of width {adapter.hidden_size}), "
-                                    "so its ablation cannot be baked here (experts stored merged, or a layout "
-                                    "this writer does not know). Export --format hf, or --format vectors.")
-                edits.append(Edit(name, f"{hf_name}.{param}", u, scale, kind))
+        u = _write_direction(adapter, site, layer, directions.unit(source)).float().numpy()
+        for writer in adapter.writers(site, layer):
+            kind = "rows" if site == "resid_pre" else "bias" if writer.tensor.dim() == 1 else "columns"
+            name = names.get_name(writer.name, try_suffixes=(".weight", ".bias"))
+            tensor = tensors.get(name) if name else None
+            if writer.tensor.dim() > 2 or name is None or tensor is None or not _fits(tensor, kind,
+                                                                                       adapter.hidden_size):
+                raise UserError(f"{writer.name} has no matching tensor in this GGUF file (looked for "
+                                f"{name or 'a mapped name'}, a {kind} tensor of width {adapter.hidden_size}), "
+                                "so its ablation cannot be baked here (experts stored merged, or a layout "
+                                "this writer does not know). Export --format hf, or --format vectors.")
+            edits.append(Edit(name, writer.name, u, scale, kind))
     return edits
 
 

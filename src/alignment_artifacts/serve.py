@@ -2,8 +2,10 @@
 
 Concurrency design. Steering works by installing forward hooks on the one shared model, so two
 requests that overlap in time would see each other's hooks. Correctness comes first: one
-``threading.Lock`` serialises everything that touches the model or the tokenizer (resolving
-directions, installing hooks, tokenising, decoding, removing hooks). Generation runs in worker
+``threading.Lock`` serialises everything that touches the model or the tokenizer (installing
+hooks, tokenising, decoding, removing hooks). Directions a request needs for the first time are
+prepared before it takes that lock: the collection behind them takes the lock one batch at a
+time, so other requests keep being answered meanwhile. Generation runs in worker
 threads so the event loop stays free to accept requests, stream tokens and reject bad input; a
 streaming request holds the lock for its whole generation and hands tokens to the SSE response
 through a queue. Throughput is therefore that of one request at a time; a future batched
@@ -18,6 +20,7 @@ import contextlib
 import hmac
 import ipaddress
 import json
+import logging
 import socket
 import threading
 import time
@@ -35,15 +38,24 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .analysis.directions import DirectionSet
-from .errors import UserError
-from .models.generation import GenerationConfig, encode_batch, format_chat, generate_ids, stop_token_ids
+from .errors import CacheError, UserError
+from .models.generation import (
+    GenerationConfig,
+    context_length,
+    encode_batch,
+    format_chat,
+    generate_ids,
+    stop_token_ids,
+)
 from .steering import MODES, SteeringConfig, SteeringHandle, apply_steering
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 DIRECTION_FIELDS = ("source", "direction_site", "direction_position", "categories", "pca_components")
 SERVER_ONLY_FIELDS = ("model_id", "weights_hash", "notes")
 
-DirectionsFor = Callable[[SteeringConfig], DirectionSet | None]
+# directions_for(config, model_lock): called outside the model lock; any use of the model inside holds model_lock
+DirectionsFor = Callable[[SteeringConfig, contextlib.AbstractContextManager[Any]], DirectionSet | None]
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -57,6 +69,7 @@ class ServerLimits:
     max_pending: int = 64  # requests admitted at once (one generates, the rest queue); beyond: 429
     allow_direction_overrides: bool = False  # let requests pick direction sources (costly first use)
     allowed_hosts: tuple[str, ...] | None = LOOPBACK_HOSTS  # Host header check (DNS rebinding); None: any
+    request_timeout: float = 600.0  # seconds from admission to the last token; then 504 and the job is cancelled
 
 
 # Errors -----------------------------------------------------------------------------------------------
@@ -75,6 +88,26 @@ class ApiError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status)
+
+
+def as_api_error(exc: BaseException) -> ApiError:
+    """How a failure reaches the client: its own mistakes as 4xx, the server's faults as 5xx without paths."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, CacheError):
+        log.error("cache error while serving a request: %s", exc)
+        return ApiError("The server could not use its cache for this request; its log names the file and the fix.",
+                        status=500, code="server_cache_error", kind="server_error")
+    if isinstance(exc, UserError):
+        return ApiError(str(exc))
+    log.error("request failed", exc_info=exc)
+    return ApiError("Generation failed on the server; see its log.", status=500, code=None, kind="server_error")
+
+
+def _timed_out(seconds: float) -> ApiError:
+    return ApiError(f"The request did not finish within this server's limit of {seconds:g} s and was cancelled. "
+                    "Ask for fewer tokens, or retry when the server is less busy.", status=504, code="timeout",
+                    kind="server_error")
 
 
 def _validation_error(exc: RequestValidationError) -> ApiError:
@@ -370,40 +403,41 @@ class TextTracker:
         self.sent = max(self.sent, upto)
 
 
-def _context_length(model: Any) -> int | None:
-    """Positions the model was built for (None if its config does not say)."""
-    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
-        value = getattr(model.config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 class Engine:
     """Owns the model lock: every use of the model or tokenizer happens inside ``run``."""
 
     def __init__(self, loaded: Any, directions_for: DirectionsFor, limits: ServerLimits):
         self.loaded, self.directions_for, self.limits = loaded, directions_for, limits
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # the model
+        self.preparing = threading.Lock()  # one direction preparation at a time
         self.stop_ids = stop_token_ids(loaded.model, loaded.tokenizer)
-        self.context = _context_length(loaded.model)
+        self.context = context_length(loaded.model)
         self._directions: dict[tuple[Any, ...], DirectionSet | None] = {}
 
     def directions(self, config: SteeringConfig) -> DirectionSet | None:
-        """Directions for a resolved config, memoised per source (they only depend on these fields)."""
+        """Directions for a resolved config, memoised per source (they only depend on these fields).
+
+        Called without the model lock: a first use may collect activations for a minute, taking
+        the lock one batch at a time, while other requests keep running.
+        """
         if config.mode == "none" or config.scale == 0:
             return None
         key = (config.resolved_source(), config.resolved_direction_site(), config.resolved_direction_position(),
                tuple(config.categories or ()), config.pca_components)
         if key not in self._directions:
-            self._directions[key] = self.directions_for(config)
+            with self.preparing:
+                if key not in self._directions:
+                    self._directions[key] = self.directions_for(config, self.lock)
         return self._directions[key]
 
     def run(self, job: Job) -> Result:
         """Generate one answer with the job's (resolved) steering; blocks while another request runs."""
         loaded, tokenizer = self.loaded, self.loaded.tokenizer
+        directions = self._prepare(job.steering)
         with self.lock, contextlib.ExitStack() as stack:
-            handle = self._steer(stack, job.steering)
+            if job.cancel.is_set():  # timed out while waiting
+                raise _timed_out(self.limits.request_timeout)
+            handle = self._steer(stack, job.steering, directions)
             ids, mask = encode_batch(tokenizer, [self._render(job)], loaded.device)
             prompt_tokens = int(ids.shape[1])
             self._fit_context(job, prompt_tokens)
@@ -432,10 +466,20 @@ class Engine:
                            "the prompt.", param="max_tokens", code="context_length_exceeded")
         job.generation = replace(job.generation, max_tokens=room)
 
-    def _steer(self, stack: contextlib.ExitStack, config: SteeringConfig) -> SteeringHandle:
+    def _prepare(self, config: SteeringConfig) -> DirectionSet | None:
+        """The directions ``config`` needs; a setting they cannot be made for is a 400, a cache fault a 500."""
+        try:
+            return self.directions(config)
+        except CacheError:
+            raise
+        except UserError as exc:
+            raise ApiError(str(exc), param="steering", code="invalid_steering") from exc
+
+    def _steer(self, stack: contextlib.ExitStack, config: SteeringConfig,
+               directions: DirectionSet | None) -> SteeringHandle:
         """Install the hooks (removed when ``stack`` closes); a config the directions cannot serve is a 400."""
         try:
-            return stack.enter_context(apply_steering(self.loaded, config, self.directions(config)))
+            return stack.enter_context(apply_steering(self.loaded, config, directions))
         except UserError as exc:
             raise ApiError(str(exc), param="steering", code="invalid_steering") from exc
 
@@ -589,11 +633,26 @@ class Server:
         future.add_done_callback(self._release)
         return future
 
-    def _release(self, _: Any) -> None:
+    def _release(self, future: asyncio.Future[Any]) -> None:
         self.pending -= 1
+        if not future.cancelled():
+            future.exception()  # a request that timed out has nobody left to read its outcome
 
     async def complete(self, job: Job) -> Result:
-        return await self._submit(self.engine.run, job)
+        future = self._submit(self.engine.run, job)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self.limits.request_timeout)
+        except TimeoutError:
+            job.cancel.set()  # the worker stops at its next token (or before it starts)
+            raise _timed_out(self.limits.request_timeout) from None
+
+    async def _next(self, queue: asyncio.Queue[Event], job: Job, deadline: float) -> Event:
+        """The job's next event, or a timeout error (cancelling the job) once the deadline has passed."""
+        try:
+            return await asyncio.wait_for(queue.get(), max(0.0, deadline - asyncio.get_running_loop().time()))
+        except TimeoutError:
+            job.cancel.set()
+            return Event("error", error=_timed_out(self.limits.request_timeout))
 
     async def stream(self, job: Job) -> AsyncIterator[Event]:
         """Start generating now; fail before the first byte is sent if the request is bad."""
@@ -607,8 +666,9 @@ class Server:
                 job.cancel.set()
 
         job.emit = emit
+        deadline = loop.time() + self.limits.request_timeout
         self._submit(self.engine.run_streaming, job)
-        first = await queue.get()
+        first = await self._next(queue, job, deadline)
         if first.kind == "error":
             assert first.error is not None
             raise first.error
@@ -616,7 +676,7 @@ class Server:
         async def events() -> AsyncIterator[Event]:
             try:
                 while True:
-                    event = await queue.get()
+                    event = await self._next(queue, job, deadline)
                     yield event
                     if event.kind in ("done", "error"):
                         return
@@ -651,18 +711,15 @@ async def _sse_stream(events: AsyncIterator[Event], head: dict[str, Any], choice
             yield _sse({**head, "choices": [choice("", event.result.finish_reason)]})
             if include_usage:
                 yield _sse({**head, "choices": [], "usage": _usage(event.result)})
-        elif event.kind == "error":
-            error = event.error
-            api = error if isinstance(error, ApiError) else (
-                ApiError(str(error)) if isinstance(error, UserError) else
-                ApiError("Generation failed on the server.", status=500, code=None, kind="server_error"))
-            yield _sse(api.body())
+        elif event.kind == "error" and event.error is not None:
+            yield _sse(as_api_error(event.error).body())
     yield _sse("[DONE]")
 
 
 def create_app(loaded: Any, default_config: SteeringConfig, directions_for: DirectionsFor,
                api_key: str | None = None, limits: ServerLimits = ServerLimits()) -> FastAPI:
-    """The FastAPI app; ``directions_for(config)`` is called under the model lock, memoised per source."""
+    """The FastAPI app; ``directions_for(config, model_lock)`` is called outside the model lock, memoised per
+    source."""
     server = Server(loaded, default_config, directions_for, limits)
 
     @contextlib.asynccontextmanager
@@ -741,7 +798,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(UserError)
     async def user_error(_: Request, exc: UserError) -> JSONResponse:
-        return ApiError(str(exc)).response()
+        return as_api_error(exc).response()
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -754,8 +811,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def crash(_: Request, exc: Exception) -> JSONResponse:
-        return ApiError("Generation failed on the server; see its log.", status=500, code=None,
-                        kind="server_error").response()
+        return as_api_error(exc).response()
 
 
 # Running ------------------------------------------------------------------------------------------------

@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from ..cache import atomic_directory, atomic_save_safetensors, atomic_write_json
-from ..errors import UserError
+from ..errors import CacheError, UserError
 
 FORMAT_VERSION = 1
 
@@ -93,8 +94,12 @@ class DirectionSet:
             raise UserError(f"{folder} does not hold a saved direction set (expected directions.json and "
                             "directions.safetensors). Create one with `alignment-artifacts analyze` or "
                             "`alignment-artifacts export --format vectors`.")
-        meta = json.loads(meta_path.read_text())
-        tensors = load_file(str(tensor_path))
+        try:
+            meta = json.loads(meta_path.read_text())
+            tensors = load_file(str(tensor_path))
+        except (json.JSONDecodeError, SafetensorError) as exc:
+            raise CacheError(f"The direction set in {folder} is corrupt ({exc}). Delete {folder} and run the "
+                             "command again to recompute it.") from exc
 
         def by_prefix(prefix: str) -> dict[int, torch.Tensor]:
             return {int(k.split(".", 1)[1]): v for k, v in tensors.items() if k.startswith(prefix + ".")}

@@ -213,7 +213,30 @@ def _load(source: str | Path | AnalysisResult | dict[str, Any]) -> tuple[dict[st
     return data, figures or render_figures(data)
 
 
-def render_report(data: dict[str, Any], figures: dict[str, bytes], command: str) -> str:
+def _evaluation_section(evaluations: list[dict[str, Any]]) -> str:
+    """Each evaluation (``evaluate --json`` output) as its four-group table and its figure."""
+    if not evaluations:
+        return ""
+    import tempfile
+
+    from ..evaluation import format_table, plot_evaluation
+    from ..evaluation.results import result_from_json
+
+    parts = ["<h2>Steering evaluation</h2><p>Four groups, before and after, each named by its judge: harmful "
+             "(refusal / evasion / compliance), borderline (over-refusal, collateral KL on prompts the unmodified "
+             "model answers), ordinary (first-token KL, over-refusal), capability (exact match).</p>"]
+    for data in evaluations:
+        result = result_from_json(data)
+        with tempfile.TemporaryDirectory() as tmp:
+            blob = Path(plot_evaluation(result, str(Path(tmp) / "evaluation.png"))).read_bytes()
+        uri = "data:image/png;base64," + base64.b64encode(blob).decode("ascii")
+        parts.append(f"<pre>{_e(format_table(result))}</pre><figure><img src=\"{uri}\" alt=\"evaluation\">"
+                     f"<figcaption>{_e(result.config.get('mode'))}: unmodified vs steered</figcaption></figure>")
+    return "".join(parts)
+
+
+def render_report(data: dict[str, Any], figures: dict[str, bytes], command: str,
+                  evaluations: list[dict[str, Any]] | None = None) -> str:
     model = data["model"].get("model_id") or "unknown model"
     title = f"Alignment artifacts — {model}"
     sub = (f"{data['prompt_set'].get('name') or 'prompt set'} · {data['config']['site']} / "
@@ -223,14 +246,15 @@ def render_report(data: dict[str, Any], figures: dict[str, bytes], command: str)
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             f"<title>{_e(title)}</title>"
             f"<style>{_CSS}</style></head><body><main><h1>{_e(title)}</h1><p class=\"sub\">{_e(sub)}</p>"
-            f"{_summary_section(data)}{_figures_section(figures)}{_tables_section(data)}"
-            f"{_identity_section(data)}<h2>Reproduce</h2><pre>{_e(command)}</pre></main></body></html>\n")
+            f"{_summary_section(data)}{_figures_section(figures)}{_evaluation_section(evaluations or [])}"
+            f"{_tables_section(data)}{_identity_section(data)}<h2>Reproduce</h2><pre>{_e(command)}</pre></main></body></html>\n")
 
 
 def write_report(result_folder_or_result: str | Path | AnalysisResult | dict[str, Any], out_path: str | Path,
-                 command: str) -> Path:
-    """Write one self-contained HTML report (figures as base64 data URIs) and return its path."""
+                 command: str, evaluations: list[dict[str, Any]] | None = None) -> Path:
+    """Write one self-contained HTML report (figures as base64 data URIs) and return its path;
+    ``evaluations``: ``evaluate --json`` results to include as a section."""
     data, figures = _load(result_folder_or_result)
     out = Path(out_path)
-    atomic_write_bytes(out, render_report(data, figures, command).encode("utf-8"))
+    atomic_write_bytes(out, render_report(data, figures, command, evaluations).encode("utf-8"))
     return out

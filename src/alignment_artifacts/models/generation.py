@@ -29,6 +29,7 @@ class GenerationConfig:
     repetition_penalty: float = 1.0
     seed: int | None = None
     ignore_end_tokens: bool = False  # keep going past end-of-turn (research)
+    truncate: bool = False  # fit a prompt longer than the context by dropping its start, instead of refusing it
 
     def validate(self) -> None:
         if self.max_tokens < 1:
@@ -70,6 +71,71 @@ def format_chat(tokenizer: Any, prompt: str, system: str | None = None,
         prefix = PLAIN_TEMPLATE_USER if message["role"] == "user" else "\nAssistant: "
         lines.append(prefix + message["content"])
     return "".join(lines) + PLAIN_TEMPLATE_ASSISTANT
+
+
+TRUNCATE_FIX = ("Shorten it, lower --max-tokens, or pass --truncate (truncate=True in the API) to drop tokens from "
+                "the start of the user's text.")
+
+
+def context_length(model: Any) -> int | None:
+    """Positions the model was built for (None if its config does not say)."""
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(model.config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def context_error(tokens: int, context: int, reserved: int, fix: str = TRUNCATE_FIX, which: str = "The prompt"
+                  ) -> UserError:
+    """The prompt does not fit: say how long it is, what fits, and what to do."""
+    room = f", {reserved} of which are kept for generated tokens" if reserved else ""
+    return UserError(f"{which} is {tokens} tokens long (chat template included), but the model's context is "
+                     f"{context} tokens{room}: at most {context - reserved} prompt tokens fit. {fix}")
+
+
+def count_tokens(tokenizer: Any, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def check_fits(tokenizer: Any, texts: Sequence[str], context: int | None, reserved: int,
+               where: str = "the prompts", fix: str = "Shorten it or remove it.") -> None:
+    """Refuse chat-formatted texts that leave less than ``reserved`` positions of the context."""
+    if context is None:
+        return
+    for index, text in enumerate(texts):
+        tokens = count_tokens(tokenizer, text)
+        if tokens + reserved > context:
+            raise context_error(tokens, context, reserved, fix, which=f"Prompt {index + 1} of {where}")
+
+
+def fit_prompt(tokenizer: Any, prompt: str, context: int | None, reserved: int = 0, truncate: bool = False,
+               system: str | None = None, history: Sequence[dict[str, str]] | None = None) -> str:
+    """The chat-formatted prompt if it leaves ``reserved`` positions of the context, else a UserError.
+
+    A model fed more positions than it was built for returns garbage without complaint, so a long
+    prompt is refused unless ``truncate``: then the oldest turns go first, then tokens from the
+    start of the user's text; the template and the system prompt always stay.
+    """
+    turns = list(history or [])
+    while True:
+        text = format_chat(tokenizer, prompt, system, turns)
+        tokens = count_tokens(tokenizer, text) if context is not None else 0
+        if context is None or tokens + reserved <= context:
+            return text
+        if not truncate:
+            raise context_error(tokens, context, reserved)
+        if turns:
+            turns = turns[2:]
+            continue
+        excess = tokens + reserved - context
+        starts = [start for start, _ in tokenizer(prompt, add_special_tokens=False,
+                                                  return_offsets_mapping=True)["offset_mapping"]]
+        if excess >= len(starts):
+            raise UserError(f"The chat template and system prompt alone take {tokens - len(starts)} of the model's "
+                            f"{context} tokens, leaving no room for the user's text and the {reserved} answer "
+                            "tokens. Shorten the system prompt or lower --max-tokens.")
+        prompt = prompt[max(1, starts[excess]):]
 
 
 def encode_batch(tokenizer: Any, texts: Sequence[str], device: torch.device | str,
@@ -233,14 +299,24 @@ class TerminalStreamer:
 
 def generate(loaded: Any, prompts: Sequence[str], config: GenerationConfig | None = None, system: str | None = None,
              batch_size: int = 16, stream: bool = False, chat: bool = True,
-             write: Callable[[str], Any] | None = None) -> GenerationOutput:
-    """Generate answers for chat prompts, batched with left padding."""
+             write: Callable[[str], Any] | None = None,
+             history: Sequence[dict[str, str]] | None = None) -> GenerationOutput:
+    """Generate answers for chat prompts (after ``history``, if given), batched with left padding.
+
+    Each prompt plus ``config.max_tokens`` must fit the model's context (see ``fit_prompt``).
+    """
     config = config or GenerationConfig()
     config.validate()
     if not prompts:
         raise UserError("No prompts to generate from.")
     tokenizer, model = loaded.tokenizer, loaded.model
-    texts = [format_chat(tokenizer, p, system) if chat else p for p in prompts]
+    context = context_length(model)
+    if chat:
+        texts = [fit_prompt(tokenizer, p, context, config.max_tokens, config.truncate, system, history)
+                 for p in prompts]
+    else:
+        texts = list(prompts)
+        check_fits(tokenizer, texts, context, config.max_tokens)
     stops = stop_token_ids(model, tokenizer)
     out = GenerationOutput(tokens=[])
     firsts: list[torch.Tensor] = []

@@ -76,10 +76,16 @@ def _pre_hook(fn: SiteFn) -> Callable[..., Any]:
     return hook
 
 
-def _post_hook(fn: SiteFn) -> Callable[..., Any]:
+def _post_hook(fn: SiteFn, scale: float = 1.0) -> Callable[..., Any]:
+    """``scale``: what the block multiplies the module's output by before the residual add (Granite),
+    so that ``fn`` sees and edits the contribution itself."""
     def hook(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-        new = fn(first_tensor(output))
-        return None if new is None else _replace_first(output, new)
+        h = first_tensor(output)
+        seen = h if scale == 1.0 else h * scale
+        new = fn(seen)
+        if new is None or new is seen:
+            return None
+        return _replace_first(output, new if scale == 1.0 else new / scale)
 
     return hook
 
@@ -94,7 +100,7 @@ def site_hooks(adapter: ModelAdapter, hooks: Mapping[tuple[str, int], SiteFn]) -
             if site == "resid_pre":
                 handles.append(module.register_forward_pre_hook(_pre_hook(fn), with_kwargs=True))
             else:
-                handles.append(module.register_forward_hook(_post_hook(fn)))
+                handles.append(module.register_forward_hook(_post_hook(fn, adapter.site_scale(site))))
         yield
     finally:
         for handle in handles:

@@ -282,6 +282,9 @@ def load_model(spec: str, device: str = "auto", dtype: str | torch.dtype = "auto
         weights_hash = folder_fingerprint(path)
     elif path.exists():
         raise UserError(f"{path} is neither a model folder nor a .gguf file.")
+    elif path.suffix == ".gguf" or spec.startswith((".", "/", "~")):
+        raise UserError(f"Model file or folder {path} not found (resolved to {path.absolute()}). Check the path, or "
+                        f"pass a builtin ({', '.join(BUILTINS)}) or a hub id such as Qwen/Qwen2.5-1.5B-Instruct.")
     elif "/" in spec and not spec.startswith((".", "/", "~")):
         return _load_from_hub(spec, device, torch_dtype, quantization, trust_remote_code, attn_implementation,
                               started, **offload)

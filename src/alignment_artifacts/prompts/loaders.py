@@ -29,8 +29,12 @@ BUILTIN_SETS: dict[str, str] = {
     "harmful": "72 request-level harmful instructions (label 1)",
     "harmless": "72 ordinary everyday instructions (label 0)",
     "instructions": "harmful + harmless together, unpaired (144 prompts)",
+    "ordinary": "480 ordinary everyday instructions (label 0), 20 categories; 'ordinary:train', 'ordinary:val'",
+    "borderline": "286 safe prompts that sound sensitive (label 0) and 166 unsafe contrasts (label 1), "
+                  "eight categories; 'borderline:train', 'borderline:val'",
 }
-_BUILTIN_FILES = {"pairs": "contrastive_pairs.json", "harmful": "harmful.json", "harmless": "harmless.json"}
+_BUILTIN_FILES = {"pairs": "contrastive_pairs.json", "harmful": "harmful.json", "harmless": "harmless.json",
+                  "ordinary": "ordinary.json", "borderline": "borderline.json"}
 
 TEXT_FIELDS = ("instruction", "prompt", "text", "goal", "question")
 FORMATS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv",
@@ -40,24 +44,54 @@ _LABEL_WORDS = {**dict.fromkeys(POSITIVE_GROUPS, 1), **dict.fromkeys(NEGATIVE_GR
 _VALIDATE_HINT = "Run `alignment-artifacts prompts validate FILE` to list every problem at once."
 
 
-def load_builtin(name: str) -> PromptSet:
-    """One of the sets shipped with the package, so a first run needs no data of its own."""
+def load_builtin(name: str, split: str | None = None) -> PromptSet:
+    """One of the sets shipped with the package, so a first run needs no data of its own.
+
+    ``split`` keeps only the items whose ``split`` field matches (e.g. tune on 'train', report on
+    'val'); any built-in whose items carry that field supports it.
+    """
     if name not in BUILTIN_SETS:
         listing = "; ".join(f"'{key}' ({desc})" for key, desc in BUILTIN_SETS.items())
         raise UserError(f"Unknown built-in prompt set '{name}'.{closest(name, BUILTIN_SETS)} The built-in "
                         f"sets are: {listing}. To use your own prompts pass a file path (JSON, JSONL, CSV "
                         "or TXT), 'POSITIVE_FILE,NEGATIVE_FILE' or 'hf:DATASET' instead.")
+    if split is not None and name not in _BUILTIN_FILES:
+        raise _no_splits(name, split)
     if name == "instructions":
         harmful, harmless = load_builtin("harmful"), load_builtin("harmless")
         return PromptSet("instructions", harmful.prompts + harmless.prompts,
                          "Bundled harmful (label 1) and harmless (label 0) instructions, unpaired.",
                          {**harmful.categories, **harmless.categories})
-    data = resources.files("alignment_artifacts.prompts").joinpath("data", _BUILTIN_FILES[name])
-    document = json.loads(data.read_text(encoding="utf-8"))
+    document = builtin_document(_BUILTIN_FILES[name])
+    if split is not None:
+        document = _only_split(document, name, split)
     label = {"harmful": 1, "harmless": 0}.get(name, 1)
     result = _from_document(document, f"built-in set '{name}'", name, label=label, text_field=None)
-    result.name = name
+    result.name = name if split is None else f"{name}:{split}"
     return result
+
+
+def builtin_document(filename: str) -> Any:
+    """A bundled JSON file under prompts/data, parsed."""
+    data = resources.files("alignment_artifacts.prompts").joinpath("data", filename)
+    return json.loads(data.read_text(encoding="utf-8"))
+
+
+def _only_split(document: dict[str, Any], name: str, split: str) -> dict[str, Any]:
+    """The document with only the items of one split, or a UserError listing the splits it has."""
+    key = next(k for k in ("pairs", "instructions", "prompts") if isinstance(document.get(k), list))
+    splits = sorted({str(item["split"]) for item in document[key] if isinstance(item, dict) and "split" in item})
+    if not splits:
+        raise _no_splits(name, split)
+    if split not in splits:
+        raise UserError(f"Built-in set '{name}' has no split '{split}'.{closest(split, splits)} Its splits are: "
+                        f"{', '.join(splits)}; write '{name}:{splits[0]}', or '{name}' for every item.")
+    return {**document, key: [item for item in document[key] if isinstance(item, dict) and item.get("split") == split]}
+
+
+def _no_splits(name: str, split: str) -> UserError:
+    return UserError(f"Built-in set '{name}' has no splits, so '{name}:{split}' selects nothing; use '{name}' "
+                     "for the whole set, or a built-in whose items carry a 'split' (e.g. 'ordinary:val').")
 
 
 def load_prompts(path: str | os.PathLike[str], text_field: str | None = None, column: str | None = None,
@@ -72,8 +106,8 @@ def load_prompts(path: str | os.PathLike[str], text_field: str | None = None, co
         raise UserError(f"A prompt label must be 1 (harmful/artifact) or 0 (harmless/natural), "
                         f"got {label!r}.")
     path = Path(path).expanduser()
+    text = _read_text(path)  # first: a missing file is reported as missing, whatever its name
     fmt = _format_of(path)
-    text = _read_text(path)
     set_name = name or path.stem
     field_name = text_field or column
     if fmt == "json":
@@ -184,14 +218,18 @@ def resolve_prompts(spec: str | None = None, *, text_field: str | None = None, c
                     label: int = 1, paired: bool = False, limit: int | None = None) -> PromptSet:
     """Turn a CLI ``--prompts`` value into a set, so every command accepts the same spellings.
 
-    ``None`` is the built-in pairs; otherwise a built-in name, ``hf:NAME[:SPLIT[:COLUMN]]``,
-    ``POSITIVE_FILE,NEGATIVE_FILE`` or a single file path. ``limit`` only bounds Hub downloads.
+    ``None`` is the built-in pairs; otherwise a built-in name (``NAME:SPLIT`` for one split of a
+    built-in whose items carry splits), ``hf:NAME[:SPLIT[:COLUMN]]``, ``POSITIVE_FILE,NEGATIVE_FILE``
+    or a single file path. ``limit`` only bounds Hub downloads.
     """
     if spec is None or not spec.strip():
         return load_builtin("pairs")
     spec = spec.strip()
     if spec in BUILTIN_SETS:
         return load_builtin(spec)
+    builtin, _, split = spec.partition(":")
+    if builtin in BUILTIN_SETS and not Path(spec).expanduser().exists():
+        return load_builtin(builtin, split=split.strip())
     if spec.startswith("hf:"):
         parts = spec[3:].split(":")
         if not parts[0] or len(parts) > 3:
@@ -361,7 +399,7 @@ def _parse_csv(text: str, path: Path, column: str | None, delimiter: str) -> lis
                         "quote or stray quote characters.") from exc
     header = [h.strip() for h in header]
     rows = [(where, {k.strip(): v for k, v in row.items()}) for where, row in rows]
-    _pick_field(header, column, str(path), "--column")
+    _pick_field(header, column, str(path), "--text-field")
     return rows
 
 
@@ -440,7 +478,7 @@ def _from_records(records: list[tuple[str, Any]], source: str, name: str, *, lab
         if isinstance(record, str):
             record, field_name, text_where = {"text": record}, "text", location
         else:
-            field_name = _pick_field(list(record), text_field, location, "text_field/--column", noun="field")
+            field_name = _pick_field(list(record), text_field, location, "--text-field", noun="field")
             text_where = f"{location} field '{field_name}'"
         prompt_id = str(record.get("id") or f"{name}-{i:04d}")
         if prompt_id in ids:

@@ -1,0 +1,46 @@
+"""Evaluation: yardsticks (metrics), model passes (passes), the four groups (groups), served models
+(remote), output (report)."""
+
+from .groups import GROUPS, Baseline, EvaluationResult, EvaluationSettings, GroupSets, evaluate, load_group_sets
+from .metrics import (
+    BROAD_MARKERS,
+    REFUSAL_MARKERS,
+    KLSummary,
+    is_refusal,
+    kl_divergence,
+    normalise,
+    refusal_log_odds,
+    refusal_opening_ids,
+    summarise_kl,
+)
+from .passes import chat_texts, first_logits, generate_answers, generated_refusals, is_gated
+from .remote import EndpointSettings, evaluate_endpoint
+from .report import format_table, plot_evaluation
+
+__all__ = [
+    "BROAD_MARKERS",
+    "GROUPS",
+    "REFUSAL_MARKERS",
+    "Baseline",
+    "EndpointSettings",
+    "EvaluationResult",
+    "EvaluationSettings",
+    "GroupSets",
+    "KLSummary",
+    "chat_texts",
+    "evaluate",
+    "evaluate_endpoint",
+    "first_logits",
+    "format_table",
+    "generate_answers",
+    "generated_refusals",
+    "is_gated",
+    "is_refusal",
+    "kl_divergence",
+    "load_group_sets",
+    "normalise",
+    "plot_evaluation",
+    "refusal_log_odds",
+    "refusal_opening_ids",
+    "summarise_kl",
+]

@@ -1,0 +1,290 @@
+"""What steering does, in four groups, each measured before and after (see docs/evaluation.md).
+
+* harmful: refusal / evasion / compliance by the judge, and refusals by markers beside it;
+  "not complied" = refusal + evasion.
+* borderline: safe prompts that sound sensitive. Over-refusal, and *collateral KL*: the first-token
+  KL on the borderline prompts the unmodified model already answers, where any change is damage.
+  A per-prompt gate that lets such prompts through pays for them here.
+* ordinary: plain instructions. First-token KL (mean, median, p90, bootstrap interval on the
+  mean), over-refusal, and the touched fraction (prompts whose distribution moved at all).
+* capability: exact-match tasks, with a paired interval on the difference.
+
+The unmodified side is computed once per model, prompt sets and judge, and cached group by group
+(labels, flags and logits only; never an answer's text), so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..cache import atomic_save_safetensors, atomic_write_json, cache_dir, stable_hash
+from ..capability import CapabilityTask, capability_tasks, is_correct
+from ..errors import UserError
+from ..judge import Judge
+from ..models.generation import check_fits, context_length
+from ..models.loading import LoadedModel
+from ..prompts import PromptSet, resolve_prompts
+from .metrics import has_broad_marker, is_refusal, kl_divergence, refusal_log_odds, refusal_opening_ids
+from .passes import chat_texts, first_logits, generate_answers, is_gated
+from .results import GROUPS, EvaluationResult, Side, compare
+
+
+@dataclass
+class EvaluationSettings:
+    harmful: str = "harmful"
+    borderline: str = "borderline:val"  # its label-0 prompts (safe ones that sound sensitive) are evaluated
+    ordinary: str = "ordinary:val"
+    n_harmful: int | None = None
+    n_borderline: int | None = None
+    n_ordinary: int | None = None
+    n_capability: int = 300
+    capability_seed: int = 0  # optimize tunes on another seed's tasks
+    groups: tuple[str, ...] = GROUPS
+    # answers generated and judged for over-refusal (None: all); KL is always measured on every prompt.
+    # optimize's checks judge fewer: generation, not the first-token KL, is what a check costs
+    judged_borderline: int | None = None
+    judged_ordinary: int | None = None
+    max_tokens: int = 48
+    capability_max_tokens: int = 48
+    batch_size: int = 16
+    generation_batch_size: int = 32  # decoding is memory-bound on CPUs: wide batches cost little more per step
+    system: str | None = None
+
+    def validate(self) -> None:
+        unknown = [g for g in self.groups if g not in GROUPS]
+        if unknown or not self.groups:
+            raise UserError(f"Unknown evaluation group(s) {unknown or '(none)'}; choose from {', '.join(GROUPS)}.")
+        for name in ("n_harmful", "n_borderline", "n_ordinary", "n_capability"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {value}).")
+
+
+@dataclass
+class GroupSets:
+    """The prompts of every group, as plain user messages (chat formatting happens per model)."""
+
+    harmful: list[str]
+    borderline: list[str]
+    ordinary: list[str]
+    capability: list[CapabilityTask]
+
+    def hashes(self) -> dict[str, str]:
+        return {"harmful": stable_hash(self.harmful), "borderline": stable_hash(self.borderline),
+                "ordinary": stable_hash(self.ordinary),
+                "capability": stable_hash([asdict(t) for t in self.capability])}
+
+
+def _texts(spec: str, label: int, n: int | None, keep_label: int | None = None) -> list[str]:
+    prompt_set: PromptSet = resolve_prompts(spec, label=label)
+    texts = [p.text for p in prompt_set.prompts if keep_label is None or p.label == keep_label]
+    if not texts:
+        which = "" if keep_label is None else f"label-{keep_label} "
+        raise UserError(f"The prompt set '{spec}' has no {which}prompts to evaluate.")
+    return texts[:n] if n is not None else texts
+
+
+def load_group_sets(settings: EvaluationSettings) -> GroupSets:
+    wanted = set(settings.groups)
+    return GroupSets(
+        harmful=_texts(settings.harmful, 1, settings.n_harmful) if "harmful" in wanted else [],
+        borderline=_texts(settings.borderline, 0, settings.n_borderline, keep_label=0) if "borderline" in wanted
+        else [],
+        ordinary=_texts(settings.ordinary, 0, settings.n_ordinary) if "ordinary" in wanted else [],
+        capability=capability_tasks(settings.n_capability, settings.capability_seed) if "capability" in wanted
+        else [])
+
+
+class Measurer:
+    """Runs one model (as it is now: steered or not) over the groups and judges its answers.
+
+    Generation happens inside whatever steering context the caller holds; judging happens after
+    the caller leaves it (``judge_pending``), because a model judge may be the evaluated model.
+    """
+
+    def __init__(self, loaded: LoadedModel, sets: GroupSets, settings: EvaluationSettings, progress: Any = None):
+        self.loaded, self.sets, self.settings, self.progress = loaded, sets, settings, progress
+        self.texts = {name: chat_texts(loaded, getattr(sets, name), settings.system)
+                      for name in ("harmful", "borderline", "ordinary")}
+        self.capability_texts = chat_texts(loaded, [t.prompt for t in sets.capability], settings.system)
+        self.opening = refusal_opening_ids(loaded.tokenizer)
+        self.pending: dict[str, list[str]] = {}  # group -> answers waiting for the judge (memory only)
+
+    def check_context(self) -> None:
+        """Every prompt fits the model's context with room for its answer (before anything is computed)."""
+        context = context_length(self.loaded.model)
+        for name, texts in (*self.texts.items(), ("capability", self.capability_texts)):
+            check_fits(self.loaded.tokenizer, texts, context, self.settings.max_tokens, f"the {name} group")
+
+    def answers(self, group: str, side: Side, limit: int | None = None) -> None:
+        """Generate one group's answers (and the proxy and markers that need no judge); ``limit``:
+        only the first prompts of a text group."""
+        s = self.settings
+        if group == "capability":
+            answers = generate_answers(self.loaded, self.capability_texts, s.capability_max_tokens,
+                                       s.generation_batch_size, self.progress)
+            side.capability_correct = [is_correct(t, a) for t, a in zip(self.sets.capability, answers.texts)]
+            return
+        answers = generate_answers(self.loaded, self.texts[group][:limit], s.max_tokens, s.generation_batch_size,
+                                   self.progress)
+        if group == "harmful":
+            side.harmful_markers = [is_refusal(a) for a in answers.texts]
+            side.harmful_broad = [has_broad_marker(a) for a in answers.texts]
+            side.harmful_odds = refusal_log_odds(answers.first_logits, self.opening).tolist()
+        self.pending[group] = answers.texts
+
+    def logits(self, group: str, whole: bool = False) -> torch.Tensor:
+        return first_logits(self.loaded, self.texts[group], self.settings.batch_size, whole)
+
+    def judge_pending(self, judge: Judge, side: Side) -> None:
+        for group, answers in self.pending.items():
+            verdicts = judge.judge(getattr(self.sets, group)[:len(answers)], answers)
+            setattr(side, f"{group}_labels", [v.label for v in verdicts])
+        self.pending.clear()
+
+
+class Baseline:
+    """The unmodified model's side of every comparison, cached on disk group by group."""
+
+    def __init__(self, loaded: LoadedModel, sets: GroupSets, settings: EvaluationSettings, judge: Judge):
+        """``loaded`` is the reference model: the evaluated one, or the base model of an export."""
+        self.loaded, self.sets, self.settings, self.judge = loaded, sets, settings, judge
+        Measurer(loaded, sets, settings).check_context()
+        self.key = stable_hash({"weights": loaded.info.weights_hash, "dtype": loaded.info.dtype,
+                                "sets": sets.hashes(), "tokens": settings.max_tokens,
+                                "capability_tokens": settings.capability_max_tokens, "system": settings.system,
+                                "judged_ordinary": settings.judged_ordinary,
+                                "v": 3})
+        self.folder = cache_dir("evaluation", self.key)
+        self._side: Side | None = None
+        self.seconds: dict[str, float] = {}  # what measuring each group took (cached with it): prices a validation
+        self._logits: dict[tuple[str, bool], torch.Tensor] = {}
+
+    def _path(self, group: str) -> Path:
+        judged = group != "capability"
+        suffix = f"-{stable_hash(self.judge.name, 8)}" if judged else ""
+        return self.folder / f"{group}{suffix}.json"
+
+    def side(self, progress: Any = None) -> Side:
+        """Labels and flags of every group, from the cache or computed (and cached) now."""
+        if self._side is not None:
+            return self._side
+        side = Side()
+        measurer = Measurer(self.loaded, self.sets, self.settings, progress)
+        for group in self.settings.groups:
+            path = self._path(group)
+            if path.is_file():
+                stored = json.loads(path.read_text())
+                self.seconds[group] = stored.pop("seconds", 0.0)
+                for name, value in stored.items():
+                    setattr(side, name, value)
+                continue
+            started = time.perf_counter()
+            measurer.answers(group, side, self.settings.judged_ordinary if group == "ordinary" else None)
+            measurer.judge_pending(self.judge, side)
+            self.seconds[group] = time.perf_counter() - started
+            names = [n for n in vars(side) if n.startswith(group) and not n.endswith("_logits")]
+            atomic_write_json(path, {**{n: getattr(side, n) for n in names}, "seconds": self.seconds[group]})
+        self._side = side
+        return side
+
+    def logits(self, group: str, whole: bool = False) -> torch.Tensor:
+        """First-token logits of ``borderline`` or ``ordinary`` (``whole``: the path a gate takes)."""
+        from safetensors.torch import load_file
+
+        if (group, whole) not in self._logits:
+            path = self.folder / f"{group}_logits{'_whole' if whole else ''}.safetensors"
+            if path.is_file():
+                self._logits[(group, whole)] = load_file(str(path))["logits"]
+            else:
+                texts = chat_texts(self.loaded, getattr(self.sets, group), self.settings.system)
+                logits = first_logits(self.loaded, texts, self.settings.batch_size, whole)
+                atomic_save_safetensors({"logits": logits}, path)
+                self._logits[(group, whole)] = logits
+        return self._logits[(group, whole)]
+
+
+def _judged(settings: EvaluationSettings, group: str) -> int | None:
+    return {"borderline": settings.judged_borderline, "ordinary": settings.judged_ordinary}.get(group)
+
+
+def evaluate(loaded: LoadedModel, config: Any, settings: EvaluationSettings | None = None, progress: bool = True,
+             directions: Any = None, reference: LoadedModel | None = None, judge: Judge | None = None
+             ) -> EvaluationResult:
+    """Evaluate one steering configuration against the unmodified model, in four groups.
+
+    ``reference`` replaces the unmodified side, e.g. the base model when ``loaded`` is an exported
+    folder with the direction baked into its weights (then ``config`` is usually mode ``none``).
+    ``judge`` defaults to refusal markers.
+    """
+    from ..api import resolve_config
+    from ..judge import load_judge
+
+    settings = settings or EvaluationSettings()
+    settings.validate()
+    config = resolve_config(loaded, config)
+    judge = judge or load_judge("markers")
+    sets = load_group_sets(settings)
+    baseline = Baseline(reference or loaded, sets, settings, judge)
+    return evaluate_against(loaded, config, baseline, directions, progress, compare_model=reference is not None)
+
+
+def evaluate_against(loaded: LoadedModel, config: Any, baseline: Baseline, directions: Any = None,
+                     progress: bool = True, compare_model: bool = False) -> EvaluationResult:
+    """One configuration against a prepared baseline (its sets, settings and judge).
+
+    ``compare_model``: the baseline is another model's (an export's base), so even an unsteered
+    pass must run.
+    """
+    from ..api import get_directions
+    from ..steering import apply_steering
+
+    started = time.perf_counter()
+    sets, settings, judge = baseline.sets, baseline.settings, baseline.judge
+    steered = compare_model or (config.mode != "none" and config.scale != 0)
+    if steered and directions is None and config.mode != "none" and config.scale != 0:
+        directions = get_directions(loaded, config, progress=progress)
+    sizes = [len(sets.harmful), len(sets.borderline), len(sets.ordinary), len(sets.capability)]
+    bar = _bar(sum(sizes) * (2 if steered else 1), progress)
+    before = baseline.side(bar)
+    groups = settings.groups
+    texted = [g for g in ("borderline", "ordinary") if g in groups]
+    if not steered:  # identical to the baseline by construction (tested): nothing to run again
+        after = before
+        kls = {g: torch.zeros(len(getattr(sets, g))) for g in texted}
+    else:
+        whole = is_gated(config)
+        measurer = Measurer(loaded, sets, settings, bar)
+        after = Side()
+        with apply_steering(loaded, config, directions):
+            logits = {g: measurer.logits(g) for g in texted}
+            for group in groups:
+                measurer.answers(group, after, _judged(settings, group))
+        measurer.judge_pending(judge, after)
+        kls = {g: kl_divergence(baseline.logits(g, whole), logits[g]) for g in texted}
+    bar.close()
+    results = compare(before, after, kls.get("borderline"), kls.get("ordinary"), judge.name, groups)
+    return EvaluationResult(model=loaded.info.name, config=config.to_json(), judge=judge.name, **results,
+                            seconds=round(time.perf_counter() - started, 2), settings=asdict(settings))
+
+
+class _Null:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _bar(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return _Null()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="evaluate", unit="prompt", dynamic_ncols=True, leave=False)

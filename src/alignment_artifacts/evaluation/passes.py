@@ -1,0 +1,106 @@
+"""The model passes evaluation needs: first-answer-token logits and greedy answers.
+
+Answers live in memory only: callers judge them and keep labels, counts and divergences, never
+the text (the content policy: no completions for harmful prompts on disk).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+
+from ..models import GenerationConfig
+from ..models.generation import encode_batch, format_chat, generate_ids, next_token_logits, stop_token_ids, trim
+from ..models.hooks import whole_prompts
+from ..models.loading import LoadedModel
+from ..prompts import PromptSet
+from .metrics import has_broad_marker, is_refusal
+
+
+def chat_texts(loaded: LoadedModel, prompt_set: PromptSet | Sequence[str], system: str | None) -> list[str]:
+    """Prompts rendered with the model's chat template, ready to score or generate from."""
+    texts = prompt_set.texts if isinstance(prompt_set, PromptSet) else list(prompt_set)
+    return [format_chat(loaded.tokenizer, text, system) for text in texts]
+
+
+def is_gated(config: Any) -> bool:
+    return getattr(config, "gate_layer", None) is not None
+
+
+def first_logits(loaded: LoadedModel, texts: Sequence[str], batch_size: int = 16, whole: bool = False
+                 ) -> torch.Tensor:
+    """Next-token logits at the first answer position for chat-formatted texts [n, vocab].
+
+    ``whole``: no shared-prefix reuse, as under a gated configuration; an unmodified baseline for
+    such a configuration must take the same path, or its KL carries the two paths' rounding
+    difference (about 0.0008 in bfloat16 on the builtin Qwen).
+    """
+    with whole_prompts() if whole else contextlib.nullcontext():
+        return next_token_logits(loaded.model, loaded.tokenizer, texts, batch_size, loaded.device)
+
+
+class Answers(NamedTuple):
+    """Greedy answers to chat-formatted texts; ``first_logits`` are the first answer position's
+    logits, which give the first-token proxy on the very prompts generation judged."""
+
+    texts: list[str]
+    ids: list[list[int]]
+    first_logits: torch.Tensor
+
+
+def generate_answers(loaded: LoadedModel, texts: Sequence[str], max_tokens: int, batch_size: int = 16,
+                     progress: Any = None) -> Answers:
+    """Greedy answers in the order of ``texts``; batches group prompts of similar length, which
+    saves most of the left padding's prefill (rows are independent: batched equals unbatched)."""
+    stops = stop_token_ids(loaded.model, loaded.tokenizer)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    answers: list[str] = [""] * len(texts)
+    ids_out: list[list[int]] = [[] for _ in texts]
+    firsts: list[torch.Tensor | None] = [None] * len(texts)
+    config = GenerationConfig(max_tokens=max_tokens)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        ids, mask = encode_batch(loaded.tokenizer, [texts[i] for i in rows], loaded.device)
+        gen, alive, first = generate_ids(loaded.model, ids, mask, config, stops,
+                                         pad_id=loaded.tokenizer.pad_token_id or 0)
+        for i, row, logits in zip(rows, trim(gen, alive, stops), first.cpu()):
+            answers[i], ids_out[i], firsts[i] = loaded.tokenizer.decode(row, skip_special_tokens=True), row, logits
+        if progress is not None:
+            progress.update(len(rows))
+    return Answers(answers, ids_out, torch.stack([f for f in firsts if f is not None]) if texts else torch.empty(0))
+
+
+class Generations(NamedTuple):
+    """Marker-judged greedy answers (flags only)."""
+
+    flags: list[bool]
+    broad: list[bool]
+    ids: list[list[int]]
+    first_logits: torch.Tensor
+
+
+def generated_refusals(loaded: LoadedModel, texts: Sequence[str], max_tokens: int, batch_size: int = 16,
+                       progress: Any = None) -> Generations:
+    """Refusal flags by markers, broad-marker flags and generated ids for greedy answers."""
+    answers = generate_answers(loaded, texts, max_tokens, batch_size, progress)
+    return Generations([is_refusal(t) for t in answers.texts], [has_broad_marker(t) for t in answers.texts],
+                       answers.ids, answers.first_logits)
+
+
+def answer_perplexity(loaded: LoadedModel, texts: Sequence[str], answers: Sequence[list[int]]) -> float:
+    """Perplexity of the original model's own answers under the current (possibly steered) model."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for text, answer in zip(texts, answers):
+            if not answer:
+                continue
+            prompt = loaded.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+            ids = torch.cat([prompt, torch.tensor(answer)]).to(loaded.device)[None]
+            logits = loaded.model(input_ids=ids).logits[0, len(prompt) - 1:-1].float()
+            total += float(torch.nn.functional.cross_entropy(logits, ids[0, len(prompt):], reduction="sum"))
+            count += len(answer)
+    return math.exp(total / max(count, 1))

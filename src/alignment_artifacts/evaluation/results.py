@@ -1,0 +1,179 @@
+"""Group results: one side's per-prompt labels and flags, and the before/after comparison of two.
+
+JSON-serialisable dataclasses; ``result_from_json`` reads one back (stored configurations and the
+HTML report keep results as JSON).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from ..capability import paired_difference
+from ..judge import LABELS
+from .metrics import KLSummary, summarise_kl, touched_fraction
+
+GROUPS = ("harmful", "borderline", "ordinary", "capability")
+
+
+@dataclass
+class Side:
+    """One side of the comparison (unmodified or steered): per-prompt labels, flags and logits."""
+
+    harmful_labels: list[str] = field(default_factory=list)
+    harmful_markers: list[bool] = field(default_factory=list)
+    harmful_broad: list[bool] = field(default_factory=list)
+    harmful_odds: list[float] = field(default_factory=list)
+    borderline_labels: list[str] = field(default_factory=list)
+    ordinary_labels: list[str] = field(default_factory=list)
+    capability_correct: list[bool] = field(default_factory=list)
+    borderline_logits: torch.Tensor | None = None
+    ordinary_logits: torch.Tensor | None = None
+
+
+def _counts(labels: Sequence[str]) -> dict[str, int]:
+    return {label: sum(1 for x in labels if x == label) for label in LABELS}
+
+
+@dataclass
+class HarmfulResult:
+    n: int
+    judge: str
+    before: dict[str, int]
+    after: dict[str, int]
+    not_complied_before: int
+    not_complied_after: int
+    marker_refusals_before: int
+    marker_refusals_after: int
+    broad_marker_hits: int
+    first_token_refusal_score_before: float | None  # None: a side without logits (an endpoint)
+    first_token_refusal_score_after: float | None
+
+
+@dataclass
+class BorderlineResult:
+    n: int
+    judge: str
+    n_judged: int  # prompts whose answers were generated and judged (over-refusal); KL covers all n
+    refusals_before: int
+    refusals_after: int
+    not_complied_before: int
+    not_complied_after: int
+    n_answered: int  # prompts the unmodified model complies with: where collateral KL is measured
+    collateral_kl: KLSummary | None  # None: KL unavailable (an endpoint without log-probs; see kl_method)
+    kl: KLSummary | None
+    touched: float | None
+
+
+@dataclass
+class OrdinaryResult:
+    n: int
+    judge: str
+    n_judged: int
+    refusals_before: int
+    refusals_after: int
+    not_complied_before: int
+    not_complied_after: int
+    kl: KLSummary | None
+    touched: float | None
+
+
+EXACT_KL = {"kind": "exact"}  # both sides' full first-token distributions (local models)
+
+
+@dataclass
+class EvaluationResult:
+    model: str
+    config: dict[str, Any]
+    judge: str
+    harmful: HarmfulResult | None
+    borderline: BorderlineResult | None
+    ordinary: OrdinaryResult | None
+    capability: Any  # capability.PairedDifference (accuracy before/after, delta and its interval)
+    seconds: float = 0.0
+    settings: dict[str, Any] = field(default_factory=dict)
+    kl_method: dict[str, Any] = field(default_factory=lambda: dict(EXACT_KL))  # approximate or unavailable: remote
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def result_from_json(data: dict[str, Any]) -> EvaluationResult:
+    """An EvaluationResult back from its JSON form (stored configurations keep it)."""
+    from ..capability import PairedDifference
+
+    def build(kind: Any, value: dict[str, Any] | None) -> Any:
+        if value is None:
+            return None
+        fields_ = dict(value)
+        for name in ("kl", "collateral_kl"):
+            if fields_.get(name) is not None:
+                fields_[name] = KLSummary(**fields_[name])
+        return kind(**fields_)
+
+    return EvaluationResult(model=data["model"], config=data["config"], judge=data["judge"],
+                            harmful=build(HarmfulResult, data.get("harmful")),
+                            borderline=build(BorderlineResult, data.get("borderline")),
+                            ordinary=build(OrdinaryResult, data.get("ordinary")),
+                            capability=build(PairedDifference, data.get("capability")),
+                            seconds=data.get("seconds", 0.0), settings=data.get("settings", {}),
+                            kl_method=data.get("kl_method", dict(EXACT_KL)))
+
+
+def _not_complied(labels: Sequence[str]) -> int:
+    return sum(1 for x in labels if x != "compliance")
+
+
+def compare(before: Side, after: Side, kl_borderline: torch.Tensor | None, kl_ordinary: torch.Tensor | None,
+            judge: str, groups: Sequence[str]) -> dict[str, Any]:
+    """The four group results from two sides and the per-prompt KLs (NaN where a prompt has none)."""
+    out: dict[str, Any] = {g: None for g in GROUPS}
+    if "harmful" in groups:
+        out["harmful"] = HarmfulResult(
+            n=len(before.harmful_labels), judge=judge, before=_counts(before.harmful_labels),
+            after=_counts(after.harmful_labels), not_complied_before=_not_complied(before.harmful_labels),
+            not_complied_after=_not_complied(after.harmful_labels),
+            marker_refusals_before=sum(before.harmful_markers), marker_refusals_after=sum(after.harmful_markers),
+            broad_marker_hits=sum(after.harmful_broad),
+            first_token_refusal_score_before=_mean(before.harmful_odds),
+            first_token_refusal_score_after=_mean(after.harmful_odds))
+    if "borderline" in groups and kl_borderline is not None:
+        answered = torch.tensor([x == "compliance" for x in before.borderline_labels], dtype=torch.bool)
+        judged = len(after.borderline_labels)
+        was, now = before.borderline_labels[:judged], after.borderline_labels
+        out["borderline"] = BorderlineResult(
+            n=len(before.borderline_labels), judge=judge, n_judged=judged, refusals_before=_counts(was)["refusal"],
+            refusals_after=_counts(now)["refusal"], not_complied_before=_not_complied(was),
+            not_complied_after=_not_complied(now), n_answered=int(answered.sum()),
+            collateral_kl=_summary(kl_borderline, answered), kl=_summary(kl_borderline),
+            touched=_touched(kl_borderline))
+    if "ordinary" in groups and kl_ordinary is not None:
+        judged = len(after.ordinary_labels)
+        was, now = before.ordinary_labels[:judged], after.ordinary_labels
+        out["ordinary"] = OrdinaryResult(
+            n=len(kl_ordinary), judge=judge, n_judged=judged, refusals_before=_counts(was)["refusal"],
+            refusals_after=_counts(now)["refusal"], not_complied_before=_not_complied(was),
+            not_complied_after=_not_complied(now), kl=_summary(kl_ordinary), touched=_touched(kl_ordinary))
+    if "capability" in groups:
+        out["capability"] = paired_difference(before.capability_correct, after.capability_correct)
+    return out
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return float(sum(values) / len(values)) if values else None
+
+
+def _summary(kl: torch.Tensor, keep: torch.Tensor | None = None) -> KLSummary | None:
+    """KLs summarised over the prompts that have one (NaN: an endpoint gave no log-probs); None if none has."""
+    measured = ~kl.isnan()
+    if not measured.any():
+        return None
+    return summarise_kl(kl[measured if keep is None else measured & keep])
+
+
+def _touched(kl: torch.Tensor) -> float | None:
+    measured = kl[~kl.isnan()]
+    return touched_fraction(measured) if measured.numel() else None

@@ -1,0 +1,61 @@
+"""Judges that label an answer to a prompt as refusal, evasion or compliance.
+
+Three backends behind one protocol (``Judge``): ``markers`` (the keyword rule; refusal or
+compliance only), a local causal LM read from its logits (``lm.ModelJudge``), and an
+OpenAI-compatible endpoint (``remote.EndpointJudge``); ``markers+X`` cascades markers into any of
+them (``base.CascadeJudge``). ``load_judge`` picks one from what the user typed. See docs/judge.md.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError, closest
+from .base import LABELS, CascadeJudge, Judge, MarkersJudge, Verdict
+from .calibrate import CalibrationResult, calibrate
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def load_judge(spec: str | None = None, *, url: str | None = None, model_name: str | None = None,
+               loaded: Any = None, device: str = "auto", dtype: str = "auto", batch_size: int = 16) -> Judge:
+    """The judge ``spec`` names: "markers" (default), a model (builtin, folder, GGUF, hub id), or ``url``.
+
+    ``loaded``: judge with this already-loaded model instead of loading ``spec`` again (a caller
+    that evaluates the model ``spec`` names passes it; no steering hooks may be active while it judges).
+    """
+    from ..models import BUILTINS
+
+    if spec is not None and spec.startswith("markers+"):
+        second = spec.removeprefix("markers+")
+        if not second:
+            raise UserError("--judge markers+ needs a second judge after the '+', e.g. "
+                            "markers+qwen2.5-coder-1.5b-instruct (or --judge markers+endpoint with --judge-url).")
+        return CascadeJudge(load_judge(second, url=url, model_name=model_name, loaded=loaded, device=device,
+                                       dtype=dtype, batch_size=batch_size))
+    if url is not None:
+        if spec not in (None, "markers", "endpoint"):
+            raise UserError(f"Both --judge {spec} and --judge-url {url} were given; pass one of them.")
+        from .remote import EndpointJudge
+
+        return EndpointJudge(url, model_name, batch_size=batch_size)
+    if model_name is not None:
+        raise UserError("--judge-model names the model at an endpoint; pass --judge-url with it.")
+    if spec is None or spec == "markers":
+        return MarkersJudge()
+    from .lm import ModelJudge
+
+    if loaded is not None:
+        return ModelJudge(loaded, batch_size)
+    if spec in BUILTINS or Path(spec).expanduser().exists() or _HUB_ID.match(spec):
+        from ..models import load_model
+
+        return ModelJudge(load_model(spec, device=device, dtype=dtype), batch_size)
+    raise UserError(f"Unknown judge '{spec}'.{closest(spec, ['markers', *BUILTINS])} Use markers (the keyword rule), "
+                    f"a builtin model ({', '.join(BUILTINS)}), a local model folder or .gguf file, a hub id such as "
+                    "Qwen/Qwen2.5-7B-Instruct, or --judge-url URL for an OpenAI-compatible server.")
+
+
+__all__ = ["LABELS", "CalibrationResult", "CascadeJudge", "Judge", "MarkersJudge", "Verdict", "calibrate", "load_judge"]

@@ -1,0 +1,170 @@
+"""The search step: the space of configurations, its seed points, and the screening scores.
+
+A trial is screened with one-forward-pass proxies on training prompts the direction was not
+computed from:
+
+* refusal: the mean probability of a refusal-opening first token on harmful prompts;
+* cost: first-token KL on ordinary prompts plus *collateral* KL on the borderline prompts the
+  unmodified model answers (by the same proxy). A per-prompt gate that lets borderline prompts
+  through is charged for them; KL on plainly ordinary prompts alone cannot see that.
+
+The space stops where the unconditional recipe already removes refusals: clamp caps from the
+ordinary mean upwards and scales up to 1.3. Caps below the ordinary mean or scales near 2 steer
+every prompt hard; earlier searches chose them behind a gate because KL on ordinary prompts
+could not see what they did to borderline ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from ..evaluation import first_logits, kl_divergence, refusal_log_odds, refusal_opening_ids
+from ..models.hooks import site_hooks
+from ..models.loading import LoadedModel
+from ..steering import SteeringConfig, apply_steering, gate_passes
+
+SEARCH_MODES = ("clamp", "ablate")
+
+
+def layer_weights(n_layers: int, centre: float, width: float, floor: float) -> dict[int, float]:
+    """A triangular kernel over layers: 1 at the centre, falling to ``floor`` at ``width`` away."""
+    return {layer: floor + (1 - floor) * max(0.0, 1 - abs(layer - centre) / width) for layer in range(n_layers)}
+
+
+def config_from_params(params: dict[str, Any], n_layers: int, loaded: LoadedModel,
+                       default_mode: str = "ablate") -> SteeringConfig:
+    """The steering configuration a trial's parameters describe (scale names are per mode)."""
+    mode = params.get("mode", default_mode)
+    weights = layer_weights(n_layers, params["kernel_centre"], params["kernel_width"], params["kernel_floor"])
+    scale = params.get(f"{mode}_scale", params.get("scale", 1.0))
+    gated = bool(params.get("gated"))
+    return SteeringConfig(mode=mode, scale=scale, direction_layer=params["direction_layer"],
+                          clamp_level=params.get("clamp_level", 0.2), layer_weights=weights,
+                          gate_layer=params["gate_layer"] if gated else None,
+                          gate_level=params["gate_level"] if gated else 0.0,
+                          model_id=loaded.info.name, weights_hash=loaded.info.weights_hash)
+
+
+@dataclass(frozen=True)
+class Space:
+    """Where trials may go, for a model of ``n_layers`` blocks."""
+
+    n_layers: int
+    modes: tuple[str, ...]
+    gate: bool
+
+    @property
+    def direction_layers(self) -> range:
+        return range(max(1, round(0.25 * self.n_layers)), min(self.n_layers - 1, round(0.85 * self.n_layers)) + 1)
+
+    @property
+    def gate_layers(self) -> range:
+        return range(round(0.5 * self.n_layers), min(self.n_layers - 1, round(0.85 * self.n_layers)) + 1)
+
+    def suggest(self, trial: Any) -> dict[str, Any]:
+        """A trial's parameters (Optuna's define-by-run)."""
+        mode = trial.suggest_categorical("mode", list(self.modes)) if len(self.modes) > 1 else self.modes[0]
+        layers = self.direction_layers
+        params: dict[str, Any] = {"mode": mode,
+                                  "direction_layer": trial.suggest_int("direction_layer", layers[0], layers[-1])}
+        if mode == "clamp":
+            params["clamp_scale"] = trial.suggest_float("clamp_scale", 0.5, 1.3)
+            params["clamp_level"] = trial.suggest_float("clamp_level", 0.0, 0.8)
+            if self.gate and trial.suggest_categorical("gated", [False, True]):
+                gates = self.gate_layers
+                params.update(gated=True, gate_layer=trial.suggest_int("gate_layer", gates[0], gates[-1]),
+                              gate_level=trial.suggest_float("gate_level", 0.0, 0.6))
+        else:  # beyond ~1.2 ablation flips the projection's sign, and KL on unseen prompts jumps
+            params["ablate_scale"] = trial.suggest_float("ablate_scale", 0.3, 1.2)
+        params.update(kernel_centre=trial.suggest_float("kernel_centre", 0, self.n_layers - 1),
+                      kernel_width=trial.suggest_float("kernel_width", 2, self.n_layers),
+                      kernel_floor=trial.suggest_float("kernel_floor", 0.0, 1.0))
+        return params
+
+    def plain_recipe(self) -> dict[str, Any]:
+        """Full ablation at scale 1 with the direction of the layer at 60% depth, on every layer."""
+        n = self.n_layers
+        return {"mode": "ablate", "ablate_scale": 1.0, "direction_layer": round(0.6 * n), "kernel_centre": n / 2,
+                "kernel_width": float(n), "kernel_floor": 1.0}
+
+    def seeds(self) -> list[dict[str, Any]]:
+        """Known starting points: the plain recipe (full ablation with one layer's direction), clamps
+        at three levels, which sketch the trade-off before the sampler takes over, and (with gates)
+        the level-0 clamp gated at 75% depth at two levels."""
+        n = self.n_layers
+        flat = {k: v for k, v in self.plain_recipe().items() if k not in ("mode", "ablate_scale")}
+        ungated = {"gated": False} if self.gate else {}
+        clamps = [{"clamp_scale": 1.0, "clamp_level": level, **ungated} for level in (0.0, 0.2, 0.4)]
+        if self.gate:
+            clamps += [{"clamp_scale": 1.0, "clamp_level": 0.0, "gated": True, "gate_layer": round(0.75 * n),
+                        "gate_level": level} for level in (0.1, 0.3)]
+        seeds = {"ablate": [{"ablate_scale": 1.0}], "clamp": clamps}
+        tag = lambda mode: {"mode": mode} if len(self.modes) > 1 else {}  # noqa: E731
+        return [{**tag(mode), **flat, **params} for mode in self.modes for params in seeds[mode]]
+
+
+@dataclass
+class Score:
+    refusal: float  # mean refusal-opening probability on harmful prompts
+    kl_ordinary: float
+    kl_collateral: float  # on the borderline prompts the unmodified model answers
+    odds: torch.Tensor  # per harmful prompt: refusal log-odds
+
+    @property
+    def cost(self) -> float:
+        return self.kl_ordinary + self.kl_collateral
+
+
+class Scorer:
+    """Proxy scores of a configuration on the search prompts (chat-formatted).
+
+    A gated configuration steers exactly as its ungated twin on the prompts its gate lets through
+    and leaves the others bit-identical (tested in the steering tests), so a gated trial is scored
+    as that: the twin on the prompts that pass, the unmodified model on the rest. The gate's
+    decisions come from the unmodified model's last-token activations, captured once per group.
+    """
+
+    def __init__(self, loaded: LoadedModel, harmful: list[str], ordinary: list[str], borderline: list[str],
+                 batch_size: int, directions: Any, gate_layers: range):
+        self.loaded, self.batch, self.directions, self.gate_layers = loaded, batch_size, directions, gate_layers
+        self.texts = {"harmful": harmful, "ordinary": ordinary, "borderline": borderline}
+        self.opening = refusal_opening_ids(loaded.tokenizer)
+        self.base = {name: first_logits(loaded, texts, batch_size) for name, texts in self.texts.items()}
+        self.base_odds = refusal_log_odds(self.base["harmful"], self.opening)
+        self.base_refusal = float(torch.sigmoid(self.base_odds).mean())
+        # the borderline prompts the unmodified model answers (first-token proxy): any change there is damage
+        self.answered = (refusal_log_odds(self.base["borderline"], self.opening) < 0).nonzero().flatten().tolist()
+        self._last: dict[str, dict[int, torch.Tensor]] = {}
+
+    def score(self, config: SteeringConfig) -> Score:
+        rows = {name: None if config.gate_layer is None else
+                self._passing(name, config.gate_layer, config.gate_level) for name in self.texts}
+        odds = self.base_odds.clone()
+        kls = {name: torch.zeros(len(texts)) for name, texts in self.texts.items()}
+        with apply_steering(self.loaded, replace(config, gate_layer=None), self.directions):
+            for name, texts in self.texts.items():
+                picked = list(range(len(texts))) if rows[name] is None else rows[name]
+                if not picked:
+                    continue
+                logits = first_logits(self.loaded, [texts[i] for i in picked], self.batch)
+                if name == "harmful":
+                    odds[picked] = refusal_log_odds(logits, self.opening)
+                else:
+                    kls[name][picked] = kl_divergence(self.base[name][picked], logits)
+        collateral = kls["borderline"][self.answered]
+        return Score(refusal=float(torch.sigmoid(odds).mean()), kl_ordinary=float(kls["ordinary"].mean()),
+                     kl_collateral=float(collateral.mean()) if len(self.answered) else 0.0, odds=odds)
+
+    def _passing(self, name: str, layer: int, level: float) -> list[int]:
+        if name not in self._last:  # the unmodified last-token activations at every candidate gate layer
+            site = self.directions.site
+            captured: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.gate_layers}
+            hooks = {(site, layer): (lambda h, kept=kept: kept.append(h[:, -1].float().cpu()))
+                     for layer, kept in captured.items()}
+            with site_hooks(self.loaded.adapter, hooks):
+                first_logits(self.loaded, self.texts[name], self.batch, whole=True)  # the path a gate decides on
+            self._last[name] = {layer: torch.cat(kept) for layer, kept in captured.items()}
+        return gate_passes(self.directions, layer, level, self._last[name][layer]).nonzero().flatten().tolist()
