@@ -5,7 +5,8 @@
 #   scripts/chaos.sh [N]        N kills per command (default 10)
 #
 # Per command: one uninterrupted reference run, then N rounds of: start the command, SIGKILL it after
-# a random delay (40-100% of the reference run's time, so most kills land after start-up), rerun it
+# a random delay (40-100% of the reference run's time, so most kills land after start-up; a run that
+# finishes before its kill is repeated with shorter delays, so every round kills one), rerun it
 # to the end, compare the rerun's result with the reference (collect: the activation files, byte for
 # byte; export: the folder, byte for byte, its manifest and card without the creation time; optimize:
 # the stored configuration without timings), and count the temporaries (.*.partial, .*.parts,
@@ -121,13 +122,21 @@ chaos() {  # chaos NAME ARGS...: a reference run and N kill-and-rerun rounds of 
     mkdir "$WORK/expected-$name"
     cp -r "$(result "$name")" "$WORK/expected-$name/"
     for ((i = 1; i <= N; i++)); do
-        prepare "$name"
-        delay=$(awk -v t="$took" -v r="$RANDOM" 'BEGIN { printf "%.2f", t * (0.4 + 0.6 * r / 32767) }')
-        "$PY" -m alignment_artifacts "$@" > /dev/null 2>&1 &  # not through a function: $! must be python
-        pid=$!
-        sleep "$delay"
-        if kill -9 "$pid" 2> /dev/null; then killed=$((killed + 1)); else early=$((early + 1)); fi
-        wait "$pid" 2> /dev/null
+        for scale in 1 0.7 0.5 0.35 0.25; do  # shorter delays while the run finishes before its kill
+            prepare "$name"
+            delay=$(awk -v t="$took" -v s="$scale" -v r="$RANDOM" \
+                    'BEGIN { printf "%.2f", t * s * (0.4 + 0.6 * r / 32767) }')
+            "$PY" -m alignment_artifacts "$@" > /dev/null 2>&1 &  # not through a function: $! must be python
+            pid=$!
+            sleep "$delay"
+            kill -9 "$pid" 2> /dev/null
+            wait "$pid" 2> /dev/null
+            if [ $? = 137 ]; then  # 128 + SIGKILL: it was still running
+                killed=$((killed + 1))
+                break
+            fi
+            early=$((early + 1))
+        done
         if aa "$@" > "$WORK/$name-rerun.json" 2> "$WORK/$name-rerun.err" \
                 && same "$WORK/expected-$name/$(basename "$(result "$name")")" "$(result "$name")"; then
             ok=$((ok + 1))
@@ -142,7 +151,7 @@ chaos() {  # chaos NAME ARGS...: a reference run and N kill-and-rerun rounds of 
             echo "chaos: $name round $i left: $found" >&2
         fi
     done
-    printf 'chaos: %-8s reference run %5s s; %2d killed mid-run, %d finished first; reruns equal to the reference %2d/%d, corrupt %d, leftover temporaries %d\n' \
+    printf 'chaos: %-8s reference run %5s s; %2d killed mid-run (%d more runs finished before their kill); reruns equal to the reference %2d/%d, corrupt %d, leftover temporaries %d\n' \
         "$name" "$took" "$killed" "$early" "$ok" "$N" "$bad" "$left"
     CORRUPT=$((CORRUPT + bad))
     LEFT=$((LEFT + left))
