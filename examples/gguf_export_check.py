@@ -2,7 +2,7 @@
 
 1. Bakes ablation (`--config FILE`, else plain ablation at the default direction layer) into
    the builtin's own GGUF file (`export --format gguf`, `--gguf-type` for the rewritten tensors).
-2. First-token distributions on the bundled harmful and harmless prompts: KL(hooked || llama.cpp
+2. First-token distributions on the bundled harmful and ordinary prompts: KL(hooked || llama.cpp
    running the export), next to the quantisation floor KL(transformers || llama.cpp) of the
    unmodified model (both sides read the same GGUF values, so the floor is llama.cpp's arithmetic).
 3. Greedy answers (--max-tokens) to the harmful prompts from the hooked model and from llama.cpp
@@ -78,6 +78,7 @@ def main() -> None:
     parser.add_argument("--gguf-type", default="auto", help="type of the rewritten tensors (default auto)")
     parser.add_argument("--out", type=Path, help="the exported .gguf (default: a temporary file)")
     parser.add_argument("--max-tokens", type=int, default=48, help="greedy answer length (default 48)")
+    parser.add_argument("--n-ordinary", type=int, default=72, help="ordinary prompts in the KL (default 72)")
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads (default 2)")
     args = parser.parse_args()
     try:
@@ -93,7 +94,7 @@ def main() -> None:
         first_logits,
         generated_refusals,
         is_refusal,
-        load_eval_sets,
+        load_group_sets,
     )
     from alignment_artifacts.export import export
     from alignment_artifacts.export_gguf import open_llama_cpp, read_manifest, source_gguf
@@ -110,9 +111,9 @@ def main() -> None:
     export_seconds = time.perf_counter() - export_started
     modified = read_manifest(out)["modified"]
 
-    harmful, harmless = load_eval_sets(EvaluationSettings())
-    harmful_texts, harmless_texts = chat_texts(loaded, harmful, None), chat_texts(loaded, harmless, None)
-    texts = harmful_texts + harmless_texts
+    sets = load_group_sets(EvaluationSettings(groups=("harmful", "ordinary"), n_ordinary=args.n_ordinary))
+    harmful_texts, ordinary_texts = chat_texts(loaded, sets.harmful, None), chat_texts(loaded, sets.ordinary, None)
+    texts = harmful_texts + ordinary_texts
     rows = [loaded.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     plain = first_logits(loaded, texts)
     with apply_steering(loaded, config, directions):
@@ -145,12 +146,12 @@ def main() -> None:
     print(f"gguf_type: {args.gguf_type} ({', '.join(types)}; {len(modified)} tensors rewritten)")
     print(f"export_seconds: {export_seconds:.1f}")
     print(f"max_requantization_rms_error: {max(m['requantization_rms_error'] for m in modified.values()):.4f}")
-    print(f"prompts: {n_h} harmful + {len(harmless_texts)} harmless (first-token KL over all)")
+    print(f"prompts: {n_h} harmful + {len(ordinary_texts)} ordinary (first-token KL over all)")
     print(f"kl_hooked_vs_gguf: {ablated:.5f}")
     print(f"kl_floor_unmodified_hf_vs_llama: {floor:.5f}")
     print(f"kl_ratio_to_floor: {ablated / max(floor, 1e-12):.2f}")
     print(f"kl_hooked_vs_gguf_harmful: {kl(hooked[:n_h], llama_ablated[:n_h]):.5f}")
-    print(f"kl_hooked_vs_gguf_harmless: {kl(hooked[n_h:], llama_ablated[n_h:]):.5f}")
+    print(f"kl_hooked_vs_gguf_ordinary: {kl(hooked[n_h:], llama_ablated[n_h:]):.5f}")
     print(f"kl_ablation_effect_hooked_vs_unmodified: {kl(hooked, plain):.5f}")
     print(f"top1_agreement_hooked_vs_gguf: {int((hooked.argmax(-1) == llama_ablated.argmax(-1)).sum())}/{len(texts)}")
     print(f"refusals_harmful_unmodified_hf: {sum(unmodified_answers.flags)}/{n_h}")
