@@ -123,7 +123,8 @@ def _add_steering(p: argparse.ArgumentParser, default_mode: str = "auto") -> Non
 
 def _add_judge(p: argparse.ArgumentParser) -> None:
     p.add_argument("--judge", help="labels answers refusal / evasion / compliance: markers (keyword rule, default), "
-                                   "or a judge model (builtin name, local folder, .gguf file or hub id)")
+                                   "a judge model (builtin name, local folder, .gguf file or hub id), or markers+X "
+                                   "(markers first, then X for what they call compliance)")
     p.add_argument("--judge-url", help="judge with an OpenAI-compatible server instead (base URL, e.g. "
                                        "http://127.0.0.1:8000/v1; API key from $ALIGNMENT_ARTIFACTS_API_KEY or "
                                        "$OPENAI_API_KEY)")
