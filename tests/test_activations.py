@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from alignment_artifacts import activation_pass
 from alignment_artifacts import activations as act
 from alignment_artifacts.errors import UserError
 from alignment_artifacts.models.generation import positions_from_mask
@@ -95,7 +96,7 @@ def test_interrupted_run_resumes_identically(cache_root, monkeypatch):
     clean = act.collect_activations(loaded, ps, batch_size=3, progress=False, use_cache=False,
                                     cache_folder=cache_root / "clean")
     calls = {"n": 0}
-    original = act._run_batch
+    original = activation_pass.run_batch
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
@@ -103,13 +104,13 @@ def test_interrupted_run_resumes_identically(cache_root, monkeypatch):
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(act, "_run_batch", flaky)
+    monkeypatch.setattr(activation_pass, "run_batch", flaky)
     with pytest.raises(KeyboardInterrupt):
         act.collect_activations(loaded, ps, batch_size=3, progress=False)
     key_folder = next((cache_root / "activations").glob(".*.parts"))
     assert len(list(key_folder.glob("batch-*.safetensors"))) == 2
     assert not list((cache_root / "activations").glob("*/manifest.json"))
-    monkeypatch.setattr(act, "_run_batch", original)
+    monkeypatch.setattr(activation_pass, "run_batch", original)
     resumed = act.collect_activations(loaded, ps, batch_size=3, progress=False)
     for layer in range(2):
         assert torch.equal(resumed.get("mlp_out", layer, "last"), clean.get("mlp_out", layer, "last"))

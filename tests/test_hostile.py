@@ -21,8 +21,8 @@ import httpx
 import pytest
 import torch
 
+from alignment_artifacts import activation_pass, cache
 from alignment_artifacts import activations as act
-from alignment_artifacts import cache
 from alignment_artifacts.api import get_directions, resolve_config
 from alignment_artifacts.cache import atomic_directory
 from alignment_artifacts.cli import main
@@ -74,7 +74,7 @@ def snapshot(*roots: Path) -> dict[str, tuple[bool, int, int]]:
 
 def interrupt_at(monkeypatch, call: int) -> None:
     """Make the ``call``-th batch of collections raise, as a Ctrl-C there would (until ``resume``)."""
-    original, calls = act._run_batch, {"n": 0}
+    original, calls = activation_pass.run_batch, {"n": 0}
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
@@ -82,23 +82,23 @@ def interrupt_at(monkeypatch, call: int) -> None:
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(act, "_run_batch", flaky)
-    monkeypatch.setattr(act, "_original_run_batch", original, raising=False)
+    monkeypatch.setattr(activation_pass, "run_batch", flaky)
+    monkeypatch.setattr(activation_pass, "_original_run_batch", original, raising=False)
 
 
 def resume(monkeypatch) -> None:
     """Undo ``interrupt_at`` only (``monkeypatch.undo`` would also drop the cache_root fixture's setting)."""
-    monkeypatch.setattr(act, "_run_batch", act._original_run_batch)
+    monkeypatch.setattr(activation_pass, "run_batch", activation_pass._original_run_batch)
 
 
 def slow_batches(monkeypatch, seconds: float) -> None:
-    original = act._run_batch
+    original = activation_pass.run_batch
 
     def slow(*args, **kwargs):
         time.sleep(seconds)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(act, "_run_batch", slow)
+    monkeypatch.setattr(activation_pass, "run_batch", slow)
 
 
 # 1. A prompt longer than the model's context ---------------------------------------------------------------

@@ -4,7 +4,8 @@ Only what analysis needs is kept: one vector per prompt, site, layer and positio
 generated step), in float16 by default. A run is keyed by everything that changes its content;
 it writes one part file per batch (atomic renames), so an interrupted run resumes where it
 stopped, and the manifest, written last, is what marks a store complete. A resumed run checks
-each part file it reuses (tensor names, shapes, checksum) and recomputes any that fail.
+each part file it reuses (tensor names, shapes, checksum) and recomputes any that fail. The pass
+itself (what is recorded, run from the prompts' shared prefix) is ``activation_pass``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,17 @@ from typing import Any
 import torch
 
 from . import __version__
+from .activation_pass import (
+    CollectionPlan,
+    EncodedPrompt,
+    Recorder,
+    collection_prefix,
+    encode_prompt,
+    parse_layers,
+    parse_positions,
+    parse_sites,
+    run_with_backoff,
+)
 from .cache import (
     atomic_save_safetensors,
     atomic_write_json,
@@ -32,126 +44,15 @@ from .cache import (
     save_verified,
     stable_hash,
 )
-from .errors import CacheError, UserError, closest
+from .errors import CacheError, UserError
 from .models.adapter import SITES
-from .models.generation import (
-    _cache_kwarg,
-    _output_cache,
-    context_error,
-    format_chat,
-    positions_from_mask,
-)
-from .models.hooks import contiguous_head_input, site_hooks
+from .models.hooks import site_hooks
 from .models.loading import LoadedModel
+from .models.prefix import SharedPrefix
 from .prompts.sets import Prompt, PromptSet
 
 FORMAT_VERSION = 1
-POSITIONS = ("last", "post_instruction", "mean", "first_generated")
 STORE_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
-ACTIVATION_FILTERS = {  # the original study's --activation-filter names
-    "mlp.output": "mlp_out", "mlp": "mlp_out", "attention": "attn_out", "attn": "attn_out",
-    "attention.output": "attn_out", "residual": "resid_post", "resid": "resid_post", "block": "resid_post",
-    "resid_pre": "resid_pre", "resid_post": "resid_post", "mlp_out": "mlp_out", "attn_out": "attn_out",
-}
-
-
-def parse_sites(spec: str | Sequence[str] | None) -> list[str]:
-    """Canonical sites from names or the original study's filter syntax ("mlp.output,attention", "all")."""
-    if spec is None:
-        return ["mlp_out"]
-    items = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
-    if items == ["all"]:
-        return list(SITES)
-    sites: list[str] = []
-    for item in items:
-        if item not in ACTIVATION_FILTERS:
-            raise UserError(f"Unknown site '{item}'.{closest(item, ACTIVATION_FILTERS)} Valid sites: "
-                            f"{', '.join(SITES)}, or 'all' (aliases: {', '.join(sorted(ACTIVATION_FILTERS))}).")
-        if ACTIVATION_FILTERS[item] not in sites:
-            sites.append(ACTIVATION_FILTERS[item])
-    return sites
-
-
-def parse_positions(spec: str | Sequence[str] | None) -> list[str]:
-    if spec is None:
-        return ["last"]
-    items = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
-    for item in items:
-        if item.startswith("generated:"):
-            count = item.split(":", 1)[1]
-            if not count.isdigit() or int(count) < 1:
-                raise UserError(f"Position '{item}' needs a positive number of steps, e.g. generated:20.")
-        elif item not in POSITIONS:
-            raise UserError(f"Unknown position '{item}'.{closest(item, POSITIONS)} Valid positions: "
-                            f"{', '.join(POSITIONS)}, generated:N.")
-    return items
-
-
-def parse_layers(spec: str | Sequence[int] | None, n_layers: int) -> list[int]:
-    """Layers from "1,2,5", "0-7", "all" or a list; 0-based decoder block indices."""
-    if spec is None or spec == "all":
-        return list(range(n_layers))
-    if isinstance(spec, str):
-        layers: list[int] = []
-        for part in spec.split(","):
-            part = part.strip()
-            if not part:
-                continue
-            try:
-                if "-" in part[1:]:
-                    lo, hi = part.split("-", 1) if not part.startswith("-") else ("-" + part[1:].split("-")[0], "")
-                    layers.extend(range(int(lo), int(hi) + 1))
-                else:
-                    layers.append(int(part))
-            except ValueError:
-                raise UserError(f"Could not read layers '{spec}'. Use a list like 1,2,3, a range like 4-10, "
-                                f"or 'all' (0-based, this model has layers 0-{n_layers - 1}).") from None
-    else:
-        layers = [int(x) for x in spec]
-    bad = [x for x in layers if not 0 <= x < n_layers]
-    if bad:
-        raise UserError(f"Layer(s) {bad} are out of range: this model has {n_layers} decoder blocks, numbered "
-                        f"0 to {n_layers - 1}.")
-    return sorted(set(layers))
-
-
-@dataclass
-class EncodedPrompt:
-    ids: list[int]
-    user_start: int  # first token of the user's text
-    user_end: int  # one past its last token; tokens from here on are the template's suffix
-
-
-def encode_prompt(tokenizer: Any, text: str, system: str | None, max_length: int | None,
-                  truncate: bool = False, reserved: int = 0) -> EncodedPrompt:
-    """Tokenize a chat-formatted prompt and find where the user's text sits in it.
-
-    A prompt longer than ``max_length - reserved`` tokens is refused, unless ``truncate``: then
-    tokens are dropped from the start of the user's text.
-    """
-    formatted = format_chat(tokenizer, text, system)
-    start_char = formatted.rfind(text)
-    end_char = start_char + len(text)
-    enc = tokenizer(formatted, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    user = [i for i, (s, _e) in enumerate(offsets) if start_char <= s < end_char]
-    if not user:
-        user = [len(ids) - 1]
-    encoded = EncodedPrompt(ids=list(ids), user_start=user[0], user_end=user[-1] + 1)
-    if max_length and len(ids) + reserved > max_length:
-        if not truncate:
-            raise context_error(len(ids), max_length, reserved, fix=f"Shorten it, or pass --truncate (truncate=True "
-                                f"in the API) to drop tokens from the start of the user's text. It begins: "
-                                f"{text[:60]!r}", which="A prompt")
-        drop = len(ids) + reserved - max_length
-        if drop >= encoded.user_end - encoded.user_start:
-            raise UserError(f"A prompt's chat template alone is longer than the model's context ({max_length} "
-                            "tokens); shorten the system prompt.")
-        warnings.warn(f"Prompt of {len(ids)} tokens exceeds the model's context ({max_length}); dropped {drop} "
-                      "tokens from the start of the user's text.", stacklevel=2)
-        cut = encoded.user_start
-        encoded = EncodedPrompt(ids=ids[:cut] + ids[cut + drop:], user_start=cut, user_end=encoded.user_end - drop)
-    return encoded
 
 
 @dataclass
@@ -220,85 +121,6 @@ class ActivationStore:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
-@dataclass
-class CollectionPlan:
-    sites: list[str]
-    positions: list[str]
-    layers: list[int]
-    store_dtype: str
-    system: str | None
-    batch_size: int | str
-    max_length: int | None
-
-    @property
-    def generated_steps(self) -> int:
-        return max([int(p.split(":")[1]) for p in self.positions if p.startswith("generated:")], default=0)
-
-
-class _Recorder:
-    """Hook bodies that pool each site's hidden states on-device as the forward pass runs."""
-
-    def __init__(self, plan: CollectionPlan, dtype: torch.dtype):
-        self.plan, self.dtype = plan, dtype
-        self.index: dict[str, torch.Tensor] = {}
-        self.out: dict[tuple[str, int, str], list[torch.Tensor]] = {}
-        self.by_device: dict[torch.device, tuple[torch.Tensor, ...]] = {}
-        self.decoding = False
-
-    def start_batch(self, user_start: torch.Tensor, user_end: torch.Tensor, length: int, pad: torch.Tensor) -> None:
-        rows = torch.arange(len(pad), device=pad.device)
-        self.rows = rows
-        self.last = pad + user_end - 1
-        positions = torch.arange(length, device=pad.device)[None, :]
-        span = (positions >= (pad + user_start)[:, None]) & (positions < (pad + user_end)[:, None])
-        self.mean_weights = span.float() / span.sum(1, keepdim=True).clamp_min(1).float()
-        suffix = int((length - (pad + user_end)).min())
-        self.post = (length - suffix + torch.arange(suffix, device=pad.device))[None, :].expand(len(pad), -1)
-        self.by_device = {pad.device: (self.rows, self.last, self.mean_weights, self.post)}
-        self.out = {}
-        self.decoding = False
-
-    def indices(self, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """This batch's position indices on ``device`` (a dispatched model's layers run on several), copied once."""
-        if device not in self.by_device:
-            self.by_device[device] = tuple(t.to(device) for t in self.by_device[self.rows.device])
-        return self.by_device[device]
-
-    def hook(self, site: str, layer: int):
-        def fn(h: torch.Tensor) -> None:
-            if self.decoding:
-                for position in self.plan.positions:
-                    if position.startswith("generated:"):
-                        self.out.setdefault((site, layer, position), []).append(h[:, -1].to(self.dtype, copy=True))
-                return None
-            rows, last, mean_weights, post = self.indices(h.device)
-            for position in self.plan.positions:
-                if position == "last":
-                    value = h[rows, last]
-                elif position == "first_generated":
-                    value = h[:, -1]
-                elif position == "mean":
-                    value = torch.einsum("bl,blh->bh", mean_weights, h.float())
-                elif position == "post_instruction":
-                    value = h[rows[:, None], post]
-                else:
-                    value = h[:, -1]  # generated:N starts with the position that produces the first token
-                self.out.setdefault((site, layer, position), []).append(value.to(self.dtype, copy=True))
-            return None
-
-        return fn
-
-    def result(self) -> dict[tuple[str, int, str], torch.Tensor]:
-        merged = {}
-        for key, values in self.out.items():
-            if key[2].startswith("generated:"):
-                steps = int(key[2].split(":")[1])
-                merged[key] = torch.stack(values[:steps], 1).cpu()
-            else:
-                merged[key] = values[0].cpu()
-        return merged
-
-
 def store_key(loaded: LoadedModel, prompt_set: PromptSet, plan: CollectionPlan) -> str:
     template = getattr(loaded.tokenizer, "chat_template", None) or "plain"
     return stable_hash({
@@ -307,42 +129,6 @@ def store_key(loaded: LoadedModel, prompt_set: PromptSet, plan: CollectionPlan) 
         "positions": plan.positions, "layers": plan.layers, "store_dtype": plan.store_dtype,
         "system": plan.system, "max_length": plan.max_length,
     })
-
-
-def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
-def _run_batch(loaded: LoadedModel, recorder: _Recorder, encoded: list[EncodedPrompt],
-               plan: CollectionPlan) -> dict[tuple[str, int, str], torch.Tensor]:
-    device = loaded.device
-    length = max(len(e.ids) for e in encoded)
-    pad_id = loaded.tokenizer.pad_token_id or 0
-    ids = torch.full((len(encoded), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(encoded), length), dtype=torch.long)
-    for row, e in enumerate(encoded):
-        ids[row, length - len(e.ids):] = torch.tensor(e.ids)
-        mask[row, length - len(e.ids):] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    pad = (length - mask.sum(1)).to(device)
-    recorder.start_batch(torch.tensor([e.user_start for e in encoded], device=device),
-                         torch.tensor([e.user_end for e in encoded], device=device), length, pad)
-    model = loaded.model
-    with torch.no_grad(), contiguous_head_input(model):
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=True,
-                    logits_to_keep=1)
-        steps = plan.generated_steps
-        if steps:
-            cache, logits = _output_cache(out), out.logits[:, -1]
-            recorder.decoding = True
-            for _ in range(steps - 1):
-                token = logits.argmax(-1)
-                mask = torch.cat([mask, mask.new_ones(len(encoded), 1)], 1)
-                out = model(input_ids=token[:, None], attention_mask=mask,
-                            position_ids=positions_from_mask(mask)[:, -1:], use_cache=True,
-                            **{_cache_kwarg(model): cache})
-                cache, logits = _output_cache(out), out.logits[:, -1]
-    return recorder.result()
 
 
 def collect_activations(loaded: LoadedModel, prompt_set: PromptSet, sites: Sequence[str] | str | None = None,
@@ -416,19 +202,23 @@ class _Run:
             shutil.rmtree(self.parts)  # another batch size (or an unreadable plan): batches would differ
             self.parts.mkdir(parents=True)
         atomic_write_json(plan_path, {"batch": size, "key": self.key})
-        recorder = _Recorder(self.plan, STORE_DTYPES[self.plan.store_dtype])
+        recorder = Recorder(self.plan, STORE_DTYPES[self.plan.store_dtype])
         hooks = {(site, layer): recorder.hook(site, layer) for site in self.plan.sites for layer in self.plan.layers}
         names = {f"{s}|{layer}|{p}" for s in self.plan.sites for layer in self.plan.layers for p in self.plan.positions}
         batches = [order[i:i + size] for i in range(0, len(order), size)]
         bar = _progress(len(self.prompt_set), progress, "collect")
         guard = self.model_lock if self.model_lock is not None else contextlib.nullcontext()
+        prefix: SharedPrefix | None = None  # run before the first batch that is not reused
         for number, rows in enumerate(batches):
             part = self.parts / f"batch-{number:05d}.safetensors"
             if self._reusable(part, names, len(rows)):
                 bar.update(len(rows))
                 continue
-            with guard, site_hooks(self.loaded.adapter, hooks):
-                pooled = _run_with_backoff(self.loaded, recorder, [self.encoded[i] for i in rows], self.plan)
+            with guard:
+                prefix = prefix or collection_prefix(self.loaded, self.encoded)
+                with site_hooks(self.loaded.adapter, hooks):
+                    pooled = run_with_backoff(self.loaded, recorder, [self.encoded[i] for i in rows], self.plan,
+                                              prefix)
             tensors = {f"{s}|{layer}|{p}": t for (s, layer, p), t in pooled.items()}
             save_verified(tensors, part, {"seconds": f"{self.seconds():.3f}"})
             bar.update(len(rows))
@@ -490,29 +280,6 @@ def _initial_batch_size(batch_size: int | str, loaded: LoadedModel) -> int:
     if batch_size != "auto":
         raise UserError(f"--batch-size must be a positive number or 'auto' (got {batch_size!r}).")
     return 64 if loaded.device.type == "cuda" else 16
-
-
-def _run_with_backoff(loaded: LoadedModel, recorder: _Recorder, encoded: list[EncodedPrompt],
-                      plan: CollectionPlan) -> dict[tuple[str, int, str], torch.Tensor]:
-    """Run one batch; on out-of-memory split it in halves (results are concatenated in order)."""
-    try:
-        return _run_batch(loaded, recorder, encoded, plan)
-    except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
-        if not _is_oom(exc) or len(encoded) == 1:
-            raise
-        if loaded.device.type == "cuda":
-            torch.cuda.empty_cache()
-        half = len(encoded) // 2
-        first = _run_with_backoff(loaded, recorder, encoded[:half], plan)
-        second = _run_with_backoff(loaded, recorder, encoded[half:], plan)
-        return {k: _cat_padded(first[k], second[k]) for k in first}
-
-
-def _cat_padded(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    if a.dim() == 3 and a.shape[1] != b.shape[1]:  # post_instruction suffix lengths can differ
-        keep = min(a.shape[1], b.shape[1])
-        a, b = a[:, -keep:], b[:, -keep:]
-    return torch.cat([a, b])
 
 
 def _finalise(run: _Run, batches: list[list[int]]) -> ActivationStore:

@@ -16,6 +16,7 @@ import torch
 
 from ..errors import UserError
 from .hooks import contiguous_head_input, decision_pass, prefix_sharing
+from .prefix import SharedPrefix, common_prefix_length, expandable, pad_after_prefix
 
 PLAIN_TEMPLATE_USER = "User: "
 PLAIN_TEMPLATE_ASSISTANT = "\nAssistant:"
@@ -218,8 +219,11 @@ def _sample(logits: torch.Tensor, config: GenerationConfig, generator: torch.Gen
 @torch.no_grad()
 def generate_ids(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: GenerationConfig,
                  stop_ids: Sequence[int] = (), on_step: Callable[[torch.Tensor], None] | None = None,
-                 pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Decode up to ``max_tokens``; returns (generated ids [B, T], done-mask per step [B, T], first logits)."""
+                 pad_id: int = 0, cache: Any = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decode up to ``max_tokens``; returns (generated ids [B, T], done-mask per step [B, T], first logits).
+
+    ``cache`` holds tokens before ``input_ids`` (a ``SharedPrefix``'s), which ``attention_mask`` covers too.
+    """
     config.validate()
     generator = None
     if config.seed is not None and config.temperature > 0:
@@ -228,7 +232,7 @@ def generate_ids(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
     stops = torch.tensor(list(stop_ids) or [-1], device=input_ids.device)
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     seen = input_ids
-    output = forward(model, input_ids, attention_mask)
+    output = forward(model, input_ids, attention_mask, cache=cache)
     logits = output.logits[:, -1, :].float()
     first_logits = logits.clone()
     cache = _output_cache(output)
@@ -336,18 +340,23 @@ def generate(loaded: Any, prompts: Sequence[str], config: GenerationConfig | Non
     return out
 
 
-def common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
-    """Length of the token prefix every row shares, leaving at least one token per row."""
-    limit = min(len(r) for r in rows) - 1
-    length = 0
-    while length < limit and all(r[length] == rows[0][length] for r in rows):
-        length += 1
-    return length
+@torch.no_grad()
+def shared_prefix(model: Any, rows: Sequence[Sequence[int]], device: torch.device | str, min_shared: int = 8,
+                  limit: int | None = None) -> SharedPrefix:
+    """The token prefix all ``rows`` share (at most ``limit`` tokens), run once.
 
-
-def _expandable(cache: Any) -> bool:
-    layers = getattr(cache, "layers", None) or []
-    return bool(layers) and all(type(layer).__name__ == "DynamicLayer" for layer in layers)
+    Nothing is shared when it is shorter than ``min_shared``, when the model's cache cannot be
+    expanded (sliding-window layers), or inside ``hooks.whole_prompts`` (hooks that steer a prompt
+    by its last token): this is the one place that asks.
+    """
+    length = common_prefix_length(rows) if len(rows) > 1 and prefix_sharing() else 0
+    if limit is not None:
+        length = min(length, limit)
+    if length < min_shared:
+        return SharedPrefix()
+    prefix = torch.tensor([list(rows[0][:length])], device=device)
+    cache = _output_cache(forward(model, prefix, torch.ones_like(prefix)))
+    return SharedPrefix(length, cache) if expandable(cache) else SharedPrefix()
 
 
 @torch.no_grad()
@@ -356,38 +365,15 @@ def next_token_logits(model: Any, tokenizer: Any, texts: Sequence[str], batch_si
     """Logits at the first answer position [n, vocab], float32 on the CPU.
 
     Chat prompts share a long prefix (system prompt, role markers). It is computed once and its
-    KV cache reused for every batch, which halves the work of typical evaluation prompts. Models
-    whose cache cannot be expanded (sliding-window layers) take the plain path, and so does every
-    pass inside ``hooks.whole_prompts`` (hooks that steer a prompt by its last token).
+    KV cache reused for every batch, which halves the work of typical evaluation prompts (see
+    ``shared_prefix`` for when it is not).
     """
-    import copy
-
     rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    shared = common_prefix_length(rows) if len(rows) > 1 and prefix_sharing() else 0
-    prefix_cache = None
-    if shared >= min_shared:
-        prefix = torch.tensor([rows[0][:shared]], device=device)
-        out = forward(model, prefix, torch.ones_like(prefix))
-        prefix_cache = _output_cache(out) if _expandable(_output_cache(out)) else None
-    if prefix_cache is None:
-        shared = 0
+    prefix = shared_prefix(model, rows, device, min_shared)
     pad_id = tokenizer.pad_token_id or 0
     results = []
     for start in range(0, len(rows), batch_size):
-        chunk = [r[shared:] for r in rows[start:start + batch_size]]
-        length = max(len(r) for r in chunk)
-        ids = torch.full((len(chunk), length), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), shared + length), dtype=torch.long)
-        mask[:, :shared] = 1
-        for i, r in enumerate(chunk):
-            ids[i, length - len(r):] = torch.tensor(r)
-            mask[i, shared + length - len(r):] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        positions = positions_from_mask(mask)[:, shared:]
-        cache = None
-        if prefix_cache is not None:
-            cache = copy.deepcopy(prefix_cache)
-            cache.batch_repeat_interleave(len(chunk))
-        out = forward(model, ids, mask, cache=cache, position_ids=positions)
+        ids, mask = pad_after_prefix(rows[start:start + batch_size], prefix.length, pad_id, device)
+        out = forward(model, ids, mask, cache=prefix.cache_for(len(ids)))
         results.append(out.logits[:, -1, :].float().cpu())
     return torch.cat(results)

@@ -1,0 +1,61 @@
+"""Prompts that start alike: the prefix they share, its reusable KV cache, and the batches after it.
+
+Chat prompts share a long prefix (system prompt, role markers). ``generation.shared_prefix``
+runs it once; every batch then feeds only what follows it, left-padded between the prefix and
+the rest so that positions continue the prefix in every row.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+def common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
+    """Length of the token prefix every row shares, leaving at least one token per row."""
+    limit = min(len(r) for r in rows) - 1
+    length = 0
+    while length < limit and all(r[length] == rows[0][length] for r in rows):
+        length += 1
+    return length
+
+
+def expandable(cache: Any) -> bool:
+    """Whether a batch-of-one cache can be copied to a batch (sliding-window layers cannot)."""
+    layers = getattr(cache, "layers", None) or []
+    return bool(layers) and all(type(layer).__name__ == "DynamicLayer" for layer in layers)
+
+
+@dataclass
+class SharedPrefix:
+    """Tokens every prompt starts with, run once: each batch continues from a copy of their KV cache."""
+
+    length: int = 0
+    cache: Any = None  # batch of one; None when nothing is shared
+
+    def cache_for(self, batch: int) -> Any:
+        """A copy of the prefix's cache for ``batch`` rows (None when nothing is shared)."""
+        if self.cache is None:
+            return None
+        cache = copy.deepcopy(self.cache)
+        cache.batch_repeat_interleave(batch)
+        return cache
+
+
+def pad_after_prefix(rows: Sequence[Sequence[int]], shared: int, pad_id: int, device: torch.device | str
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's tokens after the ``shared`` prefix, left-padded, and the attention mask over the
+    prefix and them: padding sits between the two, so ``positions_from_mask`` continues the prefix."""
+    length = max(len(r) for r in rows) - shared
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), shared + length), dtype=torch.long)
+    mask[:, :shared] = 1
+    for i, row in enumerate(rows):
+        suffix = row[shared:]
+        ids[i, length - len(suffix):] = torch.tensor(suffix, dtype=torch.long)
+        mask[i, shared + length - len(suffix):] = 1
+    return ids.to(device), mask.to(device)
