@@ -43,10 +43,11 @@ from .models.generation import (
 )
 from .models.hooks import contiguous_head_input, site_hooks
 from .models.loading import LoadedModel
+from .models.thinking import post_think_kwargs, think_end_index, thinking_format
 from .prompts.sets import Prompt, PromptSet
 
 FORMAT_VERSION = 1
-POSITIONS = ("last", "post_instruction", "mean", "first_generated")
+POSITIONS = ("last", "post_instruction", "mean", "first_generated", "post_think")
 STORE_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 ACTIVATION_FILTERS = {  # the original study's --activation-filter names
     "mlp.output": "mlp_out", "mlp": "mlp_out", "attention": "attn_out", "attn": "attn_out",
@@ -120,16 +121,18 @@ class EncodedPrompt:
     ids: list[int]
     user_start: int  # first token of the user's text
     user_end: int  # one past its last token; tokens from here on are the template's suffix
+    think_end: int | None = None  # first position after a thinking block closes in the template's suffix
 
 
 def encode_prompt(tokenizer: Any, text: str, system: str | None, max_length: int | None,
-                  truncate: bool = False, reserved: int = 0) -> EncodedPrompt:
+                  truncate: bool = False, reserved: int = 0, template_kwargs: dict[str, Any] | None = None
+                  ) -> EncodedPrompt:
     """Tokenize a chat-formatted prompt and find where the user's text sits in it.
 
     A prompt longer than ``max_length - reserved`` tokens is refused, unless ``truncate``: then
     tokens are dropped from the start of the user's text.
     """
-    formatted = format_chat(tokenizer, text, system)
+    formatted = format_chat(tokenizer, text, system, template_kwargs=template_kwargs)
     start_char = formatted.rfind(text)
     end_char = start_char + len(text)
     enc = tokenizer(formatted, add_special_tokens=False, return_offsets_mapping=True)
@@ -137,7 +140,8 @@ def encode_prompt(tokenizer: Any, text: str, system: str | None, max_length: int
     user = [i for i, (s, _e) in enumerate(offsets) if start_char <= s < end_char]
     if not user:
         user = [len(ids) - 1]
-    encoded = EncodedPrompt(ids=list(ids), user_start=user[0], user_end=user[-1] + 1)
+    encoded = EncodedPrompt(ids=list(ids), user_start=user[0], user_end=user[-1] + 1,
+                            think_end=think_end_index(formatted, offsets, end_char))
     if max_length and len(ids) + reserved > max_length:
         if not truncate:
             raise context_error(len(ids), max_length, reserved, fix=f"Shorten it, or pass --truncate (truncate=True "
@@ -150,7 +154,9 @@ def encode_prompt(tokenizer: Any, text: str, system: str | None, max_length: int
         warnings.warn(f"Prompt of {len(ids)} tokens exceeds the model's context ({max_length}); dropped {drop} "
                       "tokens from the start of the user's text.", stacklevel=2)
         cut = encoded.user_start
-        encoded = EncodedPrompt(ids=ids[:cut] + ids[cut + drop:], user_start=cut, user_end=encoded.user_end - drop)
+        think = encoded.think_end - drop if encoded.think_end is not None else None
+        encoded = EncodedPrompt(ids=ids[:cut] + ids[cut + drop:], user_start=cut, user_end=encoded.user_end - drop,
+                                think_end=think)
     return encoded
 
 
@@ -229,6 +235,7 @@ class CollectionPlan:
     system: str | None
     batch_size: int | str
     max_length: int | None
+    template_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. the thinking switch
 
     @property
     def generated_steps(self) -> int:
@@ -245,7 +252,8 @@ class _Recorder:
         self.by_device: dict[torch.device, tuple[torch.Tensor, ...]] = {}
         self.decoding = False
 
-    def start_batch(self, user_start: torch.Tensor, user_end: torch.Tensor, length: int, pad: torch.Tensor) -> None:
+    def start_batch(self, user_start: torch.Tensor, user_end: torch.Tensor, length: int, pad: torch.Tensor,
+                    think_end: torch.Tensor) -> None:
         rows = torch.arange(len(pad), device=pad.device)
         self.rows = rows
         self.last = pad + user_end - 1
@@ -254,7 +262,7 @@ class _Recorder:
         self.mean_weights = span.float() / span.sum(1, keepdim=True).clamp_min(1).float()
         suffix = int((length - (pad + user_end)).min())
         self.post = (length - suffix + torch.arange(suffix, device=pad.device))[None, :].expand(len(pad), -1)
-        self.by_device = {pad.device: (self.rows, self.last, self.mean_weights, self.post)}
+        self.by_device = {pad.device: (self.rows, self.last, self.mean_weights, self.post, pad + think_end)}
         self.out = {}
         self.decoding = False
 
@@ -271,7 +279,7 @@ class _Recorder:
                     if position.startswith("generated:"):
                         self.out.setdefault((site, layer, position), []).append(h[:, -1].to(self.dtype, copy=True))
                 return None
-            rows, last, mean_weights, post = self.indices(h.device)
+            rows, last, mean_weights, post, think = self.indices(h.device)
             for position in self.plan.positions:
                 if position == "last":
                     value = h[rows, last]
@@ -281,6 +289,8 @@ class _Recorder:
                     value = torch.einsum("bl,blh->bh", mean_weights, h.float())
                 elif position == "post_instruction":
                     value = h[rows[:, None], post]
+                elif position == "post_think":
+                    value = h[rows, think]
                 else:
                     value = h[:, -1]  # generated:N starts with the position that produces the first token
                 self.out.setdefault((site, layer, position), []).append(value.to(self.dtype, copy=True))
@@ -306,6 +316,7 @@ def store_key(loaded: LoadedModel, prompt_set: PromptSet, plan: CollectionPlan) 
         "template": stable_hash(template), "prompts": prompt_set.content_hash(), "sites": plan.sites,
         "positions": plan.positions, "layers": plan.layers, "store_dtype": plan.store_dtype,
         "system": plan.system, "max_length": plan.max_length,
+        **({"template_kwargs": plan.template_kwargs} if plan.template_kwargs else {}),
     })
 
 
@@ -326,7 +337,9 @@ def _run_batch(loaded: LoadedModel, recorder: _Recorder, encoded: list[EncodedPr
     ids, mask = ids.to(device), mask.to(device)
     pad = (length - mask.sum(1)).to(device)
     recorder.start_batch(torch.tensor([e.user_start for e in encoded], device=device),
-                         torch.tensor([e.user_end for e in encoded], device=device), length, pad)
+                         torch.tensor([e.user_end for e in encoded], device=device), length, pad,
+                         torch.tensor([len(e.ids) - 1 if e.think_end is None else e.think_end for e in encoded],
+                                      device=device))
     model = loaded.model
     with torch.no_grad(), contiguous_head_input(model):
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=True,
@@ -350,8 +363,11 @@ def collect_activations(loaded: LoadedModel, prompt_set: PromptSet, sites: Seque
                         dtype: str = "float16", batch_size: int | str = "auto", system: str | None = None,
                         use_cache: bool = True, progress: bool = True, cache_folder: Path | None = None,
                         truncate: bool = False, model_lock: contextlib.AbstractContextManager[Any] | None = None,
-                        ) -> ActivationStore:
+                        thinking: str = "auto") -> ActivationStore:
     """Collect pooled activations for every prompt; returns a cached store when one exists.
+
+    ``thinking`` (auto, on, off) renders reasoning models' prompts with the template's thinking
+    switch; the ``post_think`` position needs the block closed in the prompt (auto then means off).
 
     ``use_cache=False`` recomputes everything, part files of an interrupted run included.
     ``model_lock`` is held around each batch's forward pass (and its hooks), so a server can
@@ -365,8 +381,14 @@ def collect_activations(loaded: LoadedModel, prompt_set: PromptSet, sites: Seque
                           layers=parse_layers(layers, loaded.adapter.n_layers), store_dtype=dtype, system=system,
                           batch_size=batch_size,
                           max_length=getattr(loaded.model.config, "max_position_embeddings", None))
-    encoded = [encode_prompt(loaded.tokenizer, p.text, system, plan.max_length, truncate, plan.generated_steps)
-               for p in prompt_set.prompts]
+    plan.template_kwargs = (post_think_kwargs(loaded.tokenizer, thinking) if "post_think" in plan.positions
+                            else thinking_format(loaded.tokenizer, thinking).kwargs)
+    encoded = [encode_prompt(loaded.tokenizer, p.text, system, plan.max_length, truncate, plan.generated_steps,
+                             plan.template_kwargs) for p in prompt_set.prompts]
+    if "post_think" in plan.positions and any(e.think_end is None for e in encoded):
+        raise UserError("The position post_think needs a thinking block (<think>...</think>) that closes in the "
+                        f"prompt, and this model's chat template renders none ({loaded.info.name} is not a "
+                        "reasoning model, or its template has no thinking switch). Use last or first_generated.")
     key = store_key(loaded, prompt_set, plan)
     folder = cache_folder or cache_dir("activations", key)
     parts = folder.parent / f".{folder.name}.parts"
@@ -545,7 +567,8 @@ def _finalise(run: _Run, batches: list[list[int]]) -> ActivationStore:
         "compute_dtype": loaded.info.dtype, "dtype": plan.store_dtype, "hidden_size": loaded.adapter.hidden_size,
         "n_layers": loaded.adapter.n_layers,
         "chat_template_hash": stable_hash(getattr(loaded.tokenizer, "chat_template", None) or "plain"),
-        "system": plan.system, "prompt_set_name": prompt_set.name, "prompt_set_hash": prompt_set.content_hash(),
+        "system": plan.system, "template_kwargs": plan.template_kwargs,
+        "prompt_set_name": prompt_set.name, "prompt_set_hash": prompt_set.content_hash(),
         "categories": prompt_set.categories, "sites": plan.sites, "positions": plan.positions, "layers": plan.layers,
         "n_prompts": len(prompt_set), "mean_prompt_tokens": round(mean_tokens, 2),
         "bytes_per_prompt": round(stored / len(prompt_set), 1),
