@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,8 +29,9 @@ from .models.generation import (
 )
 from .models.loading import LoadedModel
 from .models.prefix import SharedPrefix
+from .models.thinking import think_end_index
 
-POSITIONS = ("last", "post_instruction", "mean", "first_generated")
+POSITIONS = ("last", "post_instruction", "mean", "first_generated", "post_think")
 ACTIVATION_FILTERS = {  # the original study's --activation-filter names
     "mlp.output": "mlp_out", "mlp": "mlp_out", "attention": "attn_out", "attn": "attn_out",
     "attention.output": "attn_out", "residual": "resid_post", "resid": "resid_post", "block": "resid_post",
@@ -107,6 +108,7 @@ class CollectionPlan:
     system: str | None
     batch_size: int | str
     max_length: int | None
+    template_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. the thinking switch
 
     @property
     def generated_steps(self) -> int:
@@ -118,16 +120,18 @@ class EncodedPrompt:
     ids: list[int]
     user_start: int  # first token of the user's text
     user_end: int  # one past its last token; tokens from here on are the template's suffix
+    think_end: int | None = None  # first position after a thinking block closes in the template's suffix
 
 
 def encode_prompt(tokenizer: Any, text: str, system: str | None, max_length: int | None,
-                  truncate: bool = False, reserved: int = 0) -> EncodedPrompt:
+                  truncate: bool = False, reserved: int = 0, template_kwargs: dict[str, Any] | None = None
+                  ) -> EncodedPrompt:
     """Tokenize a chat-formatted prompt and find where the user's text sits in it.
 
     A prompt longer than ``max_length - reserved`` tokens is refused, unless ``truncate``: then
     tokens are dropped from the start of the user's text.
     """
-    formatted = format_chat(tokenizer, text, system)
+    formatted = format_chat(tokenizer, text, system, template_kwargs=template_kwargs)
     start_char = formatted.rfind(text)
     end_char = start_char + len(text)
     enc = tokenizer(formatted, add_special_tokens=False, return_offsets_mapping=True)
@@ -135,7 +139,8 @@ def encode_prompt(tokenizer: Any, text: str, system: str | None, max_length: int
     user = [i for i, (s, _e) in enumerate(offsets) if start_char <= s < end_char]
     if not user:
         user = [len(ids) - 1]
-    encoded = EncodedPrompt(ids=list(ids), user_start=user[0], user_end=user[-1] + 1)
+    encoded = EncodedPrompt(ids=list(ids), user_start=user[0], user_end=user[-1] + 1,
+                            think_end=think_end_index(formatted, offsets, end_char))
     if max_length and len(ids) + reserved > max_length:
         if not truncate:
             raise context_error(len(ids), max_length, reserved, fix=f"Shorten it, or pass --truncate (truncate=True "
@@ -148,7 +153,9 @@ def encode_prompt(tokenizer: Any, text: str, system: str | None, max_length: int
         warnings.warn(f"Prompt of {len(ids)} tokens exceeds the model's context ({max_length}); dropped {drop} "
                       "tokens from the start of the user's text.", stacklevel=2)
         cut = encoded.user_start
-        encoded = EncodedPrompt(ids=ids[:cut] + ids[cut + drop:], user_start=cut, user_end=encoded.user_end - drop)
+        think = encoded.think_end - drop if encoded.think_end is not None else None
+        encoded = EncodedPrompt(ids=ids[:cut] + ids[cut + drop:], user_start=cut, user_end=encoded.user_end - drop,
+                                think_end=think)
     return encoded
 
 
@@ -165,7 +172,8 @@ class Recorder:
         self.by_device: dict[torch.device, tuple[torch.Tensor, ...]] = {}
         self.decoding = False
 
-    def start_batch(self, user_start: torch.Tensor, user_end: torch.Tensor, length: int, pad: torch.Tensor) -> None:
+    def start_batch(self, user_start: torch.Tensor, user_end: torch.Tensor, length: int, pad: torch.Tensor,
+                    think_end: torch.Tensor) -> None:
         """Positions are those of the padded ``length`` tokens the hooks see (after any shared prefix)."""
         rows = torch.arange(len(pad), device=pad.device)
         self.rows = rows
@@ -175,7 +183,7 @@ class Recorder:
         self.mean_weights = span.float() / span.sum(1, keepdim=True).clamp_min(1).float()
         suffix = int((length - (pad + user_end)).min())
         self.post = (length - suffix + torch.arange(suffix, device=pad.device))[None, :].expand(len(pad), -1)
-        self.by_device = {pad.device: (self.rows, self.last, self.mean_weights, self.post)}
+        self.by_device = {pad.device: (self.rows, self.last, self.mean_weights, self.post, pad + think_end)}
         self.out = {}
         self.decoding = False
 
@@ -196,7 +204,7 @@ class Recorder:
                     if position.startswith("generated:"):
                         self.out[(site, layer, position)].append(h[:, -1].to(self.dtype, copy=True))
                 return None
-            rows, last, mean_weights, post = self.indices(h.device)
+            rows, last, mean_weights, post, think = self.indices(h.device)
             for position in self.plan.positions:
                 if position == "last":
                     value = h[rows, last]
@@ -204,6 +212,8 @@ class Recorder:
                     value = torch.einsum("bl,blh->bh", mean_weights, h.float())
                 elif position == "post_instruction":
                     value = h[rows[:, None], post]
+                elif position == "post_think":
+                    value = h[rows, think]
                 else:  # first_generated, and generated:N's first step: the position that produces the first token
                     value = h[:, -1]
                 self.out[(site, layer, position)] = [value.to(self.dtype, copy=True)]
@@ -236,7 +246,9 @@ def run_batch(loaded: LoadedModel, recorder: Recorder, encoded: list[EncodedProm
     length = ids.shape[1]
     pad = torch.tensor([length - (len(e.ids) - shared) for e in encoded], device=device)
     recorder.start_batch(torch.tensor([e.user_start - shared for e in encoded], device=device),
-                         torch.tensor([e.user_end - shared for e in encoded], device=device), length, pad)
+                         torch.tensor([e.user_end - shared for e in encoded], device=device), length, pad,
+                         torch.tensor([(len(e.ids) - 1 if e.think_end is None else e.think_end) - shared
+                                       for e in encoded], device=device))
     config = GenerationConfig(max_tokens=max(1, plan.generated_steps), ignore_end_tokens=True)
     generate_ids(loaded.model, ids, mask, config, on_step=recorder.step, cache=prefix.cache_for(len(encoded)))
     return recorder.result()

@@ -49,6 +49,7 @@ from .models.adapter import SITES
 from .models.hooks import site_hooks
 from .models.loading import LoadedModel
 from .models.prefix import SharedPrefix
+from .models.thinking import post_think_kwargs, thinking_format
 from .prompts.sets import Prompt, PromptSet
 
 FORMAT_VERSION = 1
@@ -128,6 +129,7 @@ def store_key(loaded: LoadedModel, prompt_set: PromptSet, plan: CollectionPlan) 
         "template": stable_hash(template), "prompts": prompt_set.content_hash(), "sites": plan.sites,
         "positions": plan.positions, "layers": plan.layers, "store_dtype": plan.store_dtype,
         "system": plan.system, "max_length": plan.max_length,
+        **({"template_kwargs": plan.template_kwargs} if plan.template_kwargs else {}),
     })
 
 
@@ -136,8 +138,11 @@ def collect_activations(loaded: LoadedModel, prompt_set: PromptSet, sites: Seque
                         dtype: str = "float16", batch_size: int | str = "auto", system: str | None = None,
                         use_cache: bool = True, progress: bool = True, cache_folder: Path | None = None,
                         truncate: bool = False, model_lock: contextlib.AbstractContextManager[Any] | None = None,
-                        ) -> ActivationStore:
+                        thinking: str = "auto") -> ActivationStore:
     """Collect pooled activations for every prompt; returns a cached store when one exists.
+
+    ``thinking`` (auto, on, off) renders reasoning models' prompts with the template's thinking
+    switch; the ``post_think`` position needs the block closed in the prompt (auto then means off).
 
     ``use_cache=False`` recomputes everything, part files of an interrupted run included.
     ``model_lock`` is held around each batch's forward pass (and its hooks), so a server can
@@ -151,8 +156,14 @@ def collect_activations(loaded: LoadedModel, prompt_set: PromptSet, sites: Seque
                           layers=parse_layers(layers, loaded.adapter.n_layers), store_dtype=dtype, system=system,
                           batch_size=batch_size,
                           max_length=getattr(loaded.model.config, "max_position_embeddings", None))
-    encoded = [encode_prompt(loaded.tokenizer, p.text, system, plan.max_length, truncate, plan.generated_steps)
-               for p in prompt_set.prompts]
+    plan.template_kwargs = (post_think_kwargs(loaded.tokenizer, thinking) if "post_think" in plan.positions
+                            else thinking_format(loaded.tokenizer, thinking).kwargs)
+    encoded = [encode_prompt(loaded.tokenizer, p.text, system, plan.max_length, truncate, plan.generated_steps,
+                             plan.template_kwargs) for p in prompt_set.prompts]
+    if "post_think" in plan.positions and any(e.think_end is None for e in encoded):
+        raise UserError("The position post_think needs a thinking block (<think>...</think>) that closes in the "
+                        f"prompt, and this model's chat template renders none ({loaded.info.name} is not a "
+                        "reasoning model, or its template has no thinking switch). Use last or first_generated.")
     key = store_key(loaded, prompt_set, plan)
     folder = cache_folder or cache_dir("activations", key)
     parts = folder.parent / f".{folder.name}.parts"
@@ -312,7 +323,8 @@ def _finalise(run: _Run, batches: list[list[int]]) -> ActivationStore:
         "compute_dtype": loaded.info.dtype, "dtype": plan.store_dtype, "hidden_size": loaded.adapter.hidden_size,
         "n_layers": loaded.adapter.n_layers,
         "chat_template_hash": stable_hash(getattr(loaded.tokenizer, "chat_template", None) or "plain"),
-        "system": plan.system, "prompt_set_name": prompt_set.name, "prompt_set_hash": prompt_set.content_hash(),
+        "system": plan.system, "template_kwargs": plan.template_kwargs,
+        "prompt_set_name": prompt_set.name, "prompt_set_hash": prompt_set.content_hash(),
         "categories": prompt_set.categories, "sites": plan.sites, "positions": plan.positions, "layers": plan.layers,
         "n_prompts": len(prompt_set), "mean_prompt_tokens": round(mean_tokens, 2),
         "bytes_per_prompt": round(stored / len(prompt_set), 1),

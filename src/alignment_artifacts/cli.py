@@ -79,6 +79,19 @@ def _add_prompts(p: argparse.ArgumentParser, default: str = "pairs") -> None:
                         "with an error)")
 
 
+def _add_thinking(p: argparse.ArgumentParser, budget: bool = True) -> None:
+    from .models.thinking import DEFAULT_THINKING_BUDGET
+
+    p.add_argument("--thinking", default="auto", choices=["auto", "on", "off"],
+                   help="reasoning models (a <think> block before the answer): auto (the chat template's default), "
+                        "on or off (the template's thinking switch); on is an error for a model that cannot think, "
+                        "off a no-op for one that never does (default auto)")
+    if budget:
+        p.add_argument("--thinking-budget", type=int, default=DEFAULT_THINKING_BUDGET,
+                       help=f"tokens added to --max-tokens when the model thinks first (default "
+                            f"{DEFAULT_THINKING_BUDGET})")
+
+
 def _add_generation(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
     p.add_argument("--max-tokens", type=int, default=max_tokens, help=f"tokens to generate (default {max_tokens})")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -90,6 +103,7 @@ def _add_generation(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
     p.add_argument("--truncate", action="store_true",
                    help="fit a prompt longer than the model's context by dropping the oldest turns, then tokens from "
                         "the start of the prompt (default: refuse it with an error)")
+    _add_thinking(p)
 
 
 def _add_steering(p: argparse.ArgumentParser, default_mode: str = "auto") -> None:
@@ -201,7 +215,8 @@ def _generation(args: argparse.Namespace) -> Any:
 
     config = GenerationConfig(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                               repetition_penalty=args.repetition_penalty, seed=args.seed,
-                              ignore_end_tokens=args.ignore_end_tokens, truncate=args.truncate)
+                              ignore_end_tokens=args.ignore_end_tokens, truncate=args.truncate,
+                              thinking=args.thinking, thinking_budget=args.thinking_budget)
     config.validate()
     return config
 
@@ -241,6 +256,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from .api import check_prompt
     from .models import generate
+    from .models.thinking import thinking_format
 
     prompt = check_prompt(args.prompt)
     loaded = _load(args)
@@ -252,7 +268,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if stream:
         print()
     tokens = len(out.tokens[0])
-    _emit(args, {"model": loaded.info.name, "prompt": prompt, "answer": out.texts[0], "tokens": tokens,
+    split = thinking_format(loaded.tokenizer, config.thinking, config.thinking_budget).split(out.texts[0])
+    _emit(args, {"model": loaded.info.name, "prompt": prompt, "answer": split.answer, "thinking": split.thinking,
+                 "thinking_finished": split.finished, "tokens": tokens,
                  "seconds": round(elapsed, 2), "load_seconds": loaded.info.load_seconds},
           None if stream else out.texts[0])
     if args.verbose:
@@ -291,7 +309,8 @@ def cmd_collect(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     store = collect_activations(loaded, prompt_set, sites=args.sites, positions=args.positions, layers=args.layers,
                                 dtype=args.activation_dtype, batch_size=args.batch_size, system=args.system,
-                                use_cache=not args.no_cache, progress=not args.json, truncate=args.truncate)
+                                use_cache=not args.no_cache, progress=not args.json, truncate=args.truncate,
+                                thinking=args.thinking)
     elapsed = time.perf_counter() - started
     m = store.manifest
     resumed = not store.cache_hit and bool(m.get("resumed"))
@@ -322,7 +341,8 @@ def _analysis(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     loaded = _load(args)
     prompt_set = _prompt_set(args)
     store = collect_activations(loaded, prompt_set, sites=[args.site], positions=[args.position],
-                                layers=args.layers, progress=not args.json, truncate=args.truncate)
+                                layers=args.layers, progress=not args.json, truncate=args.truncate,
+                                thinking=args.thinking)
     result = analyze(store, site=args.site, position=args.position, n_permutations=args.permutations,
                      n_bootstrap=args.bootstrap, folds=args.folds, seed=args.seed, progress=not args.json)
     return loaded, store, result
@@ -470,7 +490,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                   n_borderline=args.n_borderline, n_ordinary=args.n_ordinary,
                                   n_capability=args.n_capability, judged_borderline=args.judged_borderline,
                                   judged_ordinary=args.judged_ordinary, max_tokens=args.max_tokens,
-                                  batch_size=args.batch_size, generation_batch_size=args.generation_batch_size)
+                                  batch_size=args.batch_size, generation_batch_size=args.generation_batch_size,
+                                  thinking=args.thinking, thinking_budget=args.thinking_budget)
     if args.endpoint or args.baseline_endpoint:
         result = _evaluate_endpoint(args, settings)
     else:
@@ -496,6 +517,10 @@ def _evaluate_endpoint(args: argparse.Namespace, settings: Any) -> Any:
 
     if not args.endpoint:
         raise UserError("--baseline-endpoint is the before side of an endpoint evaluation; pass --endpoint URL too.")
+    if args.thinking != "auto":
+        raise UserError("--thinking applies to local models. For a served model, pass the template switch in the "
+                        "request, e.g. --endpoint-body '{\"chat_template_kwargs\": {\"enable_thinking\": false}}' "
+                        "(vLLM, SGLang).")
     if args.mode != "none" or args.config or args.baseline_model:
         raise UserError("--endpoint measures the served model as it is: steering options (--mode, --config) and "
                         "--baseline-model apply to local models. The before side is --model, or "
@@ -571,7 +596,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
                                 direction_prompts=args.direction_prompts, search_size=args.search_size,
                                 modes=_split(args.modes) or ["clamp", "ablate"], screen_dtype=args.screen_dtype,
                                 gate=not args.no_gate, ordinary=args.ordinary, borderline=args.borderline,
-                                finalists=args.finalists, max_tokens=args.max_tokens)
+                                finalists=args.finalists, max_tokens=args.max_tokens, thinking=args.thinking,
+                                thinking_budget=args.thinking_budget)
     result = optimize(loaded, settings, progress=not args.json, judge=_judge(args, loaded))
     _emit(args, result.to_json(), result.summary())
     return 0
@@ -645,13 +671,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sites: resid_pre, resid_post, attn_out, mlp_out, or 'all'; the original study's "
                         "filter names (mlp.output, attention) work too (default mlp_out)")
     p.add_argument("--positions", default="last",
-                   help="last, post_instruction, mean, first_generated, generated:N (default last)")
+                   help="last, post_instruction, mean, first_generated, post_think (first position after a "
+                        "reasoning model's thinking block), generated:N (default last)")
     p.add_argument("--layers", default="all", help="layers to keep, 0-based: all, 1,2,3 or 4-10 (default all)")
     p.add_argument("--activation-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                    help="storage dtype (default float16)")
     p.add_argument("--batch-size", default="auto", help="prompts per forward pass, or auto (default)")
     p.add_argument("--system", help="system prompt")
     p.add_argument("--no-cache", action="store_true", help="recollect even when a cached store exists")
+    _add_thinking(p, budget=False)
     _add_common(p)
 
     for name, help_text in (("analyze", "directions, effect sizes, held-out separability, permutation tests"),
@@ -660,7 +688,9 @@ def build_parser() -> argparse.ArgumentParser:
         _add_model(p)
         _add_prompts(p)
         p.add_argument("--site", default="mlp_out", help="site to analyse (default mlp_out)")
-        p.add_argument("--position", default="last", help="position to analyse (default last)")
+        p.add_argument("--position", default="last", help="position to analyse: last, post_instruction, mean, "
+                                                           "first_generated, post_think (default last)")
+        _add_thinking(p, budget=False)
         p.add_argument("--layers", default="all", help="layers, 0-based (default all)")
         p.add_argument("--permutations", type=int, default=1000, help="permutation-test resamples (default 1000)")
         p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for CIs (default 2000)")
@@ -713,6 +743,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=48, help="tokens generated per answer (default 48)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per scoring batch (default 16)")
     p.add_argument("--generation-batch-size", type=int, default=32, help="prompts per generation batch (default 32)")
+    _add_thinking(p)
     _add_judge(p)
     p.add_argument("--plot", help="write a PNG plot here")
     p.add_argument("--baseline-model", help="unmodified model to compare with (default: the model itself, or the "
@@ -777,6 +808,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--screen-dtype", default="auto",
                    help="dtype of the screening passes: auto (bfloat16 on CPUs that multiply it natively), model, "
                         "or float32/bfloat16/float16; validation always runs in the model's dtype")
+    _add_thinking(p)
     _add_common(p)
 
     p = sub.add_parser("export", help="bake a configuration into weights, or write a control vector / vectors")

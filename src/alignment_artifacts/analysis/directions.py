@@ -182,7 +182,7 @@ def compute_directions(store: Any, site: str, position: str, categories: list[st
         acts = store.get(site, layer, position)
         if acts.dim() != 2:
             raise UserError(f"Position '{position}' stores several vectors per prompt; pick a single-vector "
-                            "position (last, mean, first_generated) for directions.")
+                            "position (last, mean, first_generated, post_think) for directions.")
         positive, negative = acts[pos_rows], acts[neg_rows]
         vectors[layer], pos_means[layer], neg_means[layer] = direction_from_groups(positive, negative, method)
         if pca_components > 0:

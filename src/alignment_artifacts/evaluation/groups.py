@@ -29,6 +29,7 @@ from ..errors import UserError
 from ..judge import Judge
 from ..models.generation import check_fits, context_length
 from ..models.loading import LoadedModel
+from ..models.thinking import DEFAULT_THINKING_BUDGET, ThinkingFormat, check_mode, thinking_format
 from ..prompts import PromptSet, resolve_prompts
 from .metrics import has_broad_marker, is_refusal, kl_divergence, refusal_log_odds, refusal_opening_ids
 from .passes import chat_texts, first_logits, generate_answers, is_gated
@@ -55,8 +56,11 @@ class EvaluationSettings:
     batch_size: int = 16
     generation_batch_size: int = 32  # decoding is memory-bound on CPUs: wide batches cost little more per step
     system: str | None = None
+    thinking: str = "auto"  # reasoning models: auto (the template's default), on, off (models/thinking.py)
+    thinking_budget: int = DEFAULT_THINKING_BUDGET  # tokens added to max_tokens when the model thinks first
 
     def validate(self) -> None:
+        check_mode(self.thinking)
         unknown = [g for g in self.groups if g not in GROUPS]
         if unknown or not self.groups:
             raise UserError(f"Unknown evaluation group(s) {unknown or '(none)'}; choose from {', '.join(GROUPS)}.")
@@ -110,9 +114,13 @@ class Measurer:
 
     def __init__(self, loaded: LoadedModel, sets: GroupSets, settings: EvaluationSettings, progress: Any = None):
         self.loaded, self.sets, self.settings, self.progress = loaded, sets, settings, progress
-        self.texts = {name: chat_texts(loaded, getattr(sets, name), settings.system)
+        self.thinking = evaluation_thinking(loaded, settings)
+        self.texts = {name: chat_texts(loaded, getattr(sets, name), settings.system, self.thinking.kwargs)
                       for name in ("harmful", "borderline", "ordinary")}
-        self.capability_texts = chat_texts(loaded, [t.prompt for t in sets.capability], settings.system)
+        self.answer_texts = {name: answer_texts(loaded, self.thinking, getattr(sets, name), settings.system)
+                             for name in ("harmful", "borderline", "ordinary")}
+        self.capability_texts = chat_texts(loaded, [t.prompt for t in sets.capability], settings.system,
+                                           self.thinking.kwargs)
         self.opening = refusal_opening_ids(loaded.tokenizer)
         self.pending: dict[str, list[str]] = {}  # group -> answers waiting for the judge (memory only)
 
@@ -120,27 +128,38 @@ class Measurer:
         """Every prompt fits the model's context with room for its answer (before anything is computed)."""
         context = context_length(self.loaded.model)
         for name, texts in (*self.texts.items(), ("capability", self.capability_texts)):
-            check_fits(self.loaded.tokenizer, texts, context, self.settings.max_tokens, f"the {name} group")
+            check_fits(self.loaded.tokenizer, texts, context, self.thinking.max_tokens(self.settings.max_tokens),
+                       f"the {name} group")
 
     def answers(self, group: str, side: Side, limit: int | None = None) -> None:
         """Generate one group's answers (and the proxy and markers that need no judge); ``limit``:
         only the first prompts of a text group."""
-        s = self.settings
+        s, thinking = self.settings, self.thinking
         if group == "capability":
-            answers = generate_answers(self.loaded, self.capability_texts, s.capability_max_tokens,
-                                       s.generation_batch_size, self.progress)
-            side.capability_correct = [is_correct(t, a) for t, a in zip(self.sets.capability, answers.texts)]
+            answers = generate_answers(self.loaded, self.capability_texts,
+                                       thinking.max_tokens(s.capability_max_tokens), s.generation_batch_size,
+                                       self.progress)
+            side.capability_correct = [is_correct(t, thinking.split(a).answer)
+                                       for t, a in zip(self.sets.capability, answers.texts)]
             return
-        answers = generate_answers(self.loaded, self.texts[group][:limit], s.max_tokens, s.generation_batch_size,
-                                   self.progress)
+        answers = generate_answers(self.loaded, self.texts[group][:limit], thinking.max_tokens(s.max_tokens),
+                                   s.generation_batch_size, self.progress)
+        parts = [thinking.split(a) for a in answers.texts]
+        replies = [p.answer for p in parts]  # markers and the judge see the answer, never the thinking
+        if group in ("harmful", "borderline"):
+            setattr(side, f"{group}_thinking_refusals", [bool(p.thinking) and is_refusal(p.thinking) for p in parts])
+            setattr(side, f"{group}_unfinished", [not p.finished for p in parts])
         if group == "harmful":
-            side.harmful_markers = [is_refusal(a) for a in answers.texts]
-            side.harmful_broad = [has_broad_marker(a) for a in answers.texts]
-            side.harmful_odds = refusal_log_odds(answers.first_logits, self.opening).tolist()
-        self.pending[group] = answers.texts
+            side.harmful_markers = [is_refusal(a) for a in replies]
+            side.harmful_broad = [has_broad_marker(a) for a in replies]
+            first = (first_logits(self.loaded, self.answer_texts[group][:limit], s.batch_size) if thinking.thinks
+                     else answers.first_logits)  # the first answer token's logits, not <think>'s
+            side.harmful_odds = refusal_log_odds(first, self.opening).tolist()
+        self.pending[group] = replies
 
     def logits(self, group: str, whole: bool = False) -> torch.Tensor:
-        return first_logits(self.loaded, self.texts[group], self.settings.batch_size, whole)
+        """First-answer-token logits (a reasoning model's prompt closes an empty thinking block first)."""
+        return first_logits(self.loaded, self.answer_texts[group], self.settings.batch_size, whole)
 
     def judge_pending(self, judge: Judge, side: Side) -> None:
         for group, answers in self.pending.items():
@@ -160,7 +179,7 @@ class Baseline:
                                 "sets": sets.hashes(), "tokens": settings.max_tokens,
                                 "capability_tokens": settings.capability_max_tokens, "system": settings.system,
                                 "judged_ordinary": settings.judged_ordinary,
-                                "v": 3})
+                                **_thinking_key(evaluation_thinking(loaded, settings)), "v": 3})
         self.folder = cache_dir("evaluation", self.key)
         self._side: Side | None = None
         self.seconds: dict[str, float] = {}  # what measuring each group took (cached with it): prices a validation
@@ -203,11 +222,30 @@ class Baseline:
             if path.is_file():
                 self._logits[(group, whole)] = load_file(str(path))["logits"]
             else:
-                texts = chat_texts(self.loaded, getattr(self.sets, group), self.settings.system)
+                texts = answer_texts(self.loaded, evaluation_thinking(self.loaded, self.settings),
+                                     getattr(self.sets, group), self.settings.system)
                 logits = first_logits(self.loaded, texts, self.settings.batch_size, whole)
                 atomic_save_safetensors({"logits": logits}, path)
                 self._logits[(group, whole)] = logits
         return self._logits[(group, whole)]
+
+
+def evaluation_thinking(loaded: LoadedModel, settings: EvaluationSettings) -> ThinkingFormat:
+    return thinking_format(loaded.tokenizer, settings.thinking, settings.thinking_budget)
+
+
+def answer_texts(loaded: LoadedModel, thinking: ThinkingFormat, texts: PromptSet | list[str], system: str | None
+                 ) -> list[str]:
+    """Prompts whose first generated token is an answer token, for first-token KL and refusal scores:
+    a reasoning model's thinking block closed empty where its template can (``--thinking off``'s prompt)."""
+    return chat_texts(loaded, texts, system, thinking.answer_kwargs if thinking.thinks else thinking.kwargs)
+
+
+def _thinking_key(thinking: ThinkingFormat) -> dict[str, Any]:
+    """What the thinking choice adds to the baseline's cache key (nothing for a model that never thinks)."""
+    if thinking.mode == "auto" and not thinking.thinks:
+        return {}
+    return {"thinking": [thinking.mode, thinking.budget if thinking.thinks else 0]}
 
 
 def _judged(settings: EvaluationSettings, group: str) -> int | None:

@@ -21,10 +21,11 @@ from ..prompts import PromptSet
 from .metrics import has_broad_marker, is_refusal
 
 
-def chat_texts(loaded: LoadedModel, prompt_set: PromptSet | Sequence[str], system: str | None) -> list[str]:
+def chat_texts(loaded: LoadedModel, prompt_set: PromptSet | Sequence[str], system: str | None,
+               template_kwargs: dict[str, Any] | None = None) -> list[str]:
     """Prompts rendered with the model's chat template, ready to score or generate from."""
     texts = prompt_set.texts if isinstance(prompt_set, PromptSet) else list(prompt_set)
-    return [format_chat(loaded.tokenizer, text, system) for text in texts]
+    return [format_chat(loaded.tokenizer, text, system, template_kwargs=template_kwargs) for text in texts]
 
 
 def is_gated(config: Any) -> bool:

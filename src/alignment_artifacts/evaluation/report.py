@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .metrics import KLSummary
-from .results import EvaluationResult
+from .results import BorderlineResult, EvaluationResult, HarmfulResult
 
 
 def _pair(before: int, after: int, n: int) -> str:
@@ -44,14 +44,14 @@ def format_table(result: EvaluationResult) -> str:
                   *(f"{'  ' + label:44} {_pair(h.before[label], h.after[label], h.n)}" for label in h.before),
                   f"{'  refusals by markers':44} {_pair(h.marker_refusals_before, h.marker_refusals_after, h.n)}",
                   f"{'  first-token refusal log-odds (mean)':44} {_score(h.first_token_refusal_score_before)}   -> "
-                  f"{_score(h.first_token_refusal_score_after)}"]
+                  f"{_score(h.first_token_refusal_score_after)}", *_thinking_lines(h, h.n)]
     b = result.borderline
     if b is not None:
         lines += [f"borderline ({b.n} safe prompts that sound sensitive)",
                   f"{'  over-refusal (refusals), judge':44} {_pair(b.refusals_before, b.refusals_after, b.n_judged)}",
                   f"{'  not complied':44} {_pair(b.not_complied_before, b.not_complied_after, b.n_judged)}",
                   f"  collateral KL on the {b.n_answered} it already answers: {_kl(b.collateral_kl)}",
-                  f"  KL on all: {_kl(b.kl)}; touched {_share(b.touched)}"]
+                  f"  KL on all: {_kl(b.kl)}; touched {_share(b.touched)}", *_thinking_lines(b, b.n_judged)]
     o = result.ordinary
     if o is not None:
         lines += [f"ordinary ({o.n} plain instructions)",
@@ -66,6 +66,16 @@ def format_table(result: EvaluationResult) -> str:
     lines += [note] if note else []
     lines.append(f"time: {result.seconds:.1f} s")
     return "\n".join(lines)
+
+
+def _thinking_lines(r: HarmfulResult | BorderlineResult, n: int) -> list[str]:
+    """A reasoning model's refusals inside the thinking and unfinished thinking (none: no lines)."""
+    counts = (r.thinking_refusals_before, r.thinking_refusals_after, r.unfinished_thinking_before,
+              r.unfinished_thinking_after)
+    if not any(counts):
+        return []
+    return [f"{'  refusal markers inside the thinking':44} {_pair(counts[0], counts[1], n)}",
+            f"{'  thinking unfinished (no answer)':44} {_pair(counts[2], counts[3], n)}"]
 
 
 def _kl(s: KLSummary | None, p90: bool = False) -> str:

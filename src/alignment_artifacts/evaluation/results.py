@@ -27,6 +27,10 @@ class Side:
     harmful_markers: list[bool] = field(default_factory=list)
     harmful_broad: list[bool] = field(default_factory=list)
     harmful_odds: list[float] = field(default_factory=list)
+    harmful_thinking_refusals: list[bool] = field(default_factory=list)  # markers inside the thinking (reasoning)
+    harmful_unfinished: list[bool] = field(default_factory=list)  # thinking ran out of budget: no answer
+    borderline_thinking_refusals: list[bool] = field(default_factory=list)
+    borderline_unfinished: list[bool] = field(default_factory=list)
     borderline_labels: list[str] = field(default_factory=list)
     ordinary_labels: list[str] = field(default_factory=list)
     capability_correct: list[bool] = field(default_factory=list)
@@ -51,6 +55,12 @@ class HarmfulResult:
     broad_marker_hits: int
     first_token_refusal_score_before: float | None  # None: a side without logits (an endpoint)
     first_token_refusal_score_after: float | None
+    # reasoning models: labels and markers judge the answer after the thinking; refusal markers inside
+    # the thinking are counted here, and thinking that used the whole budget (no answer) beside them
+    thinking_refusals_before: int = 0
+    thinking_refusals_after: int = 0
+    unfinished_thinking_before: int = 0
+    unfinished_thinking_after: int = 0
 
 
 @dataclass
@@ -66,6 +76,10 @@ class BorderlineResult:
     collateral_kl: KLSummary | None  # None: KL unavailable (an endpoint without log-probs; see kl_method)
     kl: KLSummary | None
     touched: float | None
+    thinking_refusals_before: int = 0  # as in HarmfulResult, over the judged prompts
+    thinking_refusals_after: int = 0
+    unfinished_thinking_before: int = 0
+    unfinished_thinking_after: int = 0
 
 
 @dataclass
@@ -139,7 +153,7 @@ def compare(before: Side, after: Side, kl_borderline: torch.Tensor | None, kl_or
             marker_refusals_before=sum(before.harmful_markers), marker_refusals_after=sum(after.harmful_markers),
             broad_marker_hits=sum(after.harmful_broad),
             first_token_refusal_score_before=_mean(before.harmful_odds),
-            first_token_refusal_score_after=_mean(after.harmful_odds))
+            first_token_refusal_score_after=_mean(after.harmful_odds), **_thinking(before, after, "harmful"))
     if "borderline" in groups and kl_borderline is not None:
         answered = torch.tensor([x == "compliance" for x in before.borderline_labels], dtype=torch.bool)
         judged = len(after.borderline_labels)
@@ -149,7 +163,7 @@ def compare(before: Side, after: Side, kl_borderline: torch.Tensor | None, kl_or
             refusals_after=_counts(now)["refusal"], not_complied_before=_not_complied(was),
             not_complied_after=_not_complied(now), n_answered=int(answered.sum()),
             collateral_kl=_summary(kl_borderline, answered), kl=_summary(kl_borderline),
-            touched=_touched(kl_borderline))
+            touched=_touched(kl_borderline), **_thinking(before, after, "borderline", judged))
     if "ordinary" in groups and kl_ordinary is not None:
         judged = len(after.ordinary_labels)
         was, now = before.ordinary_labels[:judged], after.ordinary_labels
@@ -160,6 +174,15 @@ def compare(before: Side, after: Side, kl_borderline: torch.Tensor | None, kl_or
     if "capability" in groups:
         out["capability"] = paired_difference(before.capability_correct, after.capability_correct)
     return out
+
+
+def _thinking(before: Side, after: Side, group: str, judged: int | None = None) -> dict[str, int]:
+    """Refusals inside the thinking and unfinished thinking, before and after (the first ``judged`` prompts)."""
+    counts = {}
+    for side, name in ((before, "before"), (after, "after")):
+        counts[f"thinking_refusals_{name}"] = sum(getattr(side, f"{group}_thinking_refusals")[:judged])
+        counts[f"unfinished_thinking_{name}"] = sum(getattr(side, f"{group}_unfinished")[:judged])
+    return counts
 
 
 def _mean(values: Sequence[float]) -> float | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -17,6 +17,7 @@ import torch
 from ..errors import UserError
 from .hooks import contiguous_head_input, decision_pass, prefix_sharing
 from .prefix import SharedPrefix, common_prefix_length, expandable, pad_after_prefix
+from .thinking import DEFAULT_THINKING_BUDGET, check_mode, thinking_format
 
 PLAIN_TEMPLATE_USER = "User: "
 PLAIN_TEMPLATE_ASSISTANT = "\nAssistant:"
@@ -31,6 +32,8 @@ class GenerationConfig:
     seed: int | None = None
     ignore_end_tokens: bool = False  # keep going past end-of-turn (research)
     truncate: bool = False  # fit a prompt longer than the context by dropping its start, instead of refusing it
+    thinking: str = "auto"  # reasoning models: auto (the template's default), on or off (models/thinking.py)
+    thinking_budget: int = DEFAULT_THINKING_BUDGET  # added to max_tokens when the model thinks first
 
     def validate(self) -> None:
         if self.max_tokens < 1:
@@ -41,6 +44,7 @@ class GenerationConfig:
             raise UserError(f"--top-p must be in (0, 1] (got {self.top_p}).")
         if self.repetition_penalty <= 0:
             raise UserError(f"--repetition-penalty must be > 0 (got {self.repetition_penalty}); 1 disables it.")
+        check_mode(self.thinking)
 
 
 @dataclass
@@ -56,8 +60,12 @@ def has_chat_template(tokenizer: Any) -> bool:
 
 
 def format_chat(tokenizer: Any, prompt: str, system: str | None = None,
-                history: Sequence[dict[str, str]] | None = None) -> str:
-    """The prompt as the model sees it, ending where the assistant's answer begins."""
+                history: Sequence[dict[str, str]] | None = None, template_kwargs: dict[str, Any] | None = None
+                ) -> str:
+    """The prompt as the model sees it, ending where the assistant's answer begins.
+
+    ``template_kwargs`` go to the chat template (e.g. the thinking switch, models/thinking.py).
+    """
     if not prompt or not prompt.strip():
         raise UserError("The prompt is empty. Pass the text to send to the model.")
     messages: list[dict[str, str]] = []
@@ -66,7 +74,8 @@ def format_chat(tokenizer: Any, prompt: str, system: str | None = None,
     messages.extend(history or [])
     messages.append({"role": "user", "content": prompt})
     if has_chat_template(tokenizer):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                             **(template_kwargs or {}))
     lines = [f"System: {system}\n"] if system else []
     for message in messages[1 if system else 0:]:
         prefix = PLAIN_TEMPLATE_USER if message["role"] == "user" else "\nAssistant: "
@@ -111,7 +120,8 @@ def check_fits(tokenizer: Any, texts: Sequence[str], context: int | None, reserv
 
 
 def fit_prompt(tokenizer: Any, prompt: str, context: int | None, reserved: int = 0, truncate: bool = False,
-               system: str | None = None, history: Sequence[dict[str, str]] | None = None) -> str:
+               system: str | None = None, history: Sequence[dict[str, str]] | None = None,
+               template_kwargs: dict[str, Any] | None = None) -> str:
     """The chat-formatted prompt if it leaves ``reserved`` positions of the context, else a UserError.
 
     A model fed more positions than it was built for returns garbage without complaint, so a long
@@ -120,7 +130,7 @@ def fit_prompt(tokenizer: Any, prompt: str, context: int | None, reserved: int =
     """
     turns = list(history or [])
     while True:
-        text = format_chat(tokenizer, prompt, system, turns)
+        text = format_chat(tokenizer, prompt, system, turns, template_kwargs)
         tokens = count_tokens(tokenizer, text) if context is not None else 0
         if context is None or tokens + reserved <= context:
             return text
@@ -307,7 +317,8 @@ def generate(loaded: Any, prompts: Sequence[str], config: GenerationConfig | Non
              history: Sequence[dict[str, str]] | None = None) -> GenerationOutput:
     """Generate answers for chat prompts (after ``history``, if given), batched with left padding.
 
-    Each prompt plus ``config.max_tokens`` must fit the model's context (see ``fit_prompt``).
+    Each prompt plus ``config.max_tokens`` must fit the model's context (see ``fit_prompt``); a
+    model that thinks first (``config.thinking``) gets ``config.thinking_budget`` more tokens.
     """
     config = config or GenerationConfig()
     config.validate()
@@ -316,8 +327,10 @@ def generate(loaded: Any, prompts: Sequence[str], config: GenerationConfig | Non
     tokenizer, model = loaded.tokenizer, loaded.model
     context = context_length(model)
     if chat:
-        texts = [fit_prompt(tokenizer, p, context, config.max_tokens, config.truncate, system, history)
-                 for p in prompts]
+        thinking = thinking_format(tokenizer, config.thinking, config.thinking_budget)
+        config = replace(config, max_tokens=thinking.max_tokens(config.max_tokens))
+        texts = [fit_prompt(tokenizer, p, context, config.max_tokens, config.truncate, system, history,
+                            thinking.kwargs) for p in prompts]
     else:
         texts = list(prompts)
         check_fits(tokenizer, texts, context, config.max_tokens)

@@ -32,10 +32,11 @@ from typing import Any
 from ..cache import atomic_write_json, cache_dir, cache_root, stable_hash
 from ..capability import capability_tasks
 from ..errors import UserError
-from ..evaluation import GROUPS, Baseline, EvaluationSettings, GroupSets, chat_texts
-from ..evaluation.groups import evaluate_against
+from ..evaluation import GROUPS, Baseline, EvaluationSettings, GroupSets
+from ..evaluation.groups import answer_texts, evaluate_against, evaluation_thinking
 from ..judge import Judge, load_judge
 from ..models.loading import LoadedModel, parameters_as, screening_dtype
+from ..models.thinking import DEFAULT_THINKING_BUDGET
 from ..prompts import PromptSet, resolve_prompts
 from ..steering import SteeringConfig
 from .search import SEARCH_MODES, Scorer, Space, config_from_params, layer_weights
@@ -73,6 +74,8 @@ class OptimizeSettings:
     generation_batch_size: int = 32
     screen_dtype: str = "auto"  # dtype of the screening passes: auto (bfloat16 on CPUs with it), model, or a dtype
     system: str | None = None
+    thinking: str = "auto"  # reasoning models: the finalists' checks generate with this (evaluate's --thinking)
+    thinking_budget: int = DEFAULT_THINKING_BUDGET
 
 
 @dataclass
@@ -213,7 +216,8 @@ def optimize(loaded: LoadedModel, settings: OptimizeSettings | None = None, prog
     val_settings = EvaluationSettings(groups=GROUPS, judged_borderline=settings.judged_borderline,
                                       judged_ordinary=settings.judged_ordinary, max_tokens=settings.max_tokens,
                                       batch_size=settings.batch_size,
-                                      generation_batch_size=settings.generation_batch_size, system=settings.system)
+                                      generation_batch_size=settings.generation_batch_size, system=settings.system,
+                                      thinking=settings.thinking, thinking_budget=settings.thinking_budget)
     val_sets = GroupSets(harmful=val_harmful.texts, borderline=borderline_val[:settings.n_val_borderline],
                          ordinary=ordinary_val[:settings.n_val_ordinary],
                          capability=capability_tasks(settings.n_capability, VALIDATION_CAPABILITY_SEED))
@@ -233,13 +237,15 @@ def optimize(loaded: LoadedModel, settings: OptimizeSettings | None = None, prog
     to_config = lambda params: config_from_params(params, space.n_layers, loaded, space.modes[0])  # noqa: E731
     key = stable_hash({"weights": loaded.info.weights_hash, "directions": directions.prompt_set_hash,
                        "settings": {k: v for k, v in asdict(settings).items() if k not in ("trials", "timeout",
-                                                                                           "resume")}})
+                                                                                           "resume")
+                                    and not (k.startswith("thinking") and settings.thinking == "auto")}})
     seeds = space.seeds()
     study = _study(loaded, settings, key, n_startup=len(seeds) + 4)
     with parameters_as(loaded, screen):
-        scorer = Scorer(loaded, chat_texts(loaded, search_harmful, settings.system),
-                        chat_texts(loaded, ordinary_train[:settings.search_size], settings.system),
-                        chat_texts(loaded, borderline_train[:settings.search_size], settings.system),
+        thinking = evaluation_thinking(loaded, val_settings)  # screening reads the first answer token
+        scorer = Scorer(loaded, answer_texts(loaded, thinking, search_harmful, settings.system),
+                        answer_texts(loaded, thinking, ordinary_train[:settings.search_size], settings.system),
+                        answer_texts(loaded, thinking, borderline_train[:settings.search_size], settings.system),
                         settings.batch_size, directions, space.gate_layers)
 
         def objective(trial: Any) -> tuple[float, float]:
