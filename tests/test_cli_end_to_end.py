@@ -192,5 +192,5 @@ def test_serve_answers_one_request_with_its_default_steering_then_stops(cache_ro
     assert data["steering"]["mode"] == "always" and data["steering"]["interventions"] > 0
     assert 0 < data["usage"]["completion_tokens"] <= answer.max_tokens
     log = process.stdout.read()
-    assert f"(steering: always, scale 4.0) at {url}/v1" in log
-    assert code == 130 and "Application shutdown complete" in log, log  # Ctrl-C's status, after a clean stop
+    assert f"{url}/v1" in log
+    assert code in (0, 130) and "Application shutdown complete" in log, log  # 130: Ctrl-C's status, after a clean stop
