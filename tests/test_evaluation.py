@@ -71,6 +71,11 @@ def test_evaluate_reports_four_groups_none_exact_and_ablate_moves(cache_root, pr
     none = evaluate(loaded, SteeringConfig(mode="none"), settings, progress=False)
     data = json.loads(json.dumps(none.to_json()))
     assert {"harmful", "borderline", "ordinary", "capability"} <= set(data) and data["judge"] == "markers"
+    # mode none reuses the baseline as its after side; a reference model forces the after side to be measured
+    measured = evaluate(loaded, SteeringConfig(mode="none"), settings, progress=False, reference=loaded)
+    for group in ("harmful", "borderline", "ordinary", "capability"):
+        assert getattr(measured, group) == getattr(none, group), group
+    none = measured
     h = none.harmful
     assert h.n == 10 and h.before == h.after and h.marker_refusals_before == h.marker_refusals_after
     assert sum(h.before.values()) == 10 and h.before["evasion"] == 0  # markers never say evasion

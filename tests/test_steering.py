@@ -158,11 +158,19 @@ def test_shared_prefix_logits_match_plain_forward():
     loaded = tiny_model("llama")
     texts = [format_chat(loaded.tokenizer, p, system="You are a helpful assistant who answers well.")
              for p in PROMPTS]
-    shared = next_token_logits(loaded.model, loaded.tokenizer, texts, batch_size=3, min_shared=4)
-    plain = next_token_logits(loaded.model, loaded.tokenizer, texts, batch_size=3, min_shared=10_000)
+    positions = []  # what the model is fed: the shared prefix once, then only each prompt's own tokens
+    with site_hooks(loaded.adapter, {("resid_pre", 0): lambda h: positions.append(h.shape[0] * h.shape[1])}):
+        shared = next_token_logits(loaded.model, loaded.tokenizer, texts, batch_size=3, min_shared=4)
+        fed_shared = sum(positions)
+        positions.clear()
+        plain = next_token_logits(loaded.model, loaded.tokenizer, texts, batch_size=3, min_shared=10_000)
+        fed_plain = sum(positions)
+    assert fed_shared < fed_plain  # the prefix was really shared
     torch.testing.assert_close(shared, plain, rtol=1e-4, atol=1e-4)
-    single = torch.cat([logits(loaded, [p])[:, -1] for p in PROMPTS])  # no system prompt: differs
-    assert single.shape == plain.shape
+    single = torch.cat([loaded.model(input_ids=loaded.tokenizer(t, add_special_tokens=False, return_tensors="pt")
+                                     ["input_ids"]).logits[:, -1] for t in texts])  # one unpadded prompt at a time
+    torch.testing.assert_close(plain, single, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(shared, single, rtol=1e-4, atol=1e-4)
 
 
 def test_clamp_caps_projection_and_leaves_lower_positions_alone():
