@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -222,7 +223,15 @@ def test_parallel_requests_never_see_each_others_hooks(loaded, server):
     expected = {(p, json.dumps(s)): _answer(server, p, s, False) for p in prompts for s in settings}
     assert len({expected[(prompts[0], json.dumps(s))] for s in settings}) == 3  # the settings do differ
     assert no_hooks(loaded.model)
+    engine = server.app.state.server.engine
+    mixed = engine.stats["mixed_passes"]
     with ThreadPoolExecutor(len(cases)) as pool:
-        answers = list(pool.map(lambda case: _answer(server, *case), cases))
+        with engine.lock:  # all twelve queue up, then share one mixed batch (streaming and not)
+            futures = [pool.submit(_answer, server, *case) for case in cases]
+            deadline = time.monotonic() + 10
+            while len(engine.waiting) < len(cases) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        answers = [future.result() for future in futures]
     assert answers == [expected[(p, json.dumps(s))] for p, s, _ in cases]
+    assert engine.stats["mixed_passes"] > mixed
     assert no_hooks(loaded.model)

@@ -623,6 +623,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .api import get_directions
     from .serve import ServerLimits, serve
 
+    if args.max_batch < 1:
+        raise UserError(f"--max-batch must be at least 1 (got {args.max_batch}); 1 serves one request at a time.")
     loaded = _load(args)
     config = _steering_config(args, loaded)
     from .api import resolve_config
@@ -632,7 +634,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return None if resolved.mode == "none" else get_directions(loaded, resolved, progress=False,
                                                                    model_lock=model_lock)
 
-    limits = ServerLimits(max_tokens=args.max_tokens_limit, request_timeout=args.request_timeout)
+    limits = ServerLimits(max_tokens=args.max_tokens_limit, request_timeout=args.request_timeout,
+                          max_batch=args.max_batch)
     serve(loaded, config, directions_for, host=args.host, port=args.port, api_key=args.api_key, limits=limits)
     return 0
 
@@ -834,6 +837,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--request-timeout", type=float, default=600.0,
                    help="seconds a request may take, queueing included, before it is cancelled with HTTP 504 "
                         "(default 600)")
+    p.add_argument("--max-batch", type=int, default=16,
+                   help="requests decoded together in one batch (default 16); later ones join as rows free up")
     _add_common(p)
     return parser
 

@@ -407,10 +407,14 @@ def gate_passes(directions: DirectionSet, layer: int, level: float, last_token: 
 
 
 @contextlib.contextmanager
-def apply_steering(loaded: Any, config: SteeringConfig, directions: DirectionSet | None) -> Iterator[SteeringHandle]:
+def apply_steering(loaded: Any, config: SteeringConfig, directions: DirectionSet | None,
+                   wrap: Callable[[Callable[[torch.Tensor], Any]], Callable[[torch.Tensor], Any]] | None = None
+                   ) -> Iterator[SteeringHandle]:
     """Install the configuration's hooks for the block; they are removed on any exit.
 
     ``mode='none'`` or scale 0 installs nothing, so outputs are bit-identical to the plain model.
+    ``wrap``, if given, wraps each site function before it is installed (the server uses it to
+    steer only some rows of a batch).
     """
     adapter = loaded.adapter
     config.validate(adapter.n_layers)
@@ -455,6 +459,8 @@ def apply_steering(loaded: Any, config: SteeringConfig, directions: DirectionSet
     if gate is not None:
         key = (directions.site, gate.layer)
         hooks[key] = gate.deciding(hooks.get(key))
+    if wrap is not None:
+        hooks = {key: wrap(fn) for key, fn in hooks.items()}
     with contextlib.ExitStack() as stack:
         stack.enter_context(site_hooks(adapter, hooks))
         if gate is not None:

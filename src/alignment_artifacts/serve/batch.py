@@ -1,0 +1,173 @@
+"""The rows that decode together: one KV cache, per-row sampling, and steering confined to its rows.
+
+Rows are left-padded, like every batch in this toolkit: positions come from the attention mask,
+so a row joining a running batch (its prompt prefilled on its own, then its cache padded on the
+left and stacked under the others) sees exactly the positions it would see alone. Finished rows
+leave the cache, and columns no remaining row uses are cut from the left.
+
+Steering with several configurations in one batch: each configuration's hooks are installed
+once (``apply_steering(..., wrap=group.wrap)``) and every hook body runs on that
+configuration's rows only. All modes act on each row independently, so a row's activations are
+those it would have alone; rows of other configurations pass through untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..models.generation import _apply_repetition_penalty, _expandable, _sample
+from .jobs import Job, TextTracker
+
+SiteFn = Callable[[torch.Tensor], Any]
+
+
+class RowSteering:
+    """One steering configuration in the batch: its installed hooks act on its own rows of each pass.
+
+    Before every forward pass the engine calls ``select``: which rows of that pass are this
+    configuration's (None: none), which positions are real (not left padding, not a finished
+    row), and the per-row counters of changed positions, which become each request's
+    ``interventions``.
+    """
+
+    def __init__(self, key: str):
+        self.key = key
+        self.stack = contextlib.ExitStack()  # holds apply_steering's context: closing it removes the hooks
+        self.members = 0  # rows of the batch (or being admitted) with this configuration
+        self.index: torch.Tensor | None = None
+        self.whole = False
+        self.valid: torch.Tensor | None = None
+        self.counts = torch.zeros(0, dtype=torch.long)
+
+    def select(self, index: torch.Tensor | None, whole: bool, valid: torch.Tensor | None,
+               counts: torch.Tensor) -> None:
+        """``valid`` [rows, seq]: the positions that count (None: all of them)."""
+        self.index, self.whole, self.counts = index, whole, counts
+        self.valid = None if valid is None or index is None else valid[index]
+
+    def wrap(self, fn: SiteFn) -> SiteFn:
+        """``fn`` applied to this configuration's rows only; the other rows are returned as they came."""
+
+        def hook(h: torch.Tensor) -> torch.Tensor | None:
+            if self.index is None:
+                return None
+            index = self.index.to(h.device)
+            mine = h if self.whole else h.index_select(0, index)
+            new = fn(mine)
+            if new is None or new is mine:
+                return None
+            changed = (new != mine).any(-1)
+            if self.valid is not None:
+                changed = changed & self.valid.to(h.device)
+            changed = changed.sum(-1)
+            self.counts.index_add_(0, self.index, changed.to(self.counts.device))
+            return new if self.whole else h.index_copy(0, index, new)
+
+        return hook
+
+
+@dataclass
+class Row:
+    job: Job
+    tracker: TextTracker
+    group: RowSteering | None  # None: unsteered
+    prompt: list[int]
+    seen: torch.Tensor  # ids the repetition penalty looks at: the prompt, then each sampled id
+    generator: torch.Generator | None = None  # per row, so a seeded request samples as it would alone
+    token: int = 0  # the last sampled id, fed at the next step
+    done: bool = False
+    retired: bool = False
+    interventions: int = 0
+    cancelled: bool = False
+
+    def sample(self, logits: torch.Tensor, greedy: int) -> None:
+        """Pick the next id from this row's logits [1, vocab] (``greedy``: their argmax, computed for the batch)."""
+        config = self.job.generation
+        if config.temperature == 0 and config.repetition_penalty == 1.0:
+            self.token = greedy
+        else:
+            scored = _apply_repetition_penalty(logits, self.seen, config.repetition_penalty)
+            self.token = int(_sample(scored, config, self.generator))
+        if config.repetition_penalty != 1.0:
+            self.seen = torch.cat([self.seen, self.seen.new_tensor([[self.token]])], dim=1)
+        self.done = self.tracker.feed(self.token)
+
+
+def new_row(job: Job, tracker: TextTracker, group: RowSteering | None, prompt: list[int],
+            device: torch.device) -> Row:
+    config = job.generation
+    generator = None
+    if config.seed is not None and config.temperature > 0:
+        generator = torch.Generator(device=device).manual_seed(config.seed)
+    return Row(job, tracker, group, prompt, torch.tensor([prompt], device=device), generator)
+
+
+def left_padded(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids and attention mask of token lists, padded on the left."""
+    length = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), length), dtype=torch.long)
+    for i, prompt in enumerate(prompts):
+        ids[i, length - len(prompt):] = torch.tensor(prompt)
+        mask[i, length - len(prompt):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _pad_left(t: torch.Tensor, size: int, dim: int) -> torch.Tensor:
+    missing = size - t.shape[dim]
+    if missing == 0:
+        return t
+    spec = [0, 0] * (t.dim() - 1 - dim % t.dim()) + [missing, 0]
+    return F.pad(t, spec)
+
+
+@dataclass
+class Batch:
+    """The running rows with their KV cache, attention mask [rows, length] and intervention counters."""
+
+    rows: list[Row] = field(default_factory=list)
+    cache: Any = None
+    mask: torch.Tensor | None = None
+    counts: torch.Tensor | None = None
+    fixed: bool = False  # rows stay until all are done (a gated steering keeps state sized to the batch)
+
+    def joinable(self) -> bool:
+        """Whether rows can join while others decode: plain growing caches only (not sliding windows)."""
+        return not self.rows or (not self.fixed and _expandable(self.cache))
+
+    def add(self, rows: list[Row], cache: Any, mask: torch.Tensor, counts: torch.Tensor, fixed: bool) -> None:
+        """Stack prefilled rows under the running ones, both left-padded to the longer length."""
+        if not self.rows:
+            self.rows, self.cache, self.mask, self.counts, self.fixed = rows, cache, mask, counts, fixed
+            return
+        assert self.mask is not None and self.counts is not None
+        length = max(self.mask.shape[1], mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, cache.layers):
+            mine.keys = torch.cat([_pad_left(mine.keys, length, -2), _pad_left(theirs.keys, length, -2)])
+            mine.values = torch.cat([_pad_left(mine.values, length, -2), _pad_left(theirs.values, length, -2)])
+        self.mask = torch.cat([_pad_left(self.mask, length, 1), _pad_left(mask, length, 1)])
+        self.counts = torch.cat([self.counts, counts])
+        self.rows = self.rows + rows
+
+    def keep(self, indices: list[int]) -> None:
+        """Drop every other row from the cache, then the leading columns no kept row uses."""
+        if not indices:
+            self.rows, self.cache, self.mask, self.counts, self.fixed = [], None, None, None, False
+            return
+        assert self.mask is not None and self.counts is not None
+        self.rows = [self.rows[i] for i in indices]
+        selected = torch.tensor(indices, device=self.mask.device)
+        self.cache.batch_select_indices(selected)
+        self.mask, self.counts = self.mask[selected], self.counts[selected]
+        unused = int(self.mask.any(0).long().argmax())
+        if unused:
+            self.mask = self.mask[:, unused:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[..., unused:, :], layer.values[..., unused:, :]

@@ -1,0 +1,309 @@
+"""The batching engine: one worker thread owns the model, and concurrent requests share its passes.
+
+Continuous batching. Each step the worker (1) admits waiting requests: their prompts are
+prefilled together and their caches joined to the running batch, (2) runs one decode pass over
+every running row, (3) retires finished, timed-out and disconnected rows at once, so a freed
+row costs nothing from the next step on. Each row has its own ``max_tokens``, stop strings,
+sampling settings and stream.
+
+Steering. Every distinct (resolved) configuration in the batch has its hooks installed once,
+acting only on its own rows (``batch.RowSteering``), so requests with different steering share
+passes and none sees another's. A gated configuration is the exception: it decides per prompt at
+prefill and keeps that decision sized to its batch, so its requests run as a batch of their own
+(rows joining only at its start, leaving only at its end); requests behind it wait for it.
+Models whose cache cannot take rows mid-decode (sliding-window layers) batch the same way: the
+requests waiting when a batch starts share it, later ones join the next.
+
+Locking. The worker holds the model lock for slices of steps; directions a request needs for the
+first time are prepared outside it (``prepare``, in the request's thread), and their collection
+takes the lock one batch at a time between the worker's slices.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import threading
+import time
+from dataclasses import replace
+from typing import Any
+
+import torch
+from jinja2 import TemplateError
+
+from ..analysis.directions import DirectionSet
+from ..errors import CacheError, UserError
+from ..models.generation import _output_cache, context_length, forward, stop_token_ids
+from ..steering import SteeringConfig, apply_steering
+from .batch import Batch, Row, RowSteering, left_padded, new_row
+from .jobs import Event, Job, Result, TextTracker
+from .schemas import ApiError, DirectionsFor, ServerLimits
+
+SLICE_S = 0.25  # the worker releases the model lock this often, so a collection batch can run
+
+
+def steering_key(config: SteeringConfig) -> str | None:
+    """Requests with equal keys share hooks; None: unsteered (no hooks at all)."""
+    if config.mode == "none" or config.scale == 0:
+        return None
+    return json.dumps({k: v for k, v in config.to_json().items() if k != "notes"}, sort_keys=True, default=str)
+
+
+class Engine:
+    """Owns the model: every use of it or its tokenizer happens in the worker thread, under ``lock``."""
+
+    def __init__(self, loaded: Any, directions_for: DirectionsFor, limits: ServerLimits, start: bool = True):
+        """``start=False``: no worker thread; the caller drives ``step`` (tests that place each join)."""
+        self.loaded, self.directions_for, self.limits = loaded, directions_for, limits
+        self.lock = threading.Lock()  # the model
+        self.preparing = threading.Lock()  # one direction preparation at a time
+        self.stop_ids = stop_token_ids(loaded.model, loaded.tokenizer)
+        self.pad_id = loaded.tokenizer.pad_token_id or 0
+        self.context = context_length(loaded.model)
+        self._directions: dict[tuple[Any, ...], DirectionSet | None] = {}
+        self.waiting: collections.deque[Job] = collections.deque()
+        self.wakeup = threading.Condition()
+        self.batch = Batch()
+        self.groups: dict[str, RowSteering] = {}
+        self.stats = {"passes": 0, "max_rows": 0, "mixed_passes": 0}  # mixed: rows of 2+ steerings in one pass
+        self.closed = False
+        self.worker = threading.Thread(target=self._work, name="batching-engine", daemon=True)
+        if start:
+            self.worker.start()
+
+    # Outside the worker --------------------------------------------------------------------------
+
+    def directions(self, config: SteeringConfig) -> DirectionSet | None:
+        """Directions for a resolved config, memoised per source (they only depend on these fields).
+
+        Called without the model lock: a first use may collect activations for a minute, taking
+        the lock one batch at a time, while other requests keep running.
+        """
+        if steering_key(config) is None:
+            return None
+        key = (config.resolved_source(), config.resolved_direction_site(), config.resolved_direction_position(),
+               tuple(config.categories or ()), config.pca_components)
+        if key not in self._directions:
+            with self.preparing:
+                if key not in self._directions:
+                    self._directions[key] = self.directions_for(config, self.lock)
+        return self._directions[key]
+
+    def prepare(self, job: Job) -> None:
+        """The directions the job needs; a setting they cannot be made for is a 400, a cache fault a 500."""
+        try:
+            job.directions = self.directions(job.steering)
+        except CacheError:
+            raise
+        except UserError as exc:
+            raise ApiError(str(exc), param="steering", code="invalid_steering") from exc
+
+    def submit(self, job: Job) -> None:
+        """Queue a prepared job; its outcome comes back through ``job.emit``."""
+        with self.wakeup:
+            self.waiting.append(job)
+            self.wakeup.notify()
+
+    def load(self) -> dict[str, int]:
+        return {"decoding": len(self.batch.rows), "waiting": len(self.waiting)}
+
+    def close(self) -> None:
+        with self.wakeup:
+            self.closed = True
+            self.wakeup.notify()
+
+    # The worker ------------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            with self.wakeup:
+                while not (self.closed or self.waiting or self.batch.rows):
+                    self.wakeup.wait()
+                if self.closed:
+                    break
+            with self.lock:
+                until = time.monotonic() + SLICE_S
+                while not self.closed and (self.waiting or self.batch.rows) and time.monotonic() < until:
+                    self.step()
+            time.sleep(0.001)  # a collection waiting for the lock gets it now
+        with self.lock:
+            self._fail(self.batch.rows, RuntimeError("The server is shutting down."))
+            self.batch = Batch()
+
+    def step(self) -> None:
+        """Admit what can join, decode one token for every running row, retire the finished rows."""
+        try:
+            self._admit()
+            self._retire()
+            if any(not row.done for row in self.batch.rows):
+                self._decode()
+                self._retire()
+        except Exception as exc:  # a failed pass: its rows get the error, the worker goes on
+            self._fail(self.batch.rows, exc)
+            self.batch = Batch()
+
+    def _take(self) -> list[Job]:
+        """The waiting jobs that join now: up to the free rows, in order; a gated steering's jobs alone."""
+        taken: list[Job] = []
+        with self.wakeup:
+            if not self.batch.joinable():
+                return taken
+            room = self.limits.max_batch - len(self.batch.rows)
+            exclusive = None if self.batch.rows or not self.waiting else self.waiting[0].exclusive
+            key = steering_key(self.waiting[0].steering) if exclusive else None
+            for job in list(self.waiting):
+                if len(taken) >= room:
+                    break
+                if job.cancel.is_set():
+                    self.waiting.remove(job)
+                elif (exclusive and steering_key(job.steering) == key) or (not exclusive and not job.exclusive):
+                    taken.append(job)
+                elif not exclusive:
+                    break  # a gated steering waits at the head: let the batch drain for it
+            for job in taken:
+                self.waiting.remove(job)
+        return taken
+
+    def _admit(self) -> None:
+        rows = [row for row in (self._start(job) for job in self._take()) if row is not None]
+        if not rows:
+            return
+        try:
+            ids, mask = left_padded([row.prompt for row in rows], self.pad_id, self.loaded.device)
+            counts = torch.zeros(len(rows), dtype=torch.long, device=self.loaded.device)
+            self._route(rows, None if bool(mask.all()) else mask.bool(), counts)
+            output = forward(self.loaded.model, ids, mask)
+            self._sample(rows, output.logits[:, -1, :].float())
+        except Exception as exc:
+            self._fail(rows, exc)
+            return
+        self.batch.add(rows, _output_cache(output), mask, counts, fixed=rows[0].job.exclusive)
+
+    def _start(self, job: Job) -> Row | None:
+        """A row for the job, or None after reporting why it cannot run (its prompt, its steering)."""
+        tokenizer = self.loaded.tokenizer
+        try:
+            text = job.render(tokenizer)
+            prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+            self._fit_context(job, len(prompt))
+            group = self._join_group(job)
+        except TemplateError as exc:
+            job.emit(Event("error", error=UserError(f"The model's chat template rejected these messages: {exc}")))
+            return None
+        except Exception as exc:
+            job.emit(Event("error", error=exc))
+            return None
+        job.emit(Event("ready"))
+        return new_row(job, TextTracker(tokenizer, self.stop_ids, job), group, prompt, self.loaded.device)
+
+    def _fit_context(self, job: Job, prompt_tokens: int) -> None:
+        """Refuse prompts the model cannot hold; shorten a defaulted max_tokens to what is left."""
+        if not 0 < prompt_tokens <= self.limits.max_prompt_tokens:
+            raise ApiError(f"The prompt has {prompt_tokens} tokens; this server takes 1 to "
+                           f"{self.limits.max_prompt_tokens}.", param=job.prompt_param,
+                           code="context_length_exceeded")
+        room = self.context - prompt_tokens if self.context else job.generation.max_tokens
+        if job.generation.max_tokens <= room:
+            return
+        if job.max_tokens_given or room < 1:
+            raise ApiError(f"The prompt ({prompt_tokens} tokens) plus max_tokens ({job.generation.max_tokens}) "
+                           f"exceeds the model's context of {self.context} tokens; lower max_tokens or shorten "
+                           "the prompt.", param="max_tokens", code="context_length_exceeded")
+        job.generation = replace(job.generation, max_tokens=room)
+
+    def _join_group(self, job: Job) -> RowSteering | None:
+        """The job's steering group, installing its hooks if it is new; a config the directions cannot
+        serve is a 400."""
+        key = steering_key(job.steering)
+        if key is None:
+            return None
+        group = self.groups.get(key)
+        if group is None:
+            group = RowSteering(key)
+            try:
+                group.stack.enter_context(apply_steering(self.loaded, job.steering, job.directions, wrap=group.wrap))
+            except UserError as exc:
+                group.stack.close()
+                raise ApiError(str(exc), param="steering", code="invalid_steering") from exc
+            self.groups[key] = group
+        group.members += 1
+        return group
+
+    def _leave_group(self, row: Row) -> None:
+        group, row.group = row.group, None
+        if group is None:
+            return
+        group.members -= 1
+        if group.members == 0:
+            del self.groups[group.key]
+            group.stack.close()
+
+    def _route(self, rows: list[Row], valid: torch.Tensor | None, counts: torch.Tensor) -> None:
+        """Tell every installed steering which rows of the coming pass are its own."""
+        members: dict[str | None, list[int]] = {}
+        for i, row in enumerate(rows):
+            members.setdefault(None if row.group is None else row.group.key, []).append(i)
+        for key, group in self.groups.items():
+            index = members.get(key)
+            selected = None if index is None else torch.tensor(index, device=counts.device)
+            group.select(selected, index is not None and len(index) == len(rows), valid, counts)
+        self.stats["passes"] += 1
+        self.stats["max_rows"] = max(self.stats["max_rows"], len(rows))
+        self.stats["mixed_passes"] += len(members) > 1
+
+    def _decode(self) -> None:
+        batch = self.batch
+        assert batch.mask is not None and batch.counts is not None
+        live = torch.tensor([not row.done for row in batch.rows], device=batch.mask.device)
+        tokens = torch.tensor([[self.pad_id if row.done else row.token] for row in batch.rows],
+                              device=batch.mask.device)
+        batch.mask = torch.cat([batch.mask, live[:, None].long()], dim=1)  # a finished row's position stays
+        self._route(batch.rows, live[:, None] if batch.fixed else None, batch.counts)
+        output = forward(self.loaded.model, tokens, batch.mask, cache=batch.cache)
+        batch.cache = _output_cache(output)
+        logits = output.logits[:, -1, :].float()
+        running = [i for i, row in enumerate(batch.rows) if not row.done]
+        self._sample([batch.rows[i] for i in running], logits[running])
+
+    @staticmethod
+    def _sample(rows: list[Row], logits: torch.Tensor) -> None:
+        greedy = logits.argmax(-1).tolist()
+        for i, row in enumerate(rows):
+            row.sample(logits[i:i + 1], greedy[i])
+
+    def _retire(self) -> None:
+        """Drop finished and cancelled rows (removing hooks no row needs), then report the finished ones."""
+        batch = self.batch
+        for row in batch.rows:
+            if not row.done and row.job.cancel.is_set():
+                row.done = row.cancelled = True
+        finished = [row for row in batch.rows if row.done and not row.retired]
+        if not finished:
+            return
+        assert batch.counts is not None
+        counts = batch.counts.tolist()
+        for i, row in enumerate(batch.rows):
+            row.interventions = counts[i]
+        if not batch.fixed:
+            leaving = finished
+            batch.keep([i for i, row in enumerate(batch.rows) if not row.done])
+        else:
+            leaving = batch.rows if all(row.done for row in batch.rows) else []
+            if leaving:
+                self.batch = Batch()
+        for row in leaving:
+            self._leave_group(row)
+        for row in finished:
+            row.retired = True
+            if not row.cancelled:
+                row.tracker.close()
+                row.job.emit(Event("done", result=Result(row.tracker.text, row.tracker.finish, len(row.prompt),
+                                                         row.tracker.steps, row.interventions)))
+
+    def _fail(self, rows: list[Row], exc: BaseException) -> None:
+        """Report a failed pass to each of its rows that still waits for an answer; release their hooks."""
+        for row in rows:
+            if not row.retired:
+                row.retired = True
+                row.job.emit(Event("error", error=exc))
+            self._leave_group(row)
