@@ -21,7 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..models.generation import _apply_repetition_penalty, _expandable, _sample
+from ..models.generation import _apply_repetition_penalty, _sample
+from ..models.prefix import expandable
 from .jobs import Job, TextTracker
 
 SiteFn = Callable[[torch.Tensor], Any]
@@ -140,7 +141,7 @@ class Batch:
 
     def joinable(self) -> bool:
         """Whether rows can join while others decode: plain growing caches only (not sliding windows)."""
-        return not self.rows or (not self.fixed and _expandable(self.cache))
+        return not self.rows or (not self.fixed and expandable(self.cache))
 
     def add(self, rows: list[Row], cache: Any, mask: torch.Tensor, counts: torch.Tensor, fixed: bool) -> None:
         """Stack prefilled rows under the running ones, both left-padded to the longer length."""
