@@ -47,7 +47,8 @@ from .models.generation import (
     generate_ids,
     stop_token_ids,
 )
-from .steering import MODES, SteeringConfig, SteeringHandle, apply_steering
+from .resolve import resolve_config
+from .steering import PARAMS, Steering, SteeringConfig, SteeringHandle, mode_spec
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 DIRECTION_FIELDS = ("source", "direction_site", "direction_position", "categories", "pca_components")
@@ -283,15 +284,17 @@ def steering_for(default: SteeringConfig, override: SteeringOverride | None,
             raise ApiError(f"steering.{fixed[0]} chooses which directions are computed (possibly minutes of work) "
                            "and is fixed by the server; start the server with the setting you need.",
                            param=f"steering.{fixed[0]}", code="unsupported_value")
-    if "mode" in given and given["mode"] not in MODES:
+    for name, value in given.items():  # the mode table says which modes and values exist
         try:
-            SteeringConfig(mode=given["mode"]).validate()
+            if name == "mode":
+                mode_spec(value)
+            elif name in PARAMS:
+                PARAMS[name].check(value)
         except UserError as exc:
-            raise ApiError(str(exc), param="steering.mode", code="invalid_steering") from exc
-    config = replace(default, **given)
-    if "scale" in given:
-        config.notes = {**config.notes, "scale_given": True}
-    return config
+            raise ApiError(str(exc), param=f"steering.{name}", code="invalid_steering") from exc
+    if given.get("mode", default.mode) != default.mode and "scale" not in given:
+        given["scale"] = None  # another mode without a scale: that mode's default (auto: the stored one)
+    return replace(default, **given)
 
 
 def _chat_parts(messages: Sequence[ChatMessage]) -> tuple[str, str | None, list[dict[str, str]]]:
@@ -479,7 +482,7 @@ class Engine:
                directions: DirectionSet | None) -> SteeringHandle:
         """Install the hooks (removed when ``stack`` closes); a config the directions cannot serve is a 400."""
         try:
-            return stack.enter_context(apply_steering(self.loaded, config, directions))
+            return stack.enter_context(Steering(config, directions).apply(self.loaded))
         except UserError as exc:
             raise ApiError(str(exc), param="steering", code="invalid_steering") from exc
 
@@ -599,8 +602,6 @@ class Server:
 
     def __init__(self, loaded: Any, default_config: SteeringConfig, directions_for: DirectionsFor,
                  limits: ServerLimits):
-        from .api import resolve_config
-
         resolve_config(loaded, default_config)  # a bad default fails at start, not on the first request
         self.default, self.limits = default_config, limits
         self.engine = Engine(loaded, directions_for, limits)
@@ -612,8 +613,6 @@ class Server:
 
     def job(self, body: _SamplingRequest, max_tokens: int | None, render: Callable[[Any], str]) -> Job:
         """Validate everything that needs no model, so bad requests never wait for the lock."""
-        from .api import resolve_config
-
         generation = _check_common(body, max_tokens, self.limits)
         steering = steering_for(self.default, body.steering, self.limits.allow_direction_overrides)
         try:
@@ -879,8 +878,6 @@ def serve(loaded: Any, default_config: SteeringConfig, directions_for: Direction
           limits: ServerLimits = ServerLimits()) -> None:
     """Serve until interrupted. Directions for the default config are loaded first, so errors show now."""
     import uvicorn
-
-    from .api import resolve_config
 
     if not is_loopback(host):
         if limits.allowed_hosts == LOOPBACK_HOSTS:

@@ -7,6 +7,7 @@ the same way for every family, with no host synchronisation beyond one check per
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from .hooks import contiguous_head_input, decision_pass, prefix_sharing
+from .hooks import attached_passes, contiguous_head_input
 
 PLAIN_TEMPLATE_USER = "User: "
 PLAIN_TEMPLATE_ASSISTANT = "\nAssistant:"
@@ -167,9 +168,13 @@ def _cache_kwarg(model: Any) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def _output_cache(output: Any) -> Any:
+def output_cache(output: Any) -> Any:
+    """The KV cache a pass returned (the attribute's name differs between families)."""
     cache = getattr(output, "cache", None)
     return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
+_output_cache = output_cache  # collection's decode loop (activations.py) imports this name
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -177,22 +182,48 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
-def forward(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: Any = None,
-            position_ids: torch.Tensor | None = None, last_only: bool = True) -> Any:
-    """One forward pass with the padding-aware positions and the family's cache keyword."""
+def _kwargs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: Any,
+            position_ids: torch.Tensor | None) -> dict[str, Any]:
+    """A pass's arguments: the padding-aware positions and the family's cache keyword."""
     kwargs: dict[str, Any] = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
                                   position_ids=positions_from_mask(attention_mask)[:, -input_ids.shape[1]:]
                                   if position_ids is None else position_ids)
     if cache is not None:
         kwargs[_cache_kwarg(model)] = cache
-    decide = decision_pass()
-    if decide is not None and cache is None and input_ids.shape[1] > 1:
-        decide(lambda: model(**{**kwargs, "use_cache": False}))
+    return kwargs
+
+
+def _call(model: Any, kwargs: dict[str, Any], last_only: bool) -> Any:
     if last_only and "logits_to_keep" in inspect.signature(model.forward).parameters:
-        kwargs["logits_to_keep"] = 1
         with contiguous_head_input(model):
-            return model(**kwargs)
+            return model(**kwargs, logits_to_keep=1)
     return model(**kwargs)
+
+
+def prefill(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: Any = None,
+            position_ids: torch.Tensor | None = None, last_only: bool = True) -> Any:
+    """A pass that starts (left-padded) prompts; ``cache``: a shared prefix they continue.
+
+    Hooks attached with ``hooks.attach_passes`` (a per-prompt gate) are told first and given the
+    same pass without a cache to decide on, so they act on every layer of the real one.
+    """
+    kwargs = _kwargs(model, input_ids, attention_mask, cache, position_ids)
+    passes = attached_passes(model)
+    if passes is None:
+        return _call(model, kwargs, last_only)
+    if cache is not None and not passes.allows_prefix_sharing:
+        raise UserError("The active steering decides per whole prompt (a gate), so its passes cannot continue a "
+                        "prefix computed once for all prompts; run the prompts whole.")
+    with passes.prefill(lambda: model(**{**kwargs, "use_cache": False})):
+        return _call(model, kwargs, last_only)
+
+
+def decode_step(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: Any,
+                last_only: bool = True) -> Any:
+    """A pass that continues the prompts of the last ``prefill`` (usually by one token each)."""
+    passes = attached_passes(model)
+    with passes.decode() if passes is not None else contextlib.nullcontext():
+        return _call(model, _kwargs(model, input_ids, attention_mask, cache, None), last_only)
 
 
 def _apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -228,10 +259,10 @@ def generate_ids(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
     stops = torch.tensor(list(stop_ids) or [-1], device=input_ids.device)
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     seen = input_ids
-    output = forward(model, input_ids, attention_mask)
+    output = prefill(model, input_ids, attention_mask)
     logits = output.logits[:, -1, :].float()
     first_logits = logits.clone()
-    cache = _output_cache(output)
+    cache = output_cache(output)
     steps: list[torch.Tensor] = []
     alive: list[torch.Tensor] = []
     for step in range(config.max_tokens):
@@ -250,8 +281,8 @@ def generate_ids(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
             break
         seen = torch.cat([seen, token[:, None]], dim=1)
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
-        output = forward(model, token[:, None], attention_mask, cache=cache)
-        cache = _output_cache(output)
+        output = decode_step(model, token[:, None], attention_mask, cache)
+        cache = output_cache(output)
         logits = output.logits[:, -1, :].float()
     return torch.stack(steps, 1), torch.stack(alive, 1), first_logits
 
@@ -352,23 +383,27 @@ def _expandable(cache: Any) -> bool:
 
 @torch.no_grad()
 def next_token_logits(model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int = 16,
-                      device: torch.device | str = "cpu", min_shared: int = 8) -> torch.Tensor:
+                      device: torch.device | str = "cpu", min_shared: int = 8, share_prefix: bool = True
+                      ) -> torch.Tensor:
     """Logits at the first answer position [n, vocab], float32 on the CPU.
 
     Chat prompts share a long prefix (system prompt, role markers). It is computed once and its
     KV cache reused for every batch, which halves the work of typical evaluation prompts. Models
     whose cache cannot be expanded (sliding-window layers) take the plain path, and so does every
-    pass inside ``hooks.whole_prompts`` (hooks that steer a prompt by its last token).
+    pass with ``share_prefix`` off or under hooks that forbid it (a gate steers a prompt by its last
+    token: ``Passes.allows_prefix_sharing``).
     """
     import copy
 
     rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    shared = common_prefix_length(rows) if len(rows) > 1 and prefix_sharing() else 0
+    passes = attached_passes(model)
+    share_prefix = share_prefix and (passes is None or passes.allows_prefix_sharing)
+    shared = common_prefix_length(rows) if len(rows) > 1 and share_prefix else 0
     prefix_cache = None
     if shared >= min_shared:
         prefix = torch.tensor([rows[0][:shared]], device=device)
-        out = forward(model, prefix, torch.ones_like(prefix))
-        prefix_cache = _output_cache(out) if _expandable(_output_cache(out)) else None
+        out = prefill(model, prefix, torch.ones_like(prefix))
+        prefix_cache = output_cache(out) if _expandable(output_cache(out)) else None
     if prefix_cache is None:
         shared = 0
     pad_id = tokenizer.pad_token_id or 0
@@ -388,6 +423,6 @@ def next_token_logits(model: Any, tokenizer: Any, texts: Sequence[str], batch_si
         if prefix_cache is not None:
             cache = copy.deepcopy(prefix_cache)
             cache.batch_repeat_interleave(len(chunk))
-        out = forward(model, ids, mask, cache=cache, position_ids=positions)
+        out = prefill(model, ids, mask, cache=cache, position_ids=positions)
         results.append(out.logits[:, -1, :].float().cpu())
     return torch.cat(results)
