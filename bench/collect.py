@@ -19,7 +19,7 @@ import torch
 from alignment_artifacts.activation_pass import collection_prefix, encode_prompt
 from alignment_artifacts.activations import collect_activations
 from alignment_artifacts.api import get_model
-from alignment_artifacts.models.generation import forward, pad_after_prefix
+from alignment_artifacts.models.generation import pad_after_prefix, prefill
 from alignment_artifacts.prompts import load_builtin, select
 
 
@@ -42,11 +42,11 @@ def main() -> None:
     plain_s = collect_s = 0.0
     store = None
     with torch.no_grad(), tempfile.TemporaryDirectory() as tmp:
-        forward(loaded.model, *pad_after_prefix(batches[0], 0, pad_id, loaded.device))  # warm-up
+        prefill(loaded.model, *pad_after_prefix(batches[0], 0, pad_id, loaded.device))  # warm-up
         for round_ in range(args.rounds):
             started = time.perf_counter()
             for batch in batches:
-                forward(loaded.model, *pad_after_prefix(batch, 0, pad_id, loaded.device))
+                prefill(loaded.model, *pad_after_prefix(batch, 0, pad_id, loaded.device))
             plain_s += time.perf_counter() - started
             started = time.perf_counter()
             store = collect_activations(loaded, prompts, sites="mlp_out", positions="last", layers="all",

@@ -23,7 +23,7 @@ import torch
 from alignment_artifacts.api import get_directions, get_model, resolve_config
 from alignment_artifacts.export import export
 from alignment_artifacts.models.generation import format_chat
-from alignment_artifacts.steering import SteeringConfig, apply_steering
+from alignment_artifacts.steering import Steering, SteeringConfig, apply_steering
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about autumn.", "Explain how a bicycle gear works.",
            "Give me three tips for better sleep."]
@@ -59,7 +59,7 @@ def main() -> None:
             config = resolve_config(loaded, SteeringConfig(mode="ablate"))
     directions = get_directions(loaded, config)
     out = args.out or os.path.join(tempfile.mkdtemp(prefix="aa-export-"), "ablated")
-    export(loaded, config, directions, out, format="hf", force=True)
+    export(loaded, Steering(config, directions), out, format="hf", force=True)
     texts = [format_chat(loaded.tokenizer, p) for p in PROMPTS]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     fresh = subprocess.run([sys.executable, "-c", FRESH, out, json.dumps(texts)], capture_output=True, text=True,

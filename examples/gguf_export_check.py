@@ -99,7 +99,7 @@ def main() -> None:
     from alignment_artifacts.export import export
     from alignment_artifacts.export_gguf import open_llama_cpp, read_manifest, source_gguf
     from alignment_artifacts.models.generation import stop_token_ids
-    from alignment_artifacts.steering import SteeringConfig, apply_steering
+    from alignment_artifacts.steering import Steering, SteeringConfig, apply_steering
 
     started = time.perf_counter()
     loaded = get_model(args.model, device="cpu", dtype="float32")
@@ -107,7 +107,7 @@ def main() -> None:
     directions = get_directions(loaded, config, progress=False)
     out = args.out or Path(tempfile.mkdtemp(prefix="aa-gguf-")) / f"{args.model}-ablated.gguf"
     export_started = time.perf_counter()
-    export(loaded, config, directions, out, format="gguf", force=True, gguf_type=args.gguf_type)
+    export(loaded, Steering(config, directions), out, format="gguf", force=True, gguf_type=args.gguf_type)
     export_seconds = time.perf_counter() - export_started
     modified = read_manifest(out)["modified"]
 

@@ -122,7 +122,7 @@ def main() -> None:
     from alignment_artifacts.api import get_directions, resolve_config
     from alignment_artifacts.export import export, read_control_vector
     from alignment_artifacts.models import format_chat, load_model
-    from alignment_artifacts.steering import SteeringConfig, apply_steering
+    from alignment_artifacts.steering import Steering, SteeringConfig, apply_steering
 
     loaded = load_model(args.model, device="cpu", dtype="float32")
     n_layers = loaded.adapter.n_layers
@@ -131,7 +131,7 @@ def main() -> None:
                                                    site="resid_post"))
     directions = get_directions(loaded, config)
     out = (args.keep or Path(tempfile.mkdtemp())) / f"{args.model}-amplify.gguf"
-    export(loaded, config, directions, out, format="gguf-control-vector", force=True)
+    export(loaded, Steering(config, directions), out, format="gguf-control-vector", force=True)
     cv = read_control_vector(out)
     print(f"control vector: {out} ({cv['arch']}, {', '.join(cv['tensors'])}; direction layer "
           f"{config.direction_layer}, |v| = {directions.norm(config.direction_layer):.2f}, scale {config.scale})")

@@ -12,7 +12,7 @@ from alignment_artifacts import activations as act
 from alignment_artifacts.activation_pass import collection_prefix, encode_prompt
 from alignment_artifacts.models.adapter import SITES
 from alignment_artifacts.models.generation import common_prefix_length
-from alignment_artifacts.models.hooks import site_hooks, whole_prompts
+from alignment_artifacts.models.hooks import site_hooks
 from alignment_artifacts.prompts.sets import Prompt, PromptSet
 from alignment_artifacts.steering import SteeringConfig, apply_steering
 from test_activations import TEXTS, make_set
@@ -108,7 +108,7 @@ def test_generated_steps_from_the_shared_prefix(cache_root):
 
 
 def test_gated_collection_runs_whole_prompts(cache_root, tmp_path):
-    """Under a gate, a prefix run once cannot know which prompts pass (``whole_prompts``): collection
+    """Under a gate, a prefix run once cannot know which prompts pass (``allows_prefix_sharing``): collection
     then runs every prompt whole, with the gate's decision pass, exactly as one prompt alone."""
     loaded = tiny_model("qwen2", layers=4)
     directions = random_directions(loaded)
@@ -118,9 +118,10 @@ def test_gated_collection_runs_whole_prompts(cache_root, tmp_path):
     ps = make_set(6)
     kwargs = dict(sites="resid_post", positions="last", dtype="float32", system=SYSTEM, progress=False,
                   use_cache=False)
-    with whole_prompts():
-        assert collection_prefix(loaded, [encode_prompt(loaded.tokenizer, p.text, SYSTEM, None)
-                                          for p in ps.prompts]).length == 0
+    encoded = [encode_prompt(loaded.tokenizer, p.text, SYSTEM, None) for p in ps.prompts]
+    assert collection_prefix(loaded, encoded).length > 0
+    with apply_steering(loaded, config, directions):
+        assert collection_prefix(loaded, encoded).length == 0
     plain = act.collect_activations(loaded, ps, cache_folder=tmp_path / "plain", batch_size=3, **kwargs)
     with apply_steering(loaded, config, directions):
         batched = act.collect_activations(loaded, ps, cache_folder=tmp_path / "batched", batch_size=3, **kwargs)

@@ -31,7 +31,7 @@ from alignment_artifacts.optimize import (
     search_and_direction_sets,
 )
 from alignment_artifacts.prompts import resolve_prompts
-from alignment_artifacts.steering import SteeringConfig, apply_steering
+from alignment_artifacts.steering import Steering, SteeringConfig, apply_steering
 from tiny_models import tiny_model
 
 
@@ -141,14 +141,14 @@ def test_collateral_kl_of_a_gate_counts_only_the_prompts_it_lets_through(cache_r
     for level in (-1.0, 0.5, 2.0):
         config = resolve_config(loaded, SteeringConfig(mode="ablate", scale=1.0, direction_layer=2, gate_layer=3,
                                                        gate_level=level))
-        result = evaluate_against(loaded, config, baseline, directions, progress=False)
+        result = evaluate_against(loaded, Steering(config, directions), baseline, progress=False)
         b = result.borderline
         answered = [x == "compliance" for x in baseline.side().borderline_labels]
         assert b.n_answered == sum(answered) and 0 < b.n_answered < 16
         # the same numbers from the per-prompt KLs: gated-out prompts are bit-identical (KL exactly 0)
         with apply_steering(loaded, config, directions):
             steered = first_logits(loaded, chat_texts(loaded, baseline.sets.borderline, None), 4)
-        kl = kl_divergence(baseline.logits("borderline", whole=True), steered)
+        kl = kl_divergence(baseline.logits("borderline", share_prefix=False), steered)
         assert b.touched == pytest.approx(float((kl > 1e-6).double().mean()))
         assert b.collateral_kl.mean == pytest.approx(float(kl[torch.tensor(answered)].mean()), abs=1e-6)
         touched.add(round(b.touched, 3))
@@ -250,8 +250,8 @@ def test_optimize_charges_a_gate_for_the_borderline_prompts_it_steers(cache_root
     harmful_texts = chat(Path(harmful).read_text().splitlines())
     scorer = Scorer(loaded, harmful_texts, ordinary, borderline, 4, directions, range(2, 4))
     opening = refusal_opening_ids(loaded.tokenizer)
-    base = {"ordinary": first_logits(loaded, ordinary, 4, whole=True),
-            "borderline": first_logits(loaded, borderline, 4, whole=True)}
+    base = {"ordinary": first_logits(loaded, ordinary, 4, share_prefix=False),
+            "borderline": first_logits(loaded, borderline, 4, share_prefix=False)}
     costs = []
     for level in (-0.5, 0.3, 0.7, 2.0):
         config = SteeringConfig(mode="clamp", scale=1.0, clamp_level=0.0, direction_layer=2, gate_layer=3,
@@ -323,7 +323,7 @@ def test_exported_folder_evaluates_like_hooked_configuration(cache_root, prompt_
     settings = EvaluationSettings(harmful=harmful, **SMALL)
     config = resolve_config(loaded, SteeringConfig(mode="ablate", scale=1.0, source=f"{harmful},{harmless}"))
     hooked = evaluate(loaded, config, settings, progress=False)
-    folder = export(loaded, config, get_directions(loaded, config, progress=False), tmp_path / "baked")
+    folder = export(loaded, Steering(config, get_directions(loaded, config, progress=False)), tmp_path / "baked")
     exported = load_model(str(folder), device="cpu")
     baked = evaluate(exported, SteeringConfig(mode="none"), settings, progress=False, reference=loaded)
     assert baked.harmful.after == hooked.harmful.after and baked.harmful.before == hooked.harmful.before

@@ -22,7 +22,7 @@ from alignment_artifacts.export import (
 )
 from alignment_artifacts.models import ModelAdapter, site_hooks, wrap_model
 from alignment_artifacts.models.generation import encode_batch, format_chat
-from alignment_artifacts.steering import SteeringConfig, apply_steering
+from alignment_artifacts.steering import Steering, SteeringConfig, apply_steering
 from test_steering import random_directions
 from tiny_models import FAMILIES, POST_NORMED, tiny_config, tiny_model
 
@@ -72,10 +72,10 @@ def assert_unchanged(model, before: dict[str, torch.Tensor]) -> None:
     assert all(torch.equal(after[k], before[k]) for k in before)
 
 
-def export_quietly(*args, **kwargs):
+def export_quietly(loaded, config, directions, out, **kwargs):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        path = export(*args, **kwargs)
+        path = export(loaded, Steering(config, directions), out, **kwargs)
     return path, [str(w.message) for w in caught if "Approximate" in str(w.message)]
 
 
@@ -114,7 +114,7 @@ def test_post_norm_bake_writes_nothing_along_the_direction(family):
                 param.uniform_(0.2, 1.8).sub_(loaded.adapter.spec.norm_offset)
     directions = random_directions(loaded)
     u = directions.unit(2)
-    baked, _ = bake_ablation(loaded, SteeringConfig(mode="ablate", direction_layer=2), directions)
+    baked, _ = bake_ablation(loaded, Steering(SteeringConfig(mode="ablate", direction_layer=2), directions))
     adapter = ModelAdapter(baked)
     seen: dict[tuple[str, int], torch.Tensor] = {}
     observers = {(site, layer): (lambda key: lambda h: seen.__setitem__(key, h @ u))((site, layer))
@@ -198,7 +198,7 @@ def test_hf_export_loads_in_fresh_process(tmp_path):
 def test_hf_refuses_non_linear_modes(mode, tmp_path):
     loaded = tiny_model("llama")
     with pytest.raises(UserError, match="vectors"):
-        export(loaded, SteeringConfig(mode=mode), random_directions(loaded), tmp_path / "x")
+        export(loaded, Steering(SteeringConfig(mode=mode), random_directions(loaded)), tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
 
@@ -206,13 +206,14 @@ def test_refusals(tmp_path):
     loaded = tiny_model("llama")
     directions = random_directions(loaded)
     with pytest.raises(UserError, match="constant vector"):
-        export(loaded, SteeringConfig(mode="ablate"), directions, tmp_path / "cv.gguf", format="gguf-control-vector")
+        export(loaded, Steering(SteeringConfig(mode="ablate"), directions), tmp_path / "cv.gguf",
+               format="gguf-control-vector")
     with pytest.raises(UserError, match="auto"):
-        export(loaded, SteeringConfig(mode="auto"), directions, tmp_path / "x")
+        export(loaded, Steering(SteeringConfig(mode="auto"), directions), tmp_path / "x")
     with pytest.raises(UserError, match="Unknown export format"):
-        export(loaded, SteeringConfig(mode="ablate"), directions, tmp_path / "x", format="onnx")
+        export(loaded, Steering(SteeringConfig(mode="ablate"), directions), tmp_path / "x", format="onnx")
     with pytest.raises(UserError, match="residual stream itself"):
-        export(loaded, SteeringConfig(mode="ablate", site="resid_pre"), directions, tmp_path / "x")
+        export(loaded, Steering(SteeringConfig(mode="ablate", site="resid_pre"), directions), tmp_path / "x")
     assert not any(tmp_path.iterdir())
 
 
@@ -224,7 +225,7 @@ def test_existing_output_needs_force_and_failures_leave_nothing(tmp_path, monkey
     out.mkdir()
     (out / "keep.txt").write_text("old")
     with pytest.raises(UserError, match="already exists"):
-        export(loaded, config, directions, out, format="vectors")
+        export(loaded, Steering(config, directions), out, format="vectors")
     assert (out / "keep.txt").read_text() == "old"
 
     import alignment_artifacts.export as export_module
@@ -234,13 +235,13 @@ def test_existing_output_needs_force_and_failures_leave_nothing(tmp_path, monkey
 
     monkeypatch.setattr(export_module, "atomic_write_json", disk_full)
     with pytest.raises(OSError):
-        export(loaded, config, directions, out, format="vectors", force=True)
+        export(loaded, Steering(config, directions), out, format="vectors", force=True)
     assert (out / "keep.txt").read_text() == "old"
     with pytest.raises(OSError):
-        export(loaded, config, directions, tmp_path / "fresh", format="vectors")
+        export(loaded, Steering(config, directions), tmp_path / "fresh", format="vectors")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vectors"]  # no partial folders left behind
     monkeypatch.undo()
-    export(loaded, config, directions, out, format="vectors", force=True)
+    export(loaded, Steering(config, directions), out, format="vectors", force=True)
     assert not (out / "keep.txt").exists() and (out / "steering.json").is_file()
 
 
@@ -252,7 +253,7 @@ def test_control_vector_layers_and_values(tmp_path):
     loaded = tiny_model("llama")
     directions = random_directions(loaded)
     config = SteeringConfig(mode="always", scale=0.7, layers=[1, 2], site="mlp_out")
-    path = export(loaded, config, directions, tmp_path / "cv.gguf", format="gguf-control-vector")
+    path = export(loaded, Steering(config, directions), tmp_path / "cv.gguf", format="gguf-control-vector")
     cv = read_control_vector(path)
     assert cv["arch"] == "controlvector" and cv["model_hint"] == "llama" and cv["layer_count"] == 2
     assert sorted(cv["tensors"]) == ["direction.1", "direction.2"]  # block L's output is direction.L
@@ -275,7 +276,7 @@ def test_control_vector_amplify_resid_pre_and_folder(tmp_path):
     directions = random_directions(loaded)
     config = SteeringConfig(mode="amplify", scale=1.5, direction_layer=1, layers=[3], site="resid_pre",
                             layer_weights={3: 0.5})
-    out = export(loaded, config, directions, tmp_path / "cv", format="gguf-control-vector")
+    out = export(loaded, Steering(config, directions), tmp_path / "cv", format="gguf-control-vector")
     cv = read_control_vector(out)
     assert list(cv["tensors"]) == ["direction.2"]
     torch.testing.assert_close(torch.from_numpy(cv["tensors"]["direction.2"]), 0.75 * directions.vectors[1])
@@ -297,7 +298,7 @@ def test_vectors_roundtrip(tmp_path):
     loaded = tiny_model("llama")
     directions = random_directions(loaded)
     config = SteeringConfig(mode="adaptive", scale=0.6, layers=[1, 3], layer_weights={1: 1.0, 3: 0.25})
-    out = export(loaded, config, directions, tmp_path / "vectors", format="vectors")
+    out = export(loaded, Steering(config, directions), tmp_path / "vectors", format="vectors")
     loaded_config, loaded_directions = load_steering(out)
     assert loaded_config.to_json() == config.to_json()
     assert loaded_directions.layers == directions.layers

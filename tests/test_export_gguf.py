@@ -18,13 +18,13 @@ from alignment_artifacts.export_gguf import (
     writable_types,
 )
 from alignment_artifacts.models import load_model
-from alignment_artifacts.steering import SteeringConfig, apply_steering
+from alignment_artifacts.steering import Steering, SteeringConfig, apply_steering
 from test_export import PROMPTS, one_thread, real_logits, relative_error  # noqa: F401 (fixture)
 from test_steering import random_directions
 from tiny_gguf import write_tiny_llama_gguf
 from tiny_models import tiny_config, tiny_model, tiny_tokenizer
 
-ABLATE = SteeringConfig(mode="ablate", direction_layer=2)  # every layer, so the embedding is edited too
+ABLATE = SteeringConfig(mode="ablate", scale=1.0, direction_layer=2)  # every layer, so the embedding is edited too
 
 
 def tiny_gguf(tmp_path, matrix_type="F32", types=None, tied=False, hidden=64):
@@ -57,7 +57,7 @@ def dequantized(tensor) -> np.ndarray:
 
 
 def baked_weights(loaded, config, directions) -> dict[str, np.ndarray]:
-    baked, _ = bake_ablation(loaded, config, directions)
+    baked, _ = bake_ablation(loaded, Steering(config, directions))
     return {k: v.float().numpy() for k, v in baked.state_dict().items()}
 
 
@@ -70,7 +70,8 @@ GGUF_NAMES = {"token_embd.weight": "model.embed_tokens.weight"} | {
 def test_round_trip_matches_baked_weights(matrix_type, tmp_path, cache_root):
     path, loaded = tiny_gguf(tmp_path, matrix_type)
     directions = random_directions(loaded)
-    out = export(loaded, ABLATE, directions, tmp_path / "ablated.gguf", format="gguf", evaluation={"refusal": 0.2})
+    out = export(loaded, Steering(ABLATE, directions), tmp_path / "ablated.gguf", format="gguf",
+                 evaluation={"refusal": 0.2})
     source, written = gguf_tensors(path), gguf_tensors(out)
     assert list(written) == list(source)
     expected = baked_weights(loaded, ABLATE, directions)
@@ -97,7 +98,7 @@ def test_every_metadata_field_is_copied(tmp_path, cache_root):
     import gguf
 
     path, loaded = tiny_gguf(tmp_path, "Q8_0")
-    out = export(loaded, ABLATE, random_directions(loaded), tmp_path / "ablated.gguf", format="gguf")
+    out = export(loaded, Steering(ABLATE, random_directions(loaded)), tmp_path / "ablated.gguf", format="gguf")
     source, written = gguf.GGUFReader(path).fields, gguf.GGUFReader(out).fields
     assert set(written) - set(source) == {MANIFEST_KEY}
     for key, field in source.items():
@@ -111,7 +112,7 @@ def test_transformers_loads_the_export_and_matches_hooks(tmp_path, cache_root):
     directions = random_directions(loaded)
     with apply_steering(loaded, ABLATE, directions):
         hooked = real_logits(loaded.model, loaded.tokenizer)
-    out = export(loaded, ABLATE, directions, tmp_path / "ablated.gguf", format="gguf")
+    out = export(loaded, Steering(ABLATE, directions), tmp_path / "ablated.gguf", format="gguf")
     ablated = load_model(str(out), device="cpu", dtype="float32")
     assert relative_error(real_logits(ablated.model, ablated.tokenizer), hooked) < 1e-4
     assert relative_error(real_logits(loaded.model, loaded.tokenizer), hooked) > 1e-2  # the ablation does act
@@ -123,7 +124,7 @@ def test_tied_head_keeps_the_original_embedding(tmp_path, cache_root):
     directions = random_directions(loaded)
     with apply_steering(loaded, ABLATE, directions):
         hooked = real_logits(loaded.model, loaded.tokenizer)
-    out = export(loaded, ABLATE, directions, tmp_path / "ablated.gguf", format="gguf")
+    out = export(loaded, Steering(ABLATE, directions), tmp_path / "ablated.gguf", format="gguf")
     source, written = gguf_tensors(path), gguf_tensors(out)
     assert written["output.weight"].data.tobytes() == source["token_embd.weight"].data.tobytes()
     assert written["token_embd.weight"].data.tobytes() != source["token_embd.weight"].data.tobytes()
@@ -139,7 +140,7 @@ def test_unwritable_source_type_falls_back(tmp_path, cache_root):
     _, loaded = tiny_gguf(tmp_path, "F16", types={"token_embd.weight": "Q4_K"}, hidden=256)
     directions = random_directions(loaded)
     expected = baked_weights(loaded, ABLATE, directions)["model.embed_tokens.weight"]
-    out = export(loaded, ABLATE, directions, tmp_path / "auto.gguf", format="gguf")
+    out = export(loaded, Steering(ABLATE, directions), tmp_path / "auto.gguf", format="gguf")
     written = gguf_tensors(out)
     assert written["token_embd.weight"].tensor_type.name == "Q8_0"
     assert written["blk.1.ffn_down.weight"].tensor_type.name == "F16"  # writable: kept
@@ -147,7 +148,7 @@ def test_unwritable_source_type_falls_back(tmp_path, cache_root):
     modified = read_manifest(out)["modified"]["token_embd.weight"]
     assert modified["source_type"] == "Q4_K" and modified["written_type"] == "Q8_0"
     assert 0 < modified["requantization_rms_error"] < 0.01
-    out = export(loaded, ABLATE, directions, tmp_path / "f32.gguf", format="gguf", gguf_type="F32")
+    out = export(loaded, Steering(ABLATE, directions), tmp_path / "f32.gguf", format="gguf", gguf_type="F32")
     written = gguf_tensors(out)
     assert {written[name].tensor_type.name for name in GGUF_NAMES} == {"F32"}
     assert np.abs(dequantized(written["token_embd.weight"]) - expected).max() < 1e-5
@@ -156,7 +157,7 @@ def test_unwritable_source_type_falls_back(tmp_path, cache_root):
 def test_layer_subset_edits_only_those_layers(tmp_path, cache_root):
     path, loaded = tiny_gguf(tmp_path, "Q8_0")
     config = SteeringConfig(mode="ablate", scale=0.7, layers=[1, 3], layer_weights={1: 1.0, 3: 0.5})
-    out = export(loaded, config, random_directions(loaded), tmp_path / "ablated.gguf", format="gguf")
+    out = export(loaded, Steering(config, random_directions(loaded)), tmp_path / "ablated.gguf", format="gguf")
     source, written = gguf_tensors(path), gguf_tensors(out)
     changed = {n for n in source if written[n].data.tobytes() != source[n].data.tobytes()}
     assert changed == {f"blk.{i}.{g}.weight" for i in (1, 3) for g in ("attn_output", "ffn_down")}
@@ -167,22 +168,22 @@ def test_refusals_leave_nothing(tmp_path, cache_root):
     directions = random_directions(loaded)
     out = tmp_path / "x.gguf"
     with pytest.raises(UserError, match="cannot write Q4_K"):
-        export(loaded, ABLATE, directions, out, format="gguf", gguf_type="Q4_K")
+        export(loaded, Steering(ABLATE, directions), out, format="gguf", gguf_type="Q4_K")
     with pytest.raises(UserError, match=r"ending in \.gguf"):
-        export(loaded, ABLATE, directions, tmp_path / "folder", format="gguf")
+        export(loaded, Steering(ABLATE, directions), tmp_path / "folder", format="gguf")
     with pytest.raises(UserError, match="vectors"):
-        export(loaded, SteeringConfig(mode="always"), directions, out, format="gguf")
+        export(loaded, Steering(SteeringConfig(mode="always"), directions), out, format="gguf")
     with pytest.raises(UserError, match="per prompt"):
-        export(loaded, SteeringConfig(mode="ablate", gate_layer=1), directions, out, format="gguf")
+        export(loaded, Steering(SteeringConfig(mode="ablate", gate_layer=1), directions), out, format="gguf")
     with pytest.raises(UserError, match="--format gguf only"):
-        export(loaded, ABLATE, directions, tmp_path / "hf", format="hf", gguf_type="F16")
+        export(loaded, Steering(ABLATE, directions), tmp_path / "hf", format="hf", gguf_type="F16")
     hf_model = tiny_model("llama")
     with pytest.raises(UserError, match="convert_hf_to_gguf"):
-        export(hf_model, ABLATE, random_directions(hf_model), out, format="gguf")
+        export(hf_model, Steering(ABLATE, random_directions(hf_model)), out, format="gguf")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["cache", path.name])
     out.write_bytes(b"keep")
     with pytest.raises(UserError, match="already exists"):
-        export(loaded, ABLATE, directions, out, format="gguf")
+        export(loaded, Steering(ABLATE, directions), out, format="gguf")
     assert out.read_bytes() == b"keep"
 
 
@@ -198,7 +199,7 @@ def test_interrupted_write_leaves_the_old_file(tmp_path, cache_root, monkeypatch
 
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", disk_full)
     with pytest.raises(OSError):
-        export(loaded, ABLATE, random_directions(loaded), out, format="gguf", force=True)
+        export(loaded, Steering(ABLATE, random_directions(loaded)), out, format="gguf", force=True)
     assert out.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["cache", path.name, out.name])
 
@@ -256,7 +257,7 @@ def test_llama_cpp_runs_the_export_like_the_hooks(matrix_type, tmp_path, cache_r
     plain = hf_first_token_logits(loaded, ids)
     with apply_steering(loaded, ABLATE, directions):
         hooked = hf_first_token_logits(loaded, ids)
-    out = export(loaded, ABLATE, directions, tmp_path / "ablated.gguf", format="gguf")
+    out = export(loaded, Steering(ABLATE, directions), tmp_path / "ablated.gguf", format="gguf")
     read_back = hf_first_token_logits(load_model(str(out), device="cpu", dtype="float32"), ids)
     llama_plain, llama_ablated = llama_first_token_logits(path, ids), llama_first_token_logits(out, ids)
     floor, ablated, effect = kl(plain, llama_plain), kl(hooked, llama_ablated), kl(hooked, plain)

@@ -32,7 +32,7 @@ from alignment_artifacts.export import export
 from alignment_artifacts.models import GenerationConfig, generate
 from alignment_artifacts.prompts.sets import Prompt, PromptSet
 from alignment_artifacts.serve import ServerLimits, ServerThread, create_app
-from alignment_artifacts.steering import SteeringConfig
+from alignment_artifacts.steering import Steering, SteeringConfig
 from test_activations import TEXTS, make_set
 from test_steering import random_directions
 from tiny_models import tiny_model
@@ -282,7 +282,7 @@ def test_export_removes_what_a_killed_export_left(loaded, tmp_path):
     _writer(out, "die")
     assert len(_age(tmp_path, "export")) == 1  # what `kill -9` mid-export leaves
     config = resolve_config(loaded, SteeringConfig(mode="always"))
-    export(loaded, config, random_directions(loaded), out, format="vectors")
+    export(loaded, Steering(config, random_directions(loaded)), out, format="vectors")
     assert (out / "steering.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
 
@@ -293,7 +293,7 @@ def test_a_running_writer_keeps_its_temporary_folder(loaded, tmp_path):
     try:
         leftovers = _age(tmp_path, "export")
         config = resolve_config(loaded, SteeringConfig(mode="always"))
-        export(loaded, config, random_directions(loaded), out, format="vectors")
+        export(loaded, Steering(config, random_directions(loaded)), out, format="vectors")
         assert all(path.exists() for path in leftovers) and len(leftovers) == 1
     finally:
         os.kill(pid, signal.SIGKILL)

@@ -146,7 +146,7 @@ def test_parameters_as_restores_the_exact_weights_on_any_exit():
 
 
 def test_output_head_gets_a_contiguous_input_and_the_hook_goes_away():
-    from alignment_artifacts.models.generation import forward
+    from alignment_artifacts.models.generation import prefill
 
     loaded = tiny_model("llama")
     head = loaded.model.get_output_embeddings()
@@ -154,7 +154,7 @@ def test_output_head_gets_a_contiguous_input_and_the_hook_goes_away():
     observer = head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].is_contiguous()))
     try:
         ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
-        out = forward(loaded.model, ids, torch.ones_like(ids))
+        out = prefill(loaded.model, ids, torch.ones_like(ids))
     finally:
         observer.remove()
     assert seen == [True] and out.logits.shape[1] == 1

@@ -10,7 +10,7 @@ from alignment_artifacts import activations as act
 from alignment_artifacts.errors import UserError
 from alignment_artifacts.export import bake_ablation
 from alignment_artifacts.models import site_hooks, wrap_model
-from alignment_artifacts.steering import SteeringConfig, apply_steering
+from alignment_artifacts.steering import Steering, SteeringConfig, apply_steering
 from test_activations import make_set
 from test_export import hooked_logits, one_thread, real_logits, relative_error  # noqa: F401 (fixture)
 from test_steering import STEER_MODES, logits, random_directions
@@ -77,7 +77,7 @@ def test_expert_list_layout_resolves_and_bakes():
     assert [w.name for w in loaded.adapter.writers("mlp_out", 1)] == ["model.layers.1.mlp.down_proj.weight"]
     directions = random_directions(loaded)
     config = SteeringConfig(mode="ablate", direction_layer=2)
-    baked, changed = bake_ablation(loaded, config, directions)
+    baked, changed = bake_ablation(loaded, Steering(config, directions))
     assert set(names) <= set(changed)
     assert relative_error(real_logits(baked, loaded.tokenizer), hooked_logits(loaded, config, directions)) < 1e-4
 

@@ -12,7 +12,7 @@ from alignment_artifacts.export import EXPORT_MANIFEST, export
 from alignment_artifacts.models import wrap_model
 from alignment_artifacts.models.offload import execution_device, site_device
 from alignment_artifacts.prompts.sets import Prompt, PromptSet
-from alignment_artifacts.steering import SteeringConfig, apply_steering
+from alignment_artifacts.steering import Steering, SteeringConfig, apply_steering
 from test_export import PROMPTS, one_thread, real_logits, relative_error, reload  # noqa: F401 (fixture)
 from test_steering import random_directions
 from tiny_models import tiny_config, tiny_model, tiny_tokenizer
@@ -100,7 +100,7 @@ def test_export_from_offloaded_model(tied, tmp_path):
     with apply_steering(loaded, config, directions):
         expected = real_logits(loaded.model, loaded.tokenizer)
     before = real_logits(offloaded.model, offloaded.tokenizer)
-    out = export(offloaded, config, directions, tmp_path / "baked")
+    out = export(offloaded, Steering(config, directions), tmp_path / "baked")
     assert json.loads((out / EXPORT_MANIFEST).read_text())["bake_check"]["relative"] < 1e-5
     assert relative_error(real_logits(reload(out), loaded.tokenizer), expected) < 1e-5
     assert torch.equal(real_logits(offloaded.model, offloaded.tokenizer), before)  # the source is untouched

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ from alignment_artifacts.analysis.directions import DirectionSet
 from alignment_artifacts.errors import UserError
 from alignment_artifacts.models import GenerationConfig, generate, site_hooks
 from alignment_artifacts.models.generation import encode_batch, format_chat
-from alignment_artifacts.steering import MODES, SteeringConfig, apply_steering
+from alignment_artifacts.steering import MODES, Gate, Steering, SteeringConfig, apply_steering
 from tiny_models import tiny_model
 
 PROMPTS = ["How do locks work?", "Write a poem about the sea.", "Hello", "Tell me about the history of bread."]
@@ -235,22 +237,95 @@ def _gate_setup(gate_layer=2, site="resid_pre"):
     return loaded, directions, (cap - low) / (high - low), proj > cap
 
 
-def test_gate_in_a_direct_model_call_steers_from_its_layer():
-    """Without the toolkit's decision pass the gate decides mid-pass: layers below it cannot act."""
+def test_gate_in_a_direct_model_call_decides_first_like_the_runner():
+    """A direct ``model(...)`` call under a gate runs the same decision as the toolkit's runner: every
+    hooked layer acts on the prompts that pass (those below the gate too), the others stay untouched."""
+    from alignment_artifacts.models.generation import prefill
+
     loaded, directions, level, passing = _gate_setup()
     assert 0 < int(passing.sum()) < len(PROMPTS)
     plain = unpadded_last_logits(loaded)
-    late_only = SteeringConfig(mode="always", scale=3.0, layer_weights={0: 0.0, 1: 0.0, 2: 1.0, 3: 1.0})
-    with apply_steering(loaded, late_only, directions) as ungated_handle:
+    with apply_steering(loaded, SteeringConfig(mode="always", scale=3.0), directions) as ungated_handle:
         ungated = unpadded_last_logits(loaded)
     gated_config = SteeringConfig(mode="always", scale=3.0, gate_layer=2, gate_level=level)
     with apply_steering(loaded, gated_config, directions) as handle:
         gated = unpadded_last_logits(loaded)
+        through_runner = []
+        for p in PROMPTS:
+            ids = loaded.tokenizer(format_chat(loaded.tokenizer, p), return_tensors="pt",
+                                   add_special_tokens=False).input_ids
+            through_runner.append(prefill(loaded.model, ids, torch.ones_like(ids)).logits[:, -1])
     assert torch.equal(gated[~passing], plain[~passing])  # ordinary prompts are bit-identical
     torch.testing.assert_close(gated[passing], ungated[passing])
+    torch.testing.assert_close(torch.cat(through_runner), gated)
     assert not torch.allclose(gated[passing], plain[passing])
-    assert 0 < handle.total() < ungated_handle.total()
+    assert 0 < handle.total() < 2 * ungated_handle.total()
     assert torch.equal(unpadded_last_logits(loaded), plain)
+
+
+def test_gate_decides_anew_for_a_one_token_prompt_after_a_longer_batch():
+    """Each prefill decides, whatever its length: a one-token prompt after a batch of the same size
+    does not inherit that batch's decision."""
+    from alignment_artifacts.models.generation import decode_step, output_cache, prefill
+
+    loaded, directions, level, passing = _gate_setup()
+    config = SteeringConfig(mode="always", scale=3.0, gate_layer=2, gate_level=level)
+    texts = [format_chat(loaded.tokenizer, p) for p in PROMPTS]
+    long_ids = [loaded.tokenizer(t, return_tensors="pt", add_special_tokens=False).input_ids for t in texts]
+    seen = []
+    with site_hooks(loaded.adapter, {("resid_pre", 2): lambda h: seen.append(h[0, -1].detach().clone())}):
+        for token in range(3, 40):
+            loaded.model(input_ids=torch.tensor([[token]]))
+    steering = Steering(config, directions)
+    verdicts = Gate.from_directions(directions, 2, level, torch.device("cpu")).passes(torch.stack(seen))
+    assert verdicts.any() and not verdicts.all()
+    for first_passes in (True, False):  # a longer prompt decided one way, then a token decided the other way
+        longer = long_ids[int(passing.nonzero()[0]) if first_passes else int((~passing).nonzero()[0])]
+        token = torch.tensor([[3 + int((~verdicts if first_passes else verdicts).nonzero()[0])]])
+        expected_plain = loaded.model(input_ids=token).logits[:, -1]
+        with steering.apply(loaded) as handle:
+            out = prefill(loaded.model, longer, torch.ones_like(longer))
+            mask = torch.ones(1, longer.shape[1] + 1, dtype=torch.long)
+            decode_step(loaded.model, out.logits[:, -1].argmax(-1)[:, None], mask, output_cache(out))
+            handle.reset()
+            single = prefill(loaded.model, token, torch.ones_like(token)).logits[:, -1]
+            direct = loaded.model(input_ids=token).logits[:, -1]
+            steered_single = handle.total()
+        with Steering(replace(config, gate_layer=None), directions).apply(loaded):
+            expected_steered = loaded.model(input_ids=token).logits[:, -1]
+        expected = expected_plain if first_passes else expected_steered
+        assert torch.equal(single, direct)
+        torch.testing.assert_close(single, expected)
+        assert (steered_single > 0) == (not first_passes)
+
+
+def test_decoding_under_a_gate_without_a_prefill_is_refused():
+    from alignment_artifacts.models.generation import decode_step
+
+    loaded, directions, level, _ = _gate_setup()
+    token = torch.tensor([[5]])
+    with apply_steering(loaded, SteeringConfig(mode="always", scale=3.0, gate_layer=2, gate_level=level),
+                        directions), pytest.raises(UserError, match="prefill first"):
+        decode_step(loaded.model, token, torch.ones(1, 2, dtype=torch.long), None)
+
+
+def test_answer_perplexity_under_a_gate_follows_generation():
+    """Perplexity decides the gate on the prompt, as generation does (not on the answer's last token):
+    a prompt the gate lets through scores as under the ungated steering, the others as unsteered."""
+    from alignment_artifacts.evaluation import answer_perplexity
+
+    loaded, directions, level, passing = _gate_setup()
+    texts = [format_chat(loaded.tokenizer, p) for p in PROMPTS]
+    answers = generate(loaded, PROMPTS, GenerationConfig(max_tokens=5, ignore_end_tokens=True)).tokens
+    config = SteeringConfig(mode="always", scale=3.0, gate_layer=2, gate_level=level)
+    plain = [answer_perplexity(loaded, [t], [a]) for t, a in zip(texts, answers)]
+    with apply_steering(loaded, replace(config, gate_layer=None), directions):
+        ungated = [answer_perplexity(loaded, [t], [a]) for t, a in zip(texts, answers)]
+    with apply_steering(loaded, config, directions):
+        gated = [answer_perplexity(loaded, [t], [a]) for t, a in zip(texts, answers)]
+    expected = [u if p else q for u, q, p in zip(ungated, plain, passing.tolist())]
+    assert gated == pytest.approx(expected, rel=1e-5)
+    assert gated != pytest.approx(plain, rel=1e-5)
 
 
 @pytest.mark.parametrize("site", ["resid_pre", "mlp_out"])
@@ -318,6 +393,6 @@ def test_gate_bad_input_and_export_refusal():
             loaded, SteeringConfig(mode="always", gate_layer=7), directions):
         pass
     with pytest.raises(UserError, match="gated per prompt"):
-        control_vectors(loaded, SteeringConfig(mode="always", gate_layer=2, gate_level=level), directions)
+        control_vectors(loaded, Steering(SteeringConfig(mode="always", gate_layer=2, gate_level=level), directions))
     config = SteeringConfig(mode="clamp", gate_layer=2, gate_level=0.25)
     assert SteeringConfig.from_json(config.to_json()) == config

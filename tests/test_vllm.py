@@ -12,7 +12,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="vLLM need
 def test_vllm_runs_the_baked_export_like_the_hooks(tmp_path):
     from alignment_artifacts.export import export
     from alignment_artifacts.models.generation import format_chat
-    from alignment_artifacts.steering import SteeringConfig, apply_steering
+    from alignment_artifacts.steering import Steering, SteeringConfig, apply_steering
     from test_export import PROMPTS
     from test_steering import random_directions
     from tiny_models import tiny_model
@@ -20,7 +20,7 @@ def test_vllm_runs_the_baked_export_like_the_hooks(tmp_path):
     loaded = tiny_model("llama", hidden=256)  # head size 64, which every vLLM attention backend takes
     directions = random_directions(loaded)
     config = SteeringConfig(mode="ablate", direction_layer=2)
-    out = export(loaded, config, directions, tmp_path / "baked")
+    out = export(loaded, Steering(config, directions), tmp_path / "baked")
     assert not list(out.glob("*.py"))  # no custom code to trust
     rows = [loaded.tokenizer(format_chat(loaded.tokenizer, p), add_special_tokens=False).input_ids for p in PROMPTS]
     with torch.no_grad(), apply_steering(loaded, config, directions):

@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "AlignmentArtifacts": "api", "suppress_prompt": "api", "steer": "api", "get_directions": "api",
     "load_model": "models", "collect_activations": "activations", "ActivationStore": "activations",
-    "analyze": "analysis", "SteeringConfig": "steering", "DirectionSet": "analysis.directions",
+    "analyze": "analysis", "SteeringConfig": "steering", "Steering": "steering", "DirectionSet": "analysis.directions",
     "load_steering": "export",
 }
 

@@ -330,7 +330,8 @@ def _finalise(run: _Run, batches: list[list[int]]) -> ActivationStore:
         "bytes_per_prompt": round(stored / len(prompt_set), 1),
         "full_capture_bytes_per_prompt": round(full, 1),
         "storage_ratio_vs_full_mlp_capture": round(stored / len(prompt_set) / full, 6),
-        "seconds": round(run.seconds(), 2), "resumed": run.resumed, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "seconds": round(run.seconds(), 2), "resumed": run.resumed,
+        "earlier_seconds": round(run.earlier_seconds, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "prompts": [vars(p) for p in prompt_set.prompts],
     }
     atomic_write_json(tmp / "manifest.json", manifest)

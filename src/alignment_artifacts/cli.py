@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 import warnings
@@ -108,30 +107,28 @@ def _add_generation(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
 
 def _add_steering(p: argparse.ArgumentParser, default_mode: str = "auto") -> None:
     from .steering import MODES
+    from .steering.modes import GATE_LEVEL
 
-    p.add_argument("--mode", default=default_mode, choices=MODES,
-                   help=f"steering mode (default {default_mode}): none, always (h - s*v), proximity, adaptive, "
-                        "sphere, subspace, ablate (directional ablation), clamp (ablation capped at a level "
-                        "between the ordinary and sensitive means), amplify (h + s*v), auto (the "
-                        "configuration `optimize` stored, else ablate)")
-    p.add_argument("--scale", type=float, default=None, help="steering strength s (default 1.0)")
+    modes = "; ".join(f"{name}: {spec.summary}" for name, spec in MODES.items())
+    p.add_argument("--mode", default=default_mode, choices=list(MODES),
+                   help=f"steering mode (default {default_mode}). {modes}")
+    p.add_argument("--scale", type=float, default=None,
+                   help="steering strength s (default: the mode's, 1.0; auto: the stored configuration's)")
     p.add_argument("--layers", help="target layers, 0-based: 1,2,3 or 4-10 (default: the mode's default)")
     p.add_argument("--site", help="hooked site: resid_pre, resid_post, attn_out, mlp_out")
     p.add_argument("--direction-layer", type=int, help="use this layer's direction at every hooked layer")
     p.add_argument("--direction-source", help="prompt set or saved directions folder the directions come from")
     p.add_argument("--steer-categories", dest="steer_categories",
                    help="directions from these categories only (comma-separated)")
-    p.add_argument("--proximity-threshold", type=float, default=0.5, help="|cos| above which proximity acts")
-    p.add_argument("--distance-threshold", type=float, default=2.0, help="sphere radius")
-    p.add_argument("--decay-rate", type=float, default=2.0, help="sphere push decay")
-    p.add_argument("--pca-components", type=int, default=5, help="subspace dimension k")
-    p.add_argument("--clamp-level", type=float, default=0.2,
-                   help="clamp: cap h.u at this place between the ordinary (0) and sensitive (1) means")
+    for name, spec in MODES.items():
+        for param in spec.params:
+            p.add_argument(param.flag, dest=param.name, type=int if param.integer else float, default=None,
+                           help=f"{name}: {param.help} (default {param.default:g})")
     p.add_argument("--gate-layer", type=int,
                    help="steer only prompts whose last token projects above --gate-level at this layer's input "
-                        "(steering then starts at this layer; ordinary prompts stay untouched)")
-    p.add_argument("--gate-level", type=float, default=0.0,
-                   help="the gate's place between the ordinary (0) and sensitive (1) means (default 0.0)")
+                        "(at every hooked layer, for the whole answer; the other prompts stay untouched)")
+    p.add_argument("--gate-level", type=float, default=GATE_LEVEL.default,
+                   help=f"{GATE_LEVEL.help} (default {GATE_LEVEL.default:g})")
     p.add_argument("--config", help="a steering configuration JSON (from optimize or export --format vectors)")
 
 
@@ -166,27 +163,30 @@ def _split(value: str | None) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
-def _steering_config(args: argparse.Namespace, loaded: Any) -> Any:
+def _steering_request(args: argparse.Namespace, loaded: Any) -> Any:
+    """The steering the flags ask for, unresolved: ``auto`` stays, an unset scale stays None."""
+    from dataclasses import replace
+
     from .activations import parse_layers
-    from .api import resolve_config
-    from .steering import SteeringConfig
+    from .steering import PARAMS, SteeringConfig
 
     if getattr(args, "config", None):
         config = SteeringConfig.load(args.config)
-        if args.scale is not None:
-            config.scale = args.scale
-        return resolve_config(loaded, config)
-    config = SteeringConfig(
-        mode=args.mode, scale=1.0 if args.scale is None else args.scale,
+        return config if args.scale is None else replace(config, scale=args.scale)
+    params = {name: getattr(args, name) for name in PARAMS if getattr(args, name, None) is not None}
+    return SteeringConfig(
+        mode=args.mode, scale=args.scale,
         layers=parse_layers(args.layers, loaded.adapter.n_layers) if args.layers else None,
         site=args.site, categories=_split(getattr(args, "steer_categories", None) or getattr(args, "categories",
                                                                                             None)),
-        proximity_threshold=args.proximity_threshold, distance_threshold=args.distance_threshold,
-        decay_rate=args.decay_rate, pca_components=args.pca_components, clamp_level=args.clamp_level,
         direction_layer=args.direction_layer, gate_layer=args.gate_layer, gate_level=args.gate_level,
-        source=args.direction_source)
-    config.notes["scale_given"] = args.scale is not None
-    return resolve_config(loaded, config)
+        source=args.direction_source, **params)
+
+
+def _steering_config(args: argparse.Namespace, loaded: Any) -> Any:
+    from .api import resolve_config
+
+    return resolve_config(loaded, _steering_request(args, loaded))
 
 
 def _load(args: argparse.Namespace) -> Any:
@@ -314,7 +314,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - started
     m = store.manifest
     resumed = not store.cache_hit and bool(m.get("resumed"))
-    total = m["seconds"] if resumed else elapsed  # a resumed run adds the interrupted runs' collection time
+    total = elapsed + (m.get("earlier_seconds", 0.0) if resumed else 0.0)  # plus the interrupted runs' time
     summary = {"cache_hit": store.cache_hit, "resumed": resumed, "seconds": round(total, 2),
                "seconds_this_run": round(elapsed, 2), "path": str(store.path),
                "model": loaded.info.name, "prompts": len(store.prompts), "sites": store.sites,
@@ -383,53 +383,36 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_answer(title: str, text: str, width: int) -> None:
-    bar = "-" * min(width, 100)
-    print(f"{bar}\n{title}\n{bar}\n{text.strip()}\n")
-
-
 @_command("suppress")
 def cmd_suppress(args: argparse.Namespace) -> int:
-    from .api import check_prompt, get_directions
-    from .models import generate
-    from .steering import apply_steering
+    from .api import check_prompt, suppress_prompt
 
     prompt = check_prompt(args.prompt)
     loaded = _load(args)
-    config = _steering_config(args, loaded)
-    generation = _generation(args)
-    directions = get_directions(loaded, config, progress=not args.json) if config.mode != "none" else None
-    stream = not args.json
-    width = shutil.get_terminal_size((100, 20)).columns
-    layers = config.layers if config.layers is not None else "default"
-    describe = f"mode={config.mode} scale={config.scale:g} layers={layers} direction_layer={config.direction_layer}"
-    baseline = None
-    if not args.no_compare:
-        if stream:
-            print(f"{'-' * min(width, 100)}\nunmodified ({loaded.info.name})\n{'-' * min(width, 100)}")
-        baseline = generate(loaded, [prompt], generation, system=args.system, stream=stream).texts[0]
-        if stream:
-            print("\n")
-    if stream:
-        print(f"{'-' * min(width, 100)}\nsteered: {describe}\n{'-' * min(width, 100)}")
-    with apply_steering(loaded, config, directions) as handle:
-        steered = generate(loaded, [prompt], generation, system=args.system, stream=stream).texts[0]
-    counts = handle.interventions()
-    if stream:
-        total = sum(counts.values())
-        print(f"\n\ninterventions: {total} positions changed across {len(counts)} hooked sites")
-    _emit(args, {"model": loaded.info.name, "prompt": prompt, "baseline": baseline, "steered": steered,
-                 "config": config.to_json(), "interventions": counts})
+    write = None if args.json else _write_stdout
+    result = suppress_prompt(prompt, loaded, config=_steering_request(args, loaded), compare=not args.no_compare,
+                             system=args.system, generation=_generation(args), write=write, progress=not args.json)
+    counts = result.interventions
+    if write is not None:
+        print(f"interventions: {sum(counts.values())} positions changed across {len(counts)} hooked sites")
+    _emit(args, {"model": loaded.info.name, "prompt": prompt, "baseline": result.baseline, "steered": result.steered,
+                 "config": result.config, "interventions": counts})
     return 0
+
+
+def _write_stdout(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 @_command("chat")
 def cmd_chat(args: argparse.Namespace) -> int:
     import contextlib
+    from dataclasses import replace
 
-    from .api import get_directions
+    from .api import resolve_config, resolve_steering
     from .models import generate
-    from .steering import MODES, apply_steering
+    from .steering import MODES
 
     loaded = _load(args)
     config = _steering_config(args, loaded)
@@ -456,8 +439,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             elif command == "reset":
                 history.clear()
             elif command == "mode" and value in MODES:
-                args.mode, args.config = value, None
-                config = _steering_config(args, loaded)
+                config = resolve_config(loaded, replace(_steering_request(args, loaded), mode=value, scale=None))
             elif command == "scale":
                 try:
                     config.scale = float(value)
@@ -467,11 +449,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
             else:
                 print(f"unknown command; modes: {', '.join(MODES)}", file=sys.stderr)
             continue
-        active = config if enabled else None
-        directions = get_directions(loaded, active) if active and active.mode != "none" else None
+        steering = resolve_steering(loaded, config) if enabled else None
         print("model> ", end="", flush=True)
         try:
-            with apply_steering(loaded, active, directions) if active else contextlib.nullcontext():
+            with steering.apply(loaded) if steering is not None else contextlib.nullcontext():
                 answer = generate(loaded, [line], generation, system=args.system, stream=True,
                                   history=history).texts[0]
         except UserError as exc:  # e.g. the conversation outgrew the context: keep the session
@@ -605,34 +586,29 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
 @_command("export")
 def cmd_export(args: argparse.Namespace) -> int:
-    from .api import get_directions
+    from .api import resolve_steering
     from .export import export
 
     loaded = _load(args)
-    config = _steering_config(args, loaded)
-    directions = get_directions(loaded, config, progress=not args.json)
-    path = export(loaded, config, directions, args.out, format=args.format, force=args.force,
-                  gguf_type=args.gguf_type)
-    _emit(args, {"format": args.format, "path": str(path), "config": config.to_json()},
+    steering = resolve_steering(loaded, _steering_request(args, loaded), progress=not args.json)
+    path = export(loaded, steering, args.out, format=args.format, force=args.force, gguf_type=args.gguf_type)
+    _emit(args, {"format": args.format, "path": str(path), "config": steering.config.to_json()},
           f"exported {args.format} to {path}")
     return 0
 
 
 @_command("serve")
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .api import get_directions
+    from .api import resolve_steering
     from .serve import ServerLimits, serve
 
     if args.max_batch < 1:
         raise UserError(f"--max-batch must be at least 1 (got {args.max_batch}); 1 serves one request at a time.")
     loaded = _load(args)
     config = _steering_config(args, loaded)
-    from .api import resolve_config
 
     def directions_for(request_config: Any, model_lock: Any) -> Any:
-        resolved = resolve_config(loaded, request_config)
-        return None if resolved.mode == "none" else get_directions(loaded, resolved, progress=False,
-                                                                   model_lock=model_lock)
+        return resolve_steering(loaded, request_config, progress=False, model_lock=model_lock).directions
 
     limits = ServerLimits(max_tokens=args.max_tokens_limit, request_timeout=args.request_timeout,
                           max_batch=args.max_batch)

@@ -12,7 +12,7 @@ Three formats (see docs/export.md):
 ``gguf-control-vector``
     The additive modes (``always``, ``amplify``) as a llama.cpp control vector.
 ``vectors``
-    Directions plus the configuration, for :func:`load_steering` and ``apply_steering``.
+    Directions plus the configuration, for :func:`load_steering` and ``Steering.apply``.
 
 Every export is written into a temporary sibling that is renamed into place, so an interrupted
 export (disk full, crash) never leaves something that looks complete.
@@ -36,7 +36,7 @@ from .cache import atomic_directory, atomic_file, atomic_save_safetensors, atomi
 from .errors import UserError, closest
 from .models.adapter import ModelAdapter, Writer
 from .models.offload import editable, execution_device
-from .steering import ADDITIVE_MODES, LINEAR_MODES, SteeringConfig, _direction_at, hook_targets
+from .steering import Steering, SteeringConfig, Term
 
 FORMATS = ("hf", "gguf", "gguf-control-vector", "vectors")
 EXPORT_MANIFEST = "alignment_artifacts_export.json"
@@ -46,39 +46,35 @@ CONTROL_VECTOR_ARCH = "controlvector"
 EXPORT_VERSION = 1
 MEMORY_NOTE = ("Baking copies the model: peak memory is about twice the loaded model (2x the float32 size "
                "for a float32 model), plus one float32 matrix at a time for the arithmetic.")
-_FORMAT_ADVICE = ("Formats by mode: 'ablate' -> hf or gguf (weights) or vectors; 'always'/'amplify' -> "
-                  "gguf-control-vector or vectors; every other mode -> vectors (apply it with "
-                  "alignment_artifacts.export.load_steering + apply_steering).")
 
 
-def export(loaded: Any, config: SteeringConfig, directions: DirectionSet, out: str | Path, format: str = "hf",
-           force: bool = False, evaluation: dict[str, Any] | None = None, gguf_type: str = "auto") -> Path:
-    """Write ``config`` + ``directions`` for ``loaded`` to ``out`` in ``format``; returns what was written.
+def export(loaded: Any, steering: Steering, out: str | Path, format: str = "hf", force: bool = False,
+           evaluation: dict[str, Any] | None = None, gguf_type: str = "auto") -> Path:
+    """Write ``steering`` (configuration and directions) for ``loaded`` to ``out`` in ``format``; returns
+    what was written.
 
-    ``config`` must be resolved (no ``auto``). The caller's model is never modified. ``gguf_type``
-    (format ``gguf`` only) is the type of the rewritten tensors: ``auto`` keeps the source's.
+    The caller's model is never modified. ``gguf_type`` (format ``gguf`` only) is the type of the
+    rewritten tensors: ``auto`` keeps the source's.
     """
     if format not in FORMATS:
         raise UserError(f"Unknown export format '{format}'.{closest(format, FORMATS)} Formats: "
                         f"{', '.join(FORMATS)}.")
     adapter = loaded.adapter
-    if config.mode == "auto":
-        raise UserError("Resolve mode 'auto' before exporting (alignment_artifacts.api.resolve_config), "
-                        "so the export records the concrete intervention.")
-    config.validate(adapter.n_layers)
-    directions.check_compatible(adapter.hidden_size, loaded.info.weights_hash, loaded.info.name)
+    steering.config.validate(adapter.n_layers)
+    if steering.directions is not None:
+        steering.directions.check_compatible(adapter.hidden_size, loaded.info.weights_hash, loaded.info.name)
     out = Path(out).expanduser()
     if gguf_type != "auto" and format != "gguf":
         raise UserError(f"--gguf-type applies to --format gguf only (this export is --format {format}).")
     if format == "gguf":
         from .export_gguf import export_gguf
 
-        return export_gguf(loaded, config, directions, out, force, evaluation, gguf_type)
+        return export_gguf(loaded, steering, out, force, evaluation, gguf_type)
     if format == "hf":
-        return _export_hf(loaded, config, directions, out, force, evaluation)
+        return _export_hf(loaded, steering, out, force, evaluation)
     if format == "gguf-control-vector":
-        return _export_control_vector(loaded, config, directions, out, force, evaluation)
-    return _export_vectors(loaded, config, directions, out, force, evaluation)
+        return _export_control_vector(loaded, steering, out, force, evaluation)
+    return _export_vectors(loaded, steering, out, force, evaluation)
 
 
 # Shared pieces ------------------------------------------------------------------------------
@@ -142,31 +138,16 @@ def _write_card(folder: Path, title: str, manifest: dict[str, Any], body: list[s
 
 # hf: ablation baked into weights --------------------------------------------------------------
 
-def _refuse_gate(config: SteeringConfig) -> None:
-    if config.gate_layer is not None:
-        raise UserError(f"This configuration is gated per prompt (gate_layer {config.gate_layer}): whether it acts "
-                        "depends on each prompt, which no fixed weights or vectors express. Drop the gate, or keep "
-                        f"it with hooks (steer, serve). {_FORMAT_ADVICE}")
-
-
-def _bake_plan(config: SteeringConfig, adapter: ModelAdapter, directions: DirectionSet
-               ) -> list[tuple[str, int, int, float]]:
-    """(site, layer, direction layer, scale) for every hook that ablation would install."""
-    if config.mode not in LINEAR_MODES:
-        raise UserError(f"Mode '{config.mode}' cannot be baked into weights: only 'ablate' is a fixed linear "
-                        f"projection of what each layer writes. {_FORMAT_ADVICE}")
-    _refuse_gate(config)
-    if config.site in ("resid_pre", "resid_post"):
-        raise UserError(f"Ablation at site '{config.site}' projects the residual stream itself, which no "
+def _bake_plan(steering: Steering, adapter: ModelAdapter) -> list[Term]:
+    """Every hook that ablation would install, if fixed weights can express them (else a UserError)."""
+    terms = steering.bake_terms(adapter.n_layers)
+    site = steering.config.site
+    if site in ("resid_pre", "resid_post"):
+        raise UserError(f"Ablation at site '{site}' projects the residual stream itself, which no "
                         "single weight matrix produces, so it cannot be baked exactly. Bake the default "
                         "(site unset: every writer into the residual stream) or site attn_out/mlp_out, "
                         "or export --format vectors.")
-    plan = []
-    for site, layer in hook_targets(config, adapter.n_layers, directions):
-        weight = 1.0 if config.layer_weights is None else float(config.layer_weights.get(layer, 0.0))
-        if weight != 0.0 and config.scale != 0.0:
-            plan.append((site, layer, _direction_at(directions, config, layer), float(config.scale) * weight))
-    return plan
+    return terms
 
 
 @torch.no_grad()
@@ -216,23 +197,23 @@ def _clear_quantization(model: Any) -> None:
         del model.config.quantization_config
 
 
-def bake_ablation(loaded: Any, config: SteeringConfig, directions: DirectionSet
-                  ) -> tuple[Any, list[str]]:
+def bake_ablation(loaded: Any, steering: Steering) -> tuple[Any, list[str]]:
     """A deep copy of the model with the ablation baked in, and the names of the matrices changed."""
     adapter: ModelAdapter = loaded.adapter
-    plan = _bake_plan(config, adapter, directions)
-    for site, layer, *_ in plan:  # refuse quantized weights before copying the model
-        for writer in adapter.writers(site, layer):
+    plan = _bake_plan(steering, adapter)
+    directions = steering.require_directions()
+    for term in plan:  # refuse quantized weights before copying the model
+        for writer in adapter.writers(term.site, term.layer):
             if not writer.tensor.dtype.is_floating_point:
                 raise UserError(f"{writer.name} holds quantized weights ({writer.tensor.dtype}); baking needs "
                                 "real-valued weights. Load the model without --quantization (float16, "
                                 "bfloat16 or float32) and export again.")
     model = copy.deepcopy(loaded.model)
     copied = ModelAdapter(model)
-    if any(site == "resid_pre" for site, *_ in plan) and _tied(model):
+    if any(term.site == "resid_pre" for term in plan) and _tied(model):
         _untie(model)
     changed = []
-    for site, layer, source, s in plan:
+    for site, layer, source, s in ((t.site, t.layer, t.source, t.s) for t in plan):
         u = _write_direction(copied, site, layer, directions.unit(source))
         for name in [writer.name for writer in copied.writers(site, layer)]:
             # an offloaded weight is edited where accelerate loads it from, so look it up inside the block
@@ -244,24 +225,22 @@ def bake_ablation(loaded: Any, config: SteeringConfig, directions: DirectionSet
 
 
 @torch.no_grad()
-def bake_error(loaded: Any, baked: Any, config: SteeringConfig, directions: DirectionSet,
-               text: str = "Explain how locks and keys work.") -> dict[str, float]:
+def bake_error(loaded: Any, baked: Any, steering: Steering, text: str = "Explain how locks and keys work."
+               ) -> dict[str, float]:
     """Max |logit difference| between the hooked model and the baked copy, absolute and relative."""
-    from .steering import apply_steering
-
     ids = loaded.tokenizer(text, return_tensors="pt").input_ids.to(loaded.device)
-    with apply_steering(loaded, config, directions):
+    with steering.apply(loaded):
         hooked = loaded.model(input_ids=ids).logits.float()
     baked_logits = baked(input_ids=ids.to(execution_device(baked.get_input_embeddings()))).logits.float()
     diff = (hooked - baked_logits.to(hooked.device)).abs().max().item()
     return {"max_abs_logit_diff": diff, "relative": diff / max(hooked.abs().max().item(), 1e-12)}
 
 
-def _export_hf(loaded: Any, config: SteeringConfig, directions: DirectionSet, out: Path, force: bool,
-               evaluation: dict[str, Any] | None) -> Path:
-    _bake_plan(config, loaded.adapter, directions)  # refuse before copying gigabytes
+def _export_hf(loaded: Any, steering: Steering, out: Path, force: bool, evaluation: dict[str, Any] | None) -> Path:
+    config, directions = steering.config, steering.require_directions()
+    _bake_plan(steering, loaded.adapter)  # refuse before copying gigabytes
     _check_target(out, force)
-    baked, changed = bake_ablation(loaded, config, directions)
+    baked, changed = bake_ablation(loaded, steering)
     notes = []
     if not loaded.adapter.bake_is_exact:
         norms = ", ".join(loaded.adapter.spec.post_norms)
@@ -270,7 +249,7 @@ def _export_hf(loaded: Any, config: SteeringConfig, directions: DirectionSet, ou
                      "so at scale 1 no component along the direction reaches the residual stream, but the norm "
                      "rescales the rest: logits differ from the hooked model (see bake_check).")
         warnings.warn(notes[-1], stacklevel=3)
-    check = bake_error(loaded, baked, config, directions)
+    check = bake_error(loaded, baked, steering)
     manifest = _manifest(loaded, config, directions, "hf", evaluation, exact=loaded.adapter.bake_is_exact,
                          warnings=notes, bake_check=check, modified=changed, memory_note=MEMORY_NOTE)
     body = [f"`{loaded.info.name}` with directional ablation baked into its weights by "
@@ -288,7 +267,8 @@ def _export_hf(loaded: Any, config: SteeringConfig, directions: DirectionSet, ou
             "E' = E - s(Eu)u^T (only when layer 0 is targeted), linear projections W' = W - s u(u^T W) and "
             "b' = b - s u(u.b); in mixture-of-experts blocks every expert's down projection and bias, and the "
             "shared experts', the router untouched. "
-            "This equals `apply_steering(mode='ablate')` with the configuration below.", "",
+            "This equals `Steering(config, directions).apply(model)` (mode 'ablate') with the configuration "
+            "below.", "",
             f"Memory: {MEMORY_NOTE}", "", "## Usage", "", "```python",
             "from transformers import AutoModelForCausalLM, AutoTokenizer",
             "model = AutoModelForCausalLM.from_pretrained(PATH)",
@@ -328,22 +308,12 @@ def control_vector_index(site: str, layer: int) -> int:
     return index
 
 
-def control_vectors(loaded: Any, config: SteeringConfig, directions: DirectionSet) -> dict[int, np.ndarray]:
-    """{llama.cpp layer index N: float32 vector} equal to the additive hooks of ``config``."""
-    if config.mode not in ADDITIVE_MODES:
-        raise UserError(f"Mode '{config.mode}' is not a constant vector, so it cannot be a llama.cpp control "
-                        f"vector (only {', '.join(ADDITIVE_MODES)} are). {_FORMAT_ADVICE}")
-    _refuse_gate(config)
-    sign = -1.0 if config.mode == "always" else 1.0
+def control_vectors(loaded: Any, steering: Steering) -> dict[int, np.ndarray]:
+    """{llama.cpp layer index N: float32 vector} equal to the additive hooks of ``steering``."""
     vectors: dict[int, np.ndarray] = {}
-    for site, layer in hook_targets(config, loaded.adapter.n_layers, directions):
-        weight = 1.0 if config.layer_weights is None else float(config.layer_weights.get(layer, 0.0))
-        if weight == 0.0:
-            continue
-        index = control_vector_index(site, layer)
-        v = directions.vectors[_direction_at(directions, config, layer)].double()
-        delta = (sign * float(config.scale) * weight * v).numpy()
-        vectors[index] = vectors.get(index, 0.0) + delta
+    for term, delta in steering.control_vector(loaded.adapter.n_layers):
+        index = control_vector_index(term.site, term.layer)
+        vectors[index] = vectors.get(index, 0.0) + delta.numpy()
     if not vectors:
         raise UserError("This configuration adds nothing at any layer (all layer weights are 0); there is no "
                         "control vector to write.")
@@ -368,9 +338,12 @@ def _write_gguf(path: Path, vectors: dict[int, np.ndarray], model_hint: str,
         writer.close()
 
 
-def _export_control_vector(loaded: Any, config: SteeringConfig, directions: DirectionSet, out: Path,
-                           force: bool, evaluation: dict[str, Any] | None) -> Path:
-    vectors = control_vectors(loaded, config, directions)
+def _export_control_vector(loaded: Any, steering: Steering, out: Path, force: bool,
+                           evaluation: dict[str, Any] | None) -> Path:
+    if steering.spec.build is None:
+        raise UserError(f"Mode '{steering.config.mode}' steers nothing; there is nothing to export.")
+    config, directions = steering.config, steering.require_directions()
+    vectors = control_vectors(loaded, steering)
     _check_target(out, force, folder=out.suffix != ".gguf")
     manifest = _manifest(loaded, config, directions, "gguf-control-vector", evaluation,
                          control_vector_layers={f"direction.{n}": f"added to the output of 0-based block {n}"
@@ -414,18 +387,19 @@ def read_control_vector(path: str | Path) -> dict[str, Any]:
 
 # vectors ----------------------------------------------------------------------------------------
 
-def _export_vectors(loaded: Any, config: SteeringConfig, directions: DirectionSet, out: Path, force: bool,
+def _export_vectors(loaded: Any, steering: Steering, out: Path, force: bool,
                     evaluation: dict[str, Any] | None) -> Path:
-    if config.mode == "none":
-        raise UserError("Mode 'none' steers nothing; there is nothing to export.")
+    if steering.spec.build is None:
+        raise UserError(f"Mode '{steering.config.mode}' steers nothing; there is nothing to export.")
+    config, directions = steering.config, steering.require_directions()
     _check_target(out, force)
     manifest = _manifest(loaded, config, directions, "vectors", evaluation)
     body = [f"Steering directions and configuration for `{loaded.info.name}` (mode `{config.mode}`).", "",
             f"- Direction: {_direction_summary(config, directions)}", "", "## Usage", "", "```python",
             "from alignment_artifacts.export import load_steering",
-            "from alignment_artifacts.steering import apply_steering",
+            "from alignment_artifacts.steering import Steering",
             "config, directions = load_steering(PATH)",
-            "with apply_steering(loaded, config, directions):", "    ...", "```"]
+            "with Steering(config, directions).apply(loaded):", "    ...", "```"]
     with atomic_directory(out, overwrite=force) as tmp:
         atomic_save_safetensors(directions.tensors(), tmp / "directions.safetensors")
         atomic_write_json(tmp / "directions.json", directions.metadata())
@@ -436,7 +410,7 @@ def _export_vectors(loaded: Any, config: SteeringConfig, directions: DirectionSe
 
 
 def load_steering(path: str | Path) -> tuple[SteeringConfig, DirectionSet]:
-    """The configuration and directions of a ``vectors`` export, ready for ``apply_steering``."""
+    """The configuration and directions of a ``vectors`` export, ready for ``Steering(config, directions)``."""
     path = Path(path).expanduser()
     if not (path / STEERING_FILE).is_file():
         raise UserError(f"{path} is not a steering export: it has no {STEERING_FILE}. Create one with "

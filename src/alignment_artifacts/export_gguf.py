@@ -31,7 +31,7 @@ from .analysis.directions import DirectionSet
 from .cache import atomic_file
 from .errors import UserError, closest
 from .export import _bake_plan, _check_target, _manifest, _write_direction
-from .steering import SteeringConfig
+from .steering import Steering
 
 MANIFEST_KEY = "alignment_artifacts.export"
 FALLBACK_TYPE = "Q8_0"
@@ -101,16 +101,17 @@ def _architecture(reader: Any, n_layers: int) -> Any:
     return by_name[arch_name]
 
 
-def _edits(loaded: Any, config: SteeringConfig, directions: DirectionSet, tensors: dict[str, Any],
-           arch: Any) -> list[Edit]:
+def _edits(loaded: Any, steering: Steering, tensors: dict[str, Any], arch: Any) -> list[Edit]:
     """The GGUF tensors the ablation changes, through gguf's Hugging Face -> GGUF name map."""
     import gguf
 
     adapter = loaded.adapter
     names = gguf.get_tensor_name_map(arch, adapter.n_layers)
     edits = []
-    for site, layer, source, scale in _bake_plan(config, adapter, directions):
-        u = _write_direction(adapter, site, layer, directions.unit(source)).float().numpy()
+    directions = steering.require_directions()
+    for term in _bake_plan(steering, adapter):
+        site, layer, scale = term.site, term.layer, term.s
+        u = _write_direction(adapter, site, layer, directions.unit(term.source)).float().numpy()
         for writer in adapter.writers(site, layer):
             kind = "rows" if site == "resid_pre" else "bias" if writer.tensor.dim() == 1 else "columns"
             name = names.get_name(writer.name, try_suffixes=(".weight", ".bias"))
@@ -198,18 +199,19 @@ def directions_sha256(directions: DirectionSet) -> str:
     return digest.hexdigest()
 
 
-def export_gguf(loaded: Any, config: SteeringConfig, directions: DirectionSet, out: Path, force: bool,
-                evaluation: dict[str, Any] | None, gguf_type: str = "auto") -> Path:
+def export_gguf(loaded: Any, steering: Steering, out: Path, force: bool, evaluation: dict[str, Any] | None,
+                gguf_type: str = "auto") -> Path:
     """Write ``out`` (a .gguf file): the source GGUF with the ablation baked in; returns ``out``."""
     import gguf
 
+    config, directions = steering.config, steering.require_directions()
     if gguf_type != "auto" and gguf_type not in writable_types():
         raise UserError(f"The installed gguf package cannot write {gguf_type} tensors."
                         f"{closest(gguf_type, writable_types())} Writable: {', '.join(writable_types())}, or auto "
                         f"(each tensor in the source's type where writable, else {FALLBACK_TYPE}).")
     if out.suffix != ".gguf":
         raise UserError(f"--format gguf writes one file; give --out a path ending in .gguf (got {out}).")
-    _bake_plan(config, loaded.adapter, directions)  # refuse modes and sites before reading gigabytes
+    _bake_plan(steering, loaded.adapter)  # refuse modes and sites before reading gigabytes
     source = source_gguf(loaded)
     _check_target(out, force, folder=False)
     reader = gguf.GGUFReader(source)
@@ -218,7 +220,7 @@ def export_gguf(loaded: Any, config: SteeringConfig, directions: DirectionSet, o
                         "llama.cpp's gguf tools first, or export --format hf.")
     arch = _architecture(reader, loaded.adapter.n_layers)
     tensors = {t.name: t for t in reader.tensors}
-    edits = _edits(loaded, config, directions, tensors, arch)
+    edits = _edits(loaded, steering, tensors, arch)
     untie = any(e.name == "token_embd.weight" for e in edits) and "output.weight" not in tensors
     if untie and gguf.MODEL_TENSOR.OUTPUT not in gguf.MODEL_TENSORS[arch]:
         raise UserError(f"llama.cpp's {gguf.MODEL_ARCH_NAMES[arch]} always uses the token embedding as its "

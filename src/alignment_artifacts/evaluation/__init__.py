@@ -13,7 +13,7 @@ from .metrics import (
     refusal_opening_ids,
     summarise_kl,
 )
-from .passes import chat_texts, first_logits, generate_answers, generated_refusals, is_gated
+from .passes import answer_perplexity, chat_texts, first_logits, generate_answers, generated_refusals
 from .remote import EndpointSettings, evaluate_endpoint
 from .report import format_table, plot_evaluation
 
@@ -27,6 +27,7 @@ __all__ = [
     "EvaluationSettings",
     "GroupSets",
     "KLSummary",
+    "answer_perplexity",
     "chat_texts",
     "evaluate",
     "evaluate_endpoint",
@@ -34,7 +35,6 @@ __all__ = [
     "format_table",
     "generate_answers",
     "generated_refusals",
-    "is_gated",
     "is_refusal",
     "kl_divergence",
     "load_group_sets",

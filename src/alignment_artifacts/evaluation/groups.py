@@ -23,16 +23,19 @@ from typing import Any
 
 import torch
 
+from ..analysis.directions import DirectionSet
 from ..cache import atomic_save_safetensors, atomic_write_json, cache_dir, stable_hash
 from ..capability import CapabilityTask, capability_tasks, is_correct
 from ..errors import UserError
-from ..judge import Judge
+from ..judge import Judge, load_judge
 from ..models.generation import check_fits, context_length
 from ..models.loading import LoadedModel
 from ..models.thinking import DEFAULT_THINKING_BUDGET, ThinkingFormat, check_mode, thinking_format
 from ..prompts import PromptSet, resolve_prompts
+from ..resolve import resolve_steering
+from ..steering import Steering, SteeringConfig
 from .metrics import has_broad_marker, is_refusal, kl_divergence, refusal_log_odds, refusal_opening_ids
-from .passes import chat_texts, first_logits, generate_answers, is_gated
+from .passes import chat_texts, first_logits, generate_answers
 from .results import GROUPS, EvaluationResult, Side, compare
 
 
@@ -157,9 +160,10 @@ class Measurer:
             side.harmful_odds = refusal_log_odds(first, self.opening).tolist()
         self.pending[group] = replies
 
-    def logits(self, group: str, whole: bool = False) -> torch.Tensor:
-        """First-answer-token logits (a reasoning model's prompt closes an empty thinking block first)."""
-        return first_logits(self.loaded, self.answer_texts[group], self.settings.batch_size, whole)
+    def logits(self, group: str) -> torch.Tensor:
+        """First-answer-token logits under the caller's steering (which says whether prompts share a
+        prefix); a reasoning model's prompt closes an empty thinking block first."""
+        return first_logits(self.loaded, self.answer_texts[group], self.settings.batch_size)
 
     def judge_pending(self, judge: Judge, side: Side) -> None:
         for group, answers in self.pending.items():
@@ -213,21 +217,23 @@ class Baseline:
         self._side = side
         return side
 
-    def logits(self, group: str, whole: bool = False) -> torch.Tensor:
-        """First-token logits of ``borderline`` or ``ordinary`` (``whole``: the path a gate takes)."""
+    def logits(self, group: str, share_prefix: bool = True) -> torch.Tensor:
+        """First-token logits of ``borderline`` or ``ordinary``, on the path the compared steering
+        takes (``share_prefix``: its ``allows_prefix_sharing``)."""
         from safetensors.torch import load_file
 
-        if (group, whole) not in self._logits:
-            path = self.folder / f"{group}_logits{'_whole' if whole else ''}.safetensors"
+        key = (group, share_prefix)
+        if key not in self._logits:
+            path = self.folder / f"{group}_logits{'' if share_prefix else '_whole'}.safetensors"
             if path.is_file():
-                self._logits[(group, whole)] = load_file(str(path))["logits"]
+                self._logits[key] = load_file(str(path))["logits"]
             else:
                 texts = answer_texts(self.loaded, evaluation_thinking(self.loaded, self.settings),
                                      getattr(self.sets, group), self.settings.system)
-                logits = first_logits(self.loaded, texts, self.settings.batch_size, whole)
+                logits = first_logits(self.loaded, texts, self.settings.batch_size, share_prefix)
                 atomic_save_safetensors({"logits": logits}, path)
-                self._logits[(group, whole)] = logits
-        return self._logits[(group, whole)]
+                self._logits[key] = logits
+        return self._logits[key]
 
 
 def evaluation_thinking(loaded: LoadedModel, settings: EvaluationSettings) -> ThinkingFormat:
@@ -252,42 +258,34 @@ def _judged(settings: EvaluationSettings, group: str) -> int | None:
     return {"borderline": settings.judged_borderline, "ordinary": settings.judged_ordinary}.get(group)
 
 
-def evaluate(loaded: LoadedModel, config: Any, settings: EvaluationSettings | None = None, progress: bool = True,
-             directions: Any = None, reference: LoadedModel | None = None, judge: Judge | None = None
-             ) -> EvaluationResult:
+def evaluate(loaded: LoadedModel, config: SteeringConfig, settings: EvaluationSettings | None = None,
+             progress: bool = True, directions: DirectionSet | None = None, reference: LoadedModel | None = None,
+             judge: Judge | None = None) -> EvaluationResult:
     """Evaluate one steering configuration against the unmodified model, in four groups.
 
     ``reference`` replaces the unmodified side, e.g. the base model when ``loaded`` is an exported
     folder with the direction baked into its weights (then ``config`` is usually mode ``none``).
     ``judge`` defaults to refusal markers.
     """
-    from ..api import resolve_config
-    from ..judge import load_judge
-
     settings = settings or EvaluationSettings()
     settings.validate()
-    config = resolve_config(loaded, config)
+    steering = resolve_steering(loaded, config, directions, progress=progress)
     judge = judge or load_judge("markers")
     sets = load_group_sets(settings)
     baseline = Baseline(reference or loaded, sets, settings, judge)
-    return evaluate_against(loaded, config, baseline, directions, progress, compare_model=reference is not None)
+    return evaluate_against(loaded, steering, baseline, progress, compare_model=reference is not None)
 
 
-def evaluate_against(loaded: LoadedModel, config: Any, baseline: Baseline, directions: Any = None,
-                     progress: bool = True, compare_model: bool = False) -> EvaluationResult:
-    """One configuration against a prepared baseline (its sets, settings and judge).
+def evaluate_against(loaded: LoadedModel, steering: Steering, baseline: Baseline, progress: bool = True,
+                     compare_model: bool = False) -> EvaluationResult:
+    """One steering against a prepared baseline (its sets, settings and judge).
 
     ``compare_model``: the baseline is another model's (an export's base), so even an unsteered
     pass must run.
     """
-    from ..api import get_directions
-    from ..steering import apply_steering
-
     started = time.perf_counter()
     sets, settings, judge = baseline.sets, baseline.settings, baseline.judge
-    steered = compare_model or (config.mode != "none" and config.scale != 0)
-    if steered and directions is None and config.mode != "none" and config.scale != 0:
-        directions = get_directions(loaded, config, progress=progress)
+    steered = compare_model or steering.active
     sizes = [len(sets.harmful), len(sets.borderline), len(sets.ordinary), len(sets.capability)]
     bar = _bar(sum(sizes) * (2 if steered else 1), progress)
     before = baseline.side(bar)
@@ -297,18 +295,17 @@ def evaluate_against(loaded: LoadedModel, config: Any, baseline: Baseline, direc
         after = before
         kls = {g: torch.zeros(len(getattr(sets, g))) for g in texted}
     else:
-        whole = is_gated(config)
         measurer = Measurer(loaded, sets, settings, bar)
         after = Side()
-        with apply_steering(loaded, config, directions):
+        with steering.apply(loaded):
             logits = {g: measurer.logits(g) for g in texted}
             for group in groups:
                 measurer.answers(group, after, _judged(settings, group))
         measurer.judge_pending(judge, after)
-        kls = {g: kl_divergence(baseline.logits(g, whole), logits[g]) for g in texted}
+        kls = {g: kl_divergence(baseline.logits(g, steering.allows_prefix_sharing), logits[g]) for g in texted}
     bar.close()
     results = compare(before, after, kls.get("borderline"), kls.get("ordinary"), judge.name, groups)
-    return EvaluationResult(model=loaded.info.name, config=config.to_json(), judge=judge.name, **results,
+    return EvaluationResult(model=loaded.info.name, config=steering.config.to_json(), judge=judge.name, **results,
                             seconds=round(time.perf_counter() - started, 2), settings=asdict(settings))
 
 

@@ -6,7 +6,6 @@ the text (the content policy: no completions for harmful prompts on disk).
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -14,8 +13,17 @@ from typing import Any, NamedTuple
 import torch
 
 from ..models import GenerationConfig
-from ..models.generation import encode_batch, format_chat, generate_ids, next_token_logits, stop_token_ids, trim
-from ..models.hooks import whole_prompts
+from ..models.generation import (
+    decode_step,
+    encode_batch,
+    format_chat,
+    generate_ids,
+    next_token_logits,
+    output_cache,
+    prefill,
+    stop_token_ids,
+    trim,
+)
 from ..models.loading import LoadedModel
 from ..prompts import PromptSet
 from .metrics import has_broad_marker, is_refusal
@@ -28,20 +36,16 @@ def chat_texts(loaded: LoadedModel, prompt_set: PromptSet | Sequence[str], syste
     return [format_chat(loaded.tokenizer, text, system, template_kwargs=template_kwargs) for text in texts]
 
 
-def is_gated(config: Any) -> bool:
-    return getattr(config, "gate_layer", None) is not None
-
-
-def first_logits(loaded: LoadedModel, texts: Sequence[str], batch_size: int = 16, whole: bool = False
+def first_logits(loaded: LoadedModel, texts: Sequence[str], batch_size: int = 16, share_prefix: bool = True
                  ) -> torch.Tensor:
     """Next-token logits at the first answer position for chat-formatted texts [n, vocab].
 
-    ``whole``: no shared-prefix reuse, as under a gated configuration; an unmodified baseline for
-    such a configuration must take the same path, or its KL carries the two paths' rounding
-    difference (about 0.0008 in bfloat16 on the builtin Qwen).
+    ``share_prefix`` off: every prompt runs whole, as under a gated steering (which forbids the
+    shared prefix itself); an unmodified baseline for such a configuration must take the same path,
+    or its KL carries the two paths' rounding difference (about 0.0008 in bfloat16 on the builtin Qwen).
     """
-    with whole_prompts() if whole else contextlib.nullcontext():
-        return next_token_logits(loaded.model, loaded.tokenizer, texts, batch_size, loaded.device)
+    return next_token_logits(loaded.model, loaded.tokenizer, texts, batch_size, loaded.device,
+                             share_prefix=share_prefix)
 
 
 class Answers(NamedTuple):
@@ -93,15 +97,26 @@ def generated_refusals(loaded: LoadedModel, texts: Sequence[str], max_tokens: in
 
 
 def answer_perplexity(loaded: LoadedModel, texts: Sequence[str], answers: Sequence[list[int]]) -> float:
-    """Perplexity of the original model's own answers under the current (possibly steered) model."""
+    """Perplexity of the original model's own answers under the current (possibly steered) model.
+
+    The prompt is a prefill and the answer continues it, as in generation: a per-prompt gate
+    decides on the prompt, not on the answer's last token.
+    """
     total, count = 0.0, 0
     with torch.no_grad():
         for text, answer in zip(texts, answers):
             if not answer:
                 continue
-            prompt = loaded.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-            ids = torch.cat([prompt, torch.tensor(answer)]).to(loaded.device)[None]
-            logits = loaded.model(input_ids=ids).logits[0, len(prompt) - 1:-1].float()
-            total += float(torch.nn.functional.cross_entropy(logits, ids[0, len(prompt):], reduction="sum"))
+            prompt = loaded.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            prompt = prompt.to(loaded.device)
+            target = torch.tensor([answer], device=loaded.device)
+            mask = torch.ones_like(prompt)
+            out = prefill(loaded.model, prompt, mask)
+            logits = [out.logits[0, -1:]]
+            if len(answer) > 1:
+                mask = torch.cat([mask, torch.ones_like(target[:, :-1])], dim=1)
+                rest = decode_step(loaded.model, target[:, :-1], mask, output_cache(out), last_only=False)
+                logits.append(rest.logits[0])
+            total += float(torch.nn.functional.cross_entropy(torch.cat(logits).float(), target[0], reduction="sum"))
             count += len(answer)
     return math.exp(total / max(count, 1))

@@ -7,6 +7,7 @@ the same way for every family, with no host synchronisation beyond one check per
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from .hooks import contiguous_head_input, decision_pass, prefix_sharing
+from .hooks import attached_passes, contiguous_head_input
 from .prefix import SharedPrefix, common_prefix_length, expandable, pad_after_prefix
 from .thinking import DEFAULT_THINKING_BUDGET, check_mode, thinking_format
 
@@ -178,7 +179,8 @@ def _cache_kwarg(model: Any) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def _output_cache(output: Any) -> Any:
+def output_cache(output: Any) -> Any:
+    """The KV cache a pass returned (the attribute's name differs between families)."""
     cache = getattr(output, "cache", None)
     return cache if cache is not None else getattr(output, "past_key_values", None)
 
@@ -188,22 +190,48 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
-def forward(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: Any = None,
-            position_ids: torch.Tensor | None = None, last_only: bool = True) -> Any:
-    """One forward pass with the padding-aware positions and the family's cache keyword."""
+def _kwargs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: Any,
+            position_ids: torch.Tensor | None) -> dict[str, Any]:
+    """A pass's arguments: the padding-aware positions and the family's cache keyword."""
     kwargs: dict[str, Any] = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
                                   position_ids=positions_from_mask(attention_mask)[:, -input_ids.shape[1]:]
                                   if position_ids is None else position_ids)
     if cache is not None:
         kwargs[_cache_kwarg(model)] = cache
-    decide = decision_pass()
-    if decide is not None and cache is None and input_ids.shape[1] > 1:
-        decide(lambda: model(**{**kwargs, "use_cache": False}))
+    return kwargs
+
+
+def _call(model: Any, kwargs: dict[str, Any], last_only: bool) -> Any:
     if last_only and "logits_to_keep" in inspect.signature(model.forward).parameters:
-        kwargs["logits_to_keep"] = 1
         with contiguous_head_input(model):
-            return model(**kwargs)
+            return model(**kwargs, logits_to_keep=1)
     return model(**kwargs)
+
+
+def prefill(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: Any = None,
+            position_ids: torch.Tensor | None = None, last_only: bool = True) -> Any:
+    """A pass that starts (left-padded) prompts; ``cache``: a shared prefix they continue.
+
+    Hooks attached with ``hooks.attach_passes`` (a per-prompt gate) are told first and given the
+    same pass without a cache to decide on, so they act on every layer of the real one.
+    """
+    kwargs = _kwargs(model, input_ids, attention_mask, cache, position_ids)
+    passes = attached_passes(model)
+    if passes is None:
+        return _call(model, kwargs, last_only)
+    if cache is not None and not passes.allows_prefix_sharing:
+        raise UserError("The active steering decides per whole prompt (a gate), so its passes cannot continue a "
+                        "prefix computed once for all prompts; run the prompts whole.")
+    with passes.prefill(lambda: model(**{**kwargs, "use_cache": False})):
+        return _call(model, kwargs, last_only)
+
+
+def decode_step(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: Any,
+                last_only: bool = True) -> Any:
+    """A pass that continues the prompts of the last ``prefill`` (usually by one token each)."""
+    passes = attached_passes(model)
+    with passes.decode() if passes is not None else contextlib.nullcontext():
+        return _call(model, _kwargs(model, input_ids, attention_mask, cache, None), last_only)
 
 
 def _apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -242,10 +270,10 @@ def generate_ids(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
     stops = torch.tensor(list(stop_ids) or [-1], device=input_ids.device)
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     seen = input_ids
-    output = forward(model, input_ids, attention_mask, cache=cache)
+    output = prefill(model, input_ids, attention_mask, cache=cache)
     logits = output.logits[:, -1, :].float()
     first_logits = logits.clone()
-    cache = _output_cache(output)
+    cache = output_cache(output)
     steps: list[torch.Tensor] = []
     alive: list[torch.Tensor] = []
     for step in range(config.max_tokens):
@@ -264,8 +292,8 @@ def generate_ids(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
             break
         seen = torch.cat([seen, token[:, None]], dim=1)
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
-        output = forward(model, token[:, None], attention_mask, cache=cache)
-        cache = _output_cache(output)
+        output = decode_step(model, token[:, None], attention_mask, cache)
+        cache = output_cache(output)
         logits = output.logits[:, -1, :].float()
     return torch.stack(steps, 1), torch.stack(alive, 1), first_logits
 
@@ -355,26 +383,30 @@ def generate(loaded: Any, prompts: Sequence[str], config: GenerationConfig | Non
 
 @torch.no_grad()
 def shared_prefix(model: Any, rows: Sequence[Sequence[int]], device: torch.device | str, min_shared: int = 8,
-                  limit: int | None = None) -> SharedPrefix:
+                  limit: int | None = None, share: bool = True) -> SharedPrefix:
     """The token prefix all ``rows`` share (at most ``limit`` tokens), run once.
 
     Nothing is shared when it is shorter than ``min_shared``, when the model's cache cannot be
-    expanded (sliding-window layers), or inside ``hooks.whole_prompts`` (hooks that steer a prompt
-    by its last token): this is the one place that asks.
+    expanded (sliding-window layers), when ``share`` is off, or under attached passes that forbid it
+    (a gate steers a prompt by its last token: ``Passes.allows_prefix_sharing``): this is the one
+    place that asks.
     """
-    length = common_prefix_length(rows) if len(rows) > 1 and prefix_sharing() else 0
+    passes = attached_passes(model)
+    share = share and (passes is None or passes.allows_prefix_sharing)
+    length = common_prefix_length(rows) if len(rows) > 1 and share else 0
     if limit is not None:
         length = min(length, limit)
     if length < min_shared:
         return SharedPrefix()
     prefix = torch.tensor([list(rows[0][:length])], device=device)
-    cache = _output_cache(forward(model, prefix, torch.ones_like(prefix)))
+    cache = output_cache(prefill(model, prefix, torch.ones_like(prefix)))
     return SharedPrefix(length, cache) if expandable(cache) else SharedPrefix()
 
 
 @torch.no_grad()
 def next_token_logits(model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int = 16,
-                      device: torch.device | str = "cpu", min_shared: int = 8) -> torch.Tensor:
+                      device: torch.device | str = "cpu", min_shared: int = 8, share_prefix: bool = True
+                      ) -> torch.Tensor:
     """Logits at the first answer position [n, vocab], float32 on the CPU.
 
     Chat prompts share a long prefix (system prompt, role markers). It is computed once and its
@@ -382,11 +414,11 @@ def next_token_logits(model: Any, tokenizer: Any, texts: Sequence[str], batch_si
     ``shared_prefix`` for when it is not).
     """
     rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    prefix = shared_prefix(model, rows, device, min_shared)
+    prefix = shared_prefix(model, rows, device, min_shared, share=share_prefix)
     pad_id = tokenizer.pad_token_id or 0
     results = []
     for start in range(0, len(rows), batch_size):
         ids, mask = pad_after_prefix(rows[start:start + batch_size], prefix.length, pad_id, device)
-        out = forward(model, ids, mask, cache=prefix.cache_for(len(ids)))
+        out = prefill(model, ids, mask, cache=prefix.cache_for(len(ids)))
         results.append(out.logits[:, -1, :].float().cpu())
     return torch.cat(results)

@@ -8,55 +8,52 @@ pre-hook on the block; the other sites are forward hooks on the module the adapt
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
+from ..errors import UserError
 from .adapter import ModelAdapter, first_tensor
 
 SiteFn = Callable[[torch.Tensor], torch.Tensor | None]
 
-_prefix_sharing = contextvars.ContextVar("prefix_sharing", default=True)
 
+class Passes(Protocol):
+    """What hooks that decide per prompt (a steering gate) need told about each pass of the model.
 
-@contextlib.contextmanager
-def whole_prompts() -> Iterator[None]:
-    """Within the block, prompt passes do not reuse a shared prefix's KV cache.
-
-    Needed when hooks treat a position by what comes later in the prompt (a per-prompt gate
-    decided at the last token): a prefix computed once for every prompt cannot know that.
+    The toolkit's runner (``generation.prefill`` / ``decode_step``) states every pass it runs:
+    ``prefill(run_unmodified)`` around a pass that starts prompts, where ``run_unmodified`` runs the
+    same pass without a cache (to decide before any layer is steered), and ``decode()`` around a
+    step that continues them. ``allows_prefix_sharing``: may a prompt pass reuse a prefix computed
+    once for all prompts? (Not when a position's treatment depends on later tokens.)
     """
-    token = _prefix_sharing.set(False)
-    try:
-        yield
-    finally:
-        _prefix_sharing.reset(token)
+
+    allows_prefix_sharing: bool
+
+    def prefill(self, run_unmodified: Callable[[], Any]) -> contextlib.AbstractContextManager[None]: ...
+
+    def decode(self) -> contextlib.AbstractContextManager[None]: ...
 
 
-def prefix_sharing() -> bool:
-    return _prefix_sharing.get()
-
-
-DecisionPass = Callable[[Callable[[], Any]], None]
-_decision_pass: contextvars.ContextVar[DecisionPass | None] = contextvars.ContextVar("decision_pass", default=None)
+_PASSES = "_alignment_artifacts_passes"
 
 
 @contextlib.contextmanager
-def decision_passes(run: DecisionPass) -> Iterator[None]:
-    """Within the block, each prefill through ``generation.forward`` first calls ``run(pass)``, where
-    ``pass`` runs the same forward without a cache: hooks that decide per prompt (a gate) see the
-    whole prompt before the real pass steers any layer of it."""
-    token = _decision_pass.set(run)
+def attach_passes(model: torch.nn.Module, passes: Passes) -> Iterator[None]:
+    """Make ``passes`` the model's for the block, where the runner finds it (``attached_passes``)."""
+    if getattr(model, _PASSES, None) is not None:
+        raise UserError("Only one per-prompt gate can steer a model at a time; leave the first gated steering "
+                        "block before entering another.")
+    setattr(model, _PASSES, passes)
     try:
         yield
     finally:
-        _decision_pass.reset(token)
+        setattr(model, _PASSES, None)
 
 
-def decision_pass() -> DecisionPass | None:
-    return _decision_pass.get()
+def attached_passes(model: Any) -> Passes | None:
+    return getattr(model, _PASSES, None)
 
 
 def _replace_first(output: Any, new: torch.Tensor) -> Any:

@@ -38,7 +38,8 @@ from ..judge import Judge, load_judge
 from ..models.loading import LoadedModel, parameters_as, screening_dtype
 from ..models.thinking import DEFAULT_THINKING_BUDGET
 from ..prompts import PromptSet, resolve_prompts
-from ..steering import SteeringConfig
+from ..resolve import config_path, get_directions
+from ..steering import Steering, SteeringConfig
 from .search import SEARCH_MODES, Scorer, Space, config_from_params, layer_weights
 
 MIN_PER_SPLIT = 4
@@ -191,8 +192,6 @@ def _study(loaded: LoadedModel, settings: OptimizeSettings, key: str, n_startup:
 def optimize(loaded: LoadedModel, settings: OptimizeSettings | None = None, progress: bool = True,
              judge: Judge | None = None) -> OptimizeResult:
     """Search steering settings, check finalists on held-out prompts, store the choice for ``auto``."""
-    from ..api import config_path, get_directions
-
     settings = settings or OptimizeSettings()
     _check(settings)
     started = time.perf_counter()
@@ -269,13 +268,13 @@ def optimize(loaded: LoadedModel, settings: OptimizeSettings | None = None, prog
     finalists = []
     for trial in pick_finalists(pareto, settings.finalists, settings.max_kl, scorer.base_refusal):
         config = to_config(trial.params)
-        checked = evaluate_against(loaded, config, baseline, directions, progress=False)
+        checked = evaluate_against(loaded, Steering(config, directions), baseline, progress=False)
         finalists.append({"trial": trial.number, "params": trial.params, "refusal_prob": trial.values[0],
                           "cost": trial.values[1], "config": config.to_json(), "validation": checked.to_json()})
     best = choose(finalists, settings.max_capability_drop)  # the plain recipe (below) is a reference, not a choice
     if settings.check_plain_recipe:
         plain = config_from_params(space.plain_recipe(), space.n_layers, loaded)
-        checked = evaluate_against(loaded, plain, baseline, directions, progress=False)
+        checked = evaluate_against(loaded, Steering(plain, directions), baseline, progress=False)
         finalists.append({"trial": None, "reference": "plain recipe", "params": space.plain_recipe(),
                           "config": plain.to_json(), "validation": checked.to_json()})
     config = SteeringConfig.from_json(best["config"])

@@ -24,7 +24,7 @@ import torch
 from ..evaluation import first_logits, kl_divergence, refusal_log_odds, refusal_opening_ids
 from ..models.hooks import site_hooks
 from ..models.loading import LoadedModel
-from ..steering import SteeringConfig, apply_steering, gate_passes
+from ..steering import Steering, SteeringConfig, gate_passes
 
 SEARCH_MODES = ("clamp", "ablate")
 
@@ -144,7 +144,7 @@ class Scorer:
                 self._passing(name, config.gate_layer, config.gate_level) for name in self.texts}
         odds = self.base_odds.clone()
         kls = {name: torch.zeros(len(texts)) for name, texts in self.texts.items()}
-        with apply_steering(self.loaded, replace(config, gate_layer=None), self.directions):
+        with Steering(replace(config, gate_layer=None), self.directions).apply(self.loaded):
             for name, texts in self.texts.items():
                 picked = list(range(len(texts))) if rows[name] is None else rows[name]
                 if not picked:
@@ -165,6 +165,6 @@ class Scorer:
             hooks = {(site, layer): (lambda h, kept=kept: kept.append(h[:, -1].float().cpu()))
                      for layer, kept in captured.items()}
             with site_hooks(self.loaded.adapter, hooks):
-                first_logits(self.loaded, self.texts[name], self.batch, whole=True)  # the path a gate decides on
+                first_logits(self.loaded, self.texts[name], self.batch, share_prefix=False)  # as a gate decides
             self._last[name] = {layer: torch.cat(kept) for layer, kept in captured.items()}
         return gate_passes(self.directions, layer, level, self._last[name][layer]).nonzero().flatten().tolist()

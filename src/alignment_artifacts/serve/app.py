@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import UserError
 from ..models.generation import format_chat
+from ..resolve import resolve_config
 from ..steering import SteeringConfig
 from .engine import Engine
 from .guard import Guard
@@ -58,8 +59,6 @@ class Server:
 
     def __init__(self, loaded: Any, default_config: SteeringConfig, directions_for: DirectionsFor,
                  limits: ServerLimits):
-        from ..api import resolve_config
-
         resolve_config(loaded, default_config)  # a bad default fails at start, not on the first request
         self.default, self.limits = default_config, limits
         self.engine = Engine(loaded, directions_for, limits)
@@ -71,8 +70,6 @@ class Server:
 
     def job(self, body: SamplingRequest, max_tokens: int | None, render: Callable[[Any], str]) -> Job:
         """Validate everything that needs no model, so bad requests never wait for the engine."""
-        from ..api import resolve_config
-
         generation = check_common(body, max_tokens, self.limits)
         steering = steering_for(self.default, body.steering, self.limits.allow_direction_overrides)
         try:
@@ -367,8 +364,6 @@ def serve(loaded: Any, default_config: SteeringConfig, directions_for: Direction
           limits: ServerLimits = DEFAULT_LIMITS) -> None:
     """Serve until interrupted. Directions for the default config are loaded first, so errors show now."""
     import uvicorn
-
-    from ..api import resolve_config
 
     if not is_loopback(host):
         if limits.allowed_hosts == LOOPBACK_HOSTS:

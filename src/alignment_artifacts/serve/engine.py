@@ -33,7 +33,7 @@ from jinja2 import TemplateError
 
 from ..analysis.directions import DirectionSet
 from ..errors import CacheError, UserError
-from ..models.generation import _output_cache, context_length, forward, stop_token_ids
+from ..models.generation import context_length, decode_step, output_cache, prefill, stop_token_ids
 from ..steering import SteeringConfig, apply_steering
 from .batch import Batch, Row, RowSteering, left_padded, new_row
 from .jobs import Event, Job, Result, TextTracker
@@ -172,12 +172,12 @@ class Engine:
             ids, mask = left_padded([row.prompt for row in rows], self.pad_id, self.loaded.device)
             counts = torch.zeros(len(rows), dtype=torch.long, device=self.loaded.device)
             self._route(rows, None if bool(mask.all()) else mask.bool(), counts)
-            output = forward(self.loaded.model, ids, mask)
+            output = prefill(self.loaded.model, ids, mask)
             self._sample(rows, output.logits[:, -1, :].float())
         except Exception as exc:
             self._fail(rows, exc)
             return
-        self.batch.add(rows, _output_cache(output), mask, counts, fixed=rows[0].job.exclusive)
+        self.batch.add(rows, output_cache(output), mask, counts, fixed=rows[0].job.exclusive)
 
     def _start(self, job: Job) -> Row | None:
         """A row for the job, or None after reporting why it cannot run (its prompt, its steering)."""
@@ -259,8 +259,8 @@ class Engine:
                               device=batch.mask.device)
         batch.mask = torch.cat([batch.mask, live[:, None].long()], dim=1)  # a finished row's position stays
         self._route(batch.rows, live[:, None] if batch.fixed else None, batch.counts)
-        output = forward(self.loaded.model, tokens, batch.mask, cache=batch.cache)
-        batch.cache = _output_cache(output)
+        output = decode_step(self.loaded.model, tokens, batch.mask, batch.cache)
+        batch.cache = output_cache(output)
         logits = output.logits[:, -1, :].float()
         running = [i for i, row in enumerate(batch.rows) if not row.done]
         self._sample([batch.rows[i] for i in running], logits[running])

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..analysis.directions import DirectionSet
 from ..errors import CacheError, UserError
 from ..models.generation import GenerationConfig
-from ..steering import MODES, SteeringConfig
+from ..steering import PARAMS, SteeringConfig, mode_spec
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 DIRECTION_FIELDS = ("source", "direction_site", "direction_position", "categories", "pca_components")
@@ -260,15 +260,17 @@ def steering_for(default: SteeringConfig, override: SteeringOverride | None,
             raise ApiError(f"steering.{fixed[0]} chooses which directions are computed (possibly minutes of work) "
                            "and is fixed by the server; start the server with the setting you need.",
                            param=f"steering.{fixed[0]}", code="unsupported_value")
-    if "mode" in given and given["mode"] not in MODES:
+    for name, value in given.items():  # the mode table says which modes and values exist
         try:
-            SteeringConfig(mode=given["mode"]).validate()
+            if name == "mode":
+                mode_spec(value)
+            elif name in PARAMS:
+                PARAMS[name].check(value)
         except UserError as exc:
-            raise ApiError(str(exc), param="steering.mode", code="invalid_steering") from exc
-    config = replace(default, **given)
-    if "scale" in given:
-        config.notes = {**config.notes, "scale_given": True}
-    return config
+            raise ApiError(str(exc), param=f"steering.{name}", code="invalid_steering") from exc
+    if given.get("mode", default.mode) != default.mode and "scale" not in given:
+        given["scale"] = None  # another mode without a scale: that mode's default (auto: the stored one)
+    return replace(default, **given)
 
 
 def chat_parts(messages: Sequence[ChatMessage]) -> tuple[str, str | None, list[dict[str, str]]]:

@@ -1,0 +1,255 @@
+"""The steering modes: one ``ModeSpec`` each in ``MODES``, with the function that builds its hook.
+
+Let v be the raw direction at a layer (difference of means), u = v/|v|, h the hooked
+activation and s the scale (times the layer's weight). Arithmetic runs in float32.
+
+=========  ===============================================================================
+always     h - s*v at every position
+proximity  h - s*v only where |cos(h, u)| > proximity_threshold
+adaptive   h - s*|cos(h, u)|*v
+sphere     h + s*exp(-decay*|h-c|/R) * (h-c)/|h-c| where |h-c| < R (c: sensitive centroid)
+subspace   h - s * P^T P (h - m): the top-k PCA subspace of paired differences, centred at m
+ablate     h - s*(h.u)u on everything that writes into the residual stream (or chosen sites)
+clamp      h - s*max(0, h.u - t)u at each layer's residual input, t between the ordinary and
+           the sensitive mean projection (``clamp_level`` 0 and 1): directional ablation that
+           leaves activations already on the ordinary side alone (conditional: not bakeable)
+amplify    h + s*v (induces the artifact, e.g. refusal)
+=========  ===============================================================================
+
+The table drives the CLI's ``--mode`` choices and per-mode flags, serve's request validation,
+``SteeringConfig.validate`` and export's format advice; docs/steering-modes.md shows how to add a mode.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..analysis.directions import DirectionSet
+from ..errors import UserError, closest
+
+if TYPE_CHECKING:
+    from .config import SteeringConfig
+
+Update = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]  # float32 h -> (new h, changed mask)
+WRITERS = "writers"  # pseudo-site: everything that writes into the residual stream (the embeddings, attn, mlp)
+
+
+@dataclass(frozen=True)
+class Term:
+    """One hooked (site, layer): the layer whose direction acts there and its strength s."""
+
+    site: str
+    layer: int
+    source: int
+    s: float
+
+
+Build = Callable[["SteeringConfig", DirectionSet, Term, torch.device], Update]
+
+
+@dataclass(frozen=True)
+class Param:
+    """A mode's knob: a ``SteeringConfig`` field, its default and its allowed range."""
+
+    name: str
+    default: float
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # value > low (else >=)
+    integer: bool = False
+    rule: str = ""  # what the error says about the range, e.g. "must be > 0"
+    help: str = ""
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def check(self, value: float) -> None:
+        ok = math.isfinite(value) and (self.high is None or value <= self.high)
+        if self.low is not None:
+            ok = ok and (value > self.low if self.low_open else value >= self.low)
+        if not ok:
+            raise UserError(f"{self.flag} {self.rule} (got {value}).")
+
+
+@dataclass(frozen=True)
+class ModeSpec:
+    """Everything the toolkit knows about one mode; ``build`` is None for ``none`` and ``auto``."""
+
+    name: str
+    summary: str
+    build: Build | None = None
+    params: tuple[Param, ...] = ()
+    default_scale: float = 1.0
+    refusal_direction: bool = False  # reads the refusal direction (instructions, resid_pre, first generated)
+    site: str = "directions"  # default hooked site: "directions" (where they were measured), a site, or WRITERS
+    layers: str = "recommended"  # default layers: "recommended", "all", or "direction_layer" (else recommended)
+    bakeable: bool = False  # a fixed linear map of what layers write: can be baked into weights
+    additive_sign: float | None = None  # adds sign*s*v everywhere: exportable as a llama.cpp control vector
+    conditional: bool = False  # acts depending on each activation: hooks only
+
+    @property
+    def control_vector(self) -> bool:
+        return self.additive_sign is not None
+
+
+def as_f32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 else t.float()
+
+
+def _v(directions: DirectionSet, term: Term, device: torch.device) -> torch.Tensor:
+    return directions.vectors[term.source].to(device=device, dtype=torch.float32)
+
+
+def _unit(v: torch.Tensor) -> torch.Tensor:
+    return v / v.norm().clamp_min(1e-12)
+
+
+def mean_projection(directions: DirectionSet, layer: int, u: torch.Tensor, level: float) -> torch.Tensor:
+    """A value of h.u at ``level`` between the ordinary (0) and sensitive (1) means at that layer."""
+    low = directions.negative_mean[layer].to(device=u.device, dtype=torch.float32) @ u
+    high = directions.positive_mean[layer].to(device=u.device, dtype=torch.float32) @ u
+    return low + level * (high - low)
+
+
+def _additive(config: SteeringConfig, directions: DirectionSet, term: Term, device: torch.device) -> Update:
+    sign = config.spec.additive_sign
+    assert sign is not None, config.mode
+    delta = sign * term.s * _v(directions, term, device)
+
+    def additive(h: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return h + delta, None
+
+    return additive
+
+
+def _ablate(config: SteeringConfig, directions: DirectionSet, term: Term, device: torch.device) -> Update:
+    u = _unit(_v(directions, term, device))
+    su = term.s * u
+
+    def ablate(h: torch.Tensor) -> tuple[torch.Tensor, None]:
+        proj = h @ u
+        return h - proj[..., None] * su, None
+
+    return ablate
+
+
+def _proximity(config: SteeringConfig, directions: DirectionSet, term: Term, device: torch.device) -> Update:
+    v = _v(directions, term, device)
+    u, sv, threshold = _unit(v), term.s * v, config.proximity_threshold
+
+    def proximity(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = ((h @ u) / h.norm(dim=-1).clamp_min(1e-12)).abs() > threshold
+        return h - mask[..., None].to(h.dtype) * sv, mask
+
+    return proximity
+
+
+def _adaptive(config: SteeringConfig, directions: DirectionSet, term: Term, device: torch.device) -> Update:
+    v = _v(directions, term, device)
+    u, sv = _unit(v), term.s * v
+
+    def adaptive(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        weight = ((h @ u) / h.norm(dim=-1).clamp_min(1e-12)).abs()
+        return h - weight[..., None] * sv, weight > 0
+
+    return adaptive
+
+
+def _sphere(config: SteeringConfig, directions: DirectionSet, term: Term, device: torch.device) -> Update:
+    centre = directions.positive_mean[term.source].to(device=device, dtype=torch.float32)
+    radius, decay, s = config.distance_threshold, config.decay_rate, term.s
+
+    def sphere(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        d = h - centre
+        r = d.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        inside = r < radius
+        push = inside.to(h.dtype) * s * torch.exp(-decay * r / radius)
+        return h + push * d / r, inside[..., 0]
+
+    return sphere
+
+
+def _subspace(config: SteeringConfig, directions: DirectionSet, term: Term, device: torch.device) -> Update:
+    if term.source not in directions.pca:
+        raise UserError("Subspace steering needs a PCA basis; recompute directions with pca_components > 0.")
+    basis = directions.pca[term.source][: config.pca_components].to(device=device, dtype=torch.float32)
+    mean = ((directions.positive_mean[term.source] + directions.negative_mean[term.source]) / 2).to(
+        device=device, dtype=torch.float32)
+    s = term.s
+
+    def subspace(h: torch.Tensor) -> tuple[torch.Tensor, None]:
+        coords = (h - mean) @ basis.T
+        return h - s * (coords @ basis), None
+
+    return subspace
+
+
+def _clamp(config: SteeringConfig, directions: DirectionSet, term: Term, device: torch.device) -> Update:
+    if term.site != directions.site or term.layer not in directions.negative_mean:
+        raise UserError(f"Clamp thresholds come from the directions' mean activations, measured at "
+                        f"{directions.site}; hook that site (--site {directions.site}) or collect directions at "
+                        f"{term.site}.")
+    u = _unit(_v(directions, term, device))
+    cap, s = mean_projection(directions, term.layer, u, config.clamp_level), term.s  # this layer's own means
+
+    def clamp(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        excess = (h @ u - cap).clamp_min(0)
+        return h - (s * excess)[..., None] * u, excess > 0
+
+    return clamp
+
+
+_PLACE = "is a place between the ordinary (0) and sensitive (1) mean projections; use a value in [-1, 2]"
+
+MODES: dict[str, ModeSpec] = {spec.name: spec for spec in (
+    ModeSpec("none", "no steering (bit-identical to the plain model)"),
+    ModeSpec("always", "h - s*v at every position", _additive, additive_sign=-1.0),
+    ModeSpec("proximity", "h - s*v where |cos(h, u)| passes a threshold", _proximity, conditional=True,
+             params=(Param("proximity_threshold", 0.5, 0.0, 1.0, rule="is a cosine in [0, 1]",
+                           help="|cos| above which proximity acts"),)),
+    ModeSpec("adaptive", "h - s*|cos(h, u)|*v", _adaptive, conditional=True),
+    ModeSpec("sphere", "a push away from the sensitive centroid, inside a radius", _sphere, conditional=True,
+             params=(Param("distance_threshold", 2.0, 0.0, low_open=True, rule="must be > 0", help="sphere radius"),
+                     Param("decay_rate", 2.0, 0.0, rule="must be >= 0", help="sphere push decay"))),
+    ModeSpec("subspace", "h - s*P^T P (h - m): a PCA subspace of paired differences", _subspace,
+             params=(Param("pca_components", 5, 1.0, integer=True, rule="must be at least 1",
+                           help="subspace dimension k"),)),
+    ModeSpec("ablate", "directional ablation (h - s*(h.u)u) of everything writing the residual stream", _ablate,
+             refusal_direction=True, site=WRITERS, bakeable=True),
+    ModeSpec("clamp", "ablation capped at a level between the ordinary and sensitive means", _clamp,
+             refusal_direction=True, layers="all", conditional=True,
+             params=(Param("clamp_level", 0.2, -1.0, 2.0, rule=_PLACE,
+                           help="cap h.u at this place between the ordinary (0) and sensitive (1) means"),)),
+    ModeSpec("amplify", "h + s*v (induces the artifact, e.g. refusal)", _additive, refusal_direction=True,
+             site="resid_pre", layers="direction_layer", additive_sign=1.0),
+    ModeSpec("auto", "the configuration `optimize` stored, else ablate"),
+)}
+STEERING_MODES = tuple(name for name, spec in MODES.items() if spec.build is not None)
+PARAMS: dict[str, Param] = {p.name: p for spec in MODES.values() for p in spec.params}
+GATE_LEVEL = Param("gate_level", 0.0, -1.0, 2.0, rule=_PLACE,
+                   help="the gate's place between the ordinary (0) and sensitive (1) means")
+
+
+def mode_spec(name: str) -> ModeSpec:
+    if name not in MODES:
+        raise UserError(f"Unknown mode '{name}'.{closest(name, list(MODES))} Modes: {', '.join(MODES)}.")
+    return MODES[name]
+
+
+def param_defaults() -> dict[str, Any]:
+    return {name: (int(p.default) if p.integer else p.default) for name, p in PARAMS.items()}
+
+
+def format_advice() -> str:
+    """Which export formats each mode can take, from the table."""
+    baked = "/".join(f"'{m}'" for m, s in MODES.items() if s.bakeable)
+    vector = "/".join(f"'{m}'" for m, s in MODES.items() if s.control_vector)
+    return (f"Formats by mode: {baked} -> hf or gguf (weights) or vectors; {vector} -> gguf-control-vector or "
+            "vectors; every other mode -> vectors (apply it with alignment_artifacts.export.load_steering + "
+            "Steering(config, directions).apply(loaded)).")
