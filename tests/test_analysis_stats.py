@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from alignment_artifacts.analysis import stats
+from alignment_artifacts.analysis import hypotheses, stats
 from alignment_artifacts.analysis.directions import paired_pca
 
 
@@ -290,16 +290,16 @@ def test_hypotheses_report_intervals_or_none() -> None:
     layers = list(range(10))
     estimates = np.array([1.0, 2.0, 2.1, 2.2, 2.0, 1.9, 2.0, 1.0, 0.9, 0.8])
     replicates = estimates + 0.1 * rng.standard_normal((500, 10))
-    h1 = stats.early_layer_hypothesis(layers, estimates, replicates, site="mlp_out")
+    h1 = hypotheses.early_layer_hypothesis(layers, estimates, replicates, site="mlp_out")
     assert h1.supported is True and h1.ci is not None and h1.ci[0] > 0
-    assert stats.early_layer_hypothesis(layers, estimates, replicates, site="resid_post").supported is None
-    short = stats.early_layer_hypothesis(layers[:6], estimates[:6], replicates[:, :6], site="mlp_out")
+    assert hypotheses.early_layer_hypothesis(layers, estimates, replicates, site="resid_post").supported is None
+    short = hypotheses.early_layer_hypothesis(layers[:6], estimates[:6], replicates[:, :6], site="mlp_out")
     assert short.supported is None and short.estimate is None
 
     est = {"social_political": [1.0, 1.1], "violence": [2.0, 2.1], "privacy": [1.9, 2.0]}
     reps = {c: np.array(v) + 0.1 * rng.standard_normal((500, 2)) for c, v in est.items()}
-    h2 = stats.category_hypothesis("social_political", est, reps, layers=[3, 4])
+    h2 = hypotheses.category_hypothesis("social_political", est, reps, layers=[3, 4])
     assert h2.supported is False and h2.estimate == pytest.approx(-0.95)
     assert h2.ci is not None and h2.ci[1] < 0
-    assert stats.category_hypothesis("social_political", {}, {}, layers=[3]).supported is None
+    assert hypotheses.category_hypothesis("social_political", {}, {}, layers=[3]).supported is None
     assert set(h2.to_dict()) == {"claim", "estimate", "ci", "supported", "note"}

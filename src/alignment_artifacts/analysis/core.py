@@ -5,232 +5,136 @@ mean-difference direction and reports honest numbers (see ``stats``): the cross-
 size with a pair-bootstrap CI (direction refitted in every resample), held-out accuracy and
 AUROC, a refit permutation test corrected across layers (Holm for the ``significant`` flag, BH
 alongside), and in-sample numbers labelled as such. On top: cosine similarities between
-directions, recommended layers, the two hypotheses, and one ``DirectionSet`` per source for
-steering.
-
-Results schema (``results.json``, ``SCHEMA_VERSION``)::
-
-    schema_version, kind, package_version, created, elapsed_s
-    model:      model_id, weights_hash, hidden_size, dtype (from the store manifest)
-    prompt_set: name, hash, paired, n_prompts, n_positive, n_negative, n_pairs, categories{...}
-    config:     site, position, layers, categories, n_permutations, n_bootstrap, folds,
-                pca_components, method, seed, alpha, ci_level, permutation_statistic
-    sources:    ["pooled", <category>, ...]        layers: [int, ...]
-    rows:       one dict per source x layer, keys ``ROW_FIELDS``: category ("pooled" or a name),
-                layer, counts, g (== heldout_g, the headline) with ci_low/ci_high, held-out
-                accuracy/AUROC, p_value (permutation) with p_holm/p_fdr across layers and
-                significant (p_holm < alpha), in_sample_* (optimistic), direction_norm
-    cosine:     categories{<layer>: {labels, matrix}}, layers{<source>: {layers, matrix}}
-    recommended_layers, recommendation (reason), top_layer
-    hypotheses: {H1: {claim, estimate, ci, supported, note}, H2: {...}}
-    projection: {source, layer, x, y, label, category} (2-D view of the top layer)
-    warnings:   [str, ...]
-    files:      {csv, figures: [...], directions: {source: folder}} (added by ``save``)
-
-Non-finite numbers are written as ``null``.
+directions, recommended layers, the seed study's two hypotheses (``hypotheses``), and one
+``DirectionSet`` per source for steering. The result and its saved schema are in ``result``.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-import math
-import re
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 
-from ..cache import atomic_directory, atomic_write_bytes, atomic_write_json
 from ..errors import UserError, closest
 from . import stats
 from .directions import DirectionSet, direction_from_groups
+from .hypotheses import seed_hypotheses
+from .result import POOLED, ROW_FIELDS, SCHEMA_VERSION, AnalysisResult, CellStats, clean, load_result, package_version
 
 if TYPE_CHECKING:
     from ..activations import ActivationStore
     from ..prompts.sets import Prompt
 
-SCHEMA_VERSION = 1
-POOLED = "pooled"
 PREFERRED_SITE = "mlp_out"
 PREFERRED_POSITION = "last"
-H2_CATEGORY = "social_political"
 
-ROW_FIELDS = (
-    "category", "layer", "n", "n_positive", "n_negative", "n_pairs", "paired",
-    "g", "ci_low", "ci_high", "heldout_g", "heldout_accuracy", "heldout_auroc",
-    "p_value", "p_holm", "p_fdr", "significant",
-    "in_sample_g", "in_sample_ci_low", "in_sample_ci_high", "in_sample_accuracy", "in_sample_auroc",
-    "direction_norm",
-)
+Parts = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]  # vector, centres, PCA basis
+
+__all__ = ["POOLED", "ROW_FIELDS", "SCHEMA_VERSION", "AnalysisResult", "CellStats", "analyze", "load_result"]
 
 
-def package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
+def analyze(store: ActivationStore, *, site: str | None = None, position: str | None = None,
+            layers: Sequence[int] | None = None, categories: Sequence[str] | None = None,
+            n_permutations: int = 1000, n_bootstrap: int = 2000, folds: stats.Folds = 5,
+            pca_components: int = 5, method: str = "mean", seed: int = 0, progress: bool = True,
+            alpha: float = 0.05, ci_level: float = 0.95,
+            permutation_statistic: Literal["in_sample", "heldout"] = "heldout") -> AnalysisResult:
+    """Measure the artifact direction per category and layer; see the module docstring for outputs.
 
-    try:
-        return version("alignment-artifacts")
-    except PackageNotFoundError:
-        from .. import __version__
-
-        return str(__version__)
-
-
-def clean(value: Any) -> Any:
-    """JSON-safe copy: numpy scalars/arrays to Python, non-finite floats to None."""
-    if isinstance(value, dict):
-        return {str(k): clean(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [clean(v) for v in value]
-    if isinstance(value, np.ndarray | torch.Tensor):
-        return clean(value.tolist())
-    if isinstance(value, np.bool_):
-        return bool(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, float | np.floating):
-        return float(value) if math.isfinite(value) else None
-    return value
+    ``method`` ("mean" or "median") only changes the saved steering directions and the cosines;
+    the statistics always use the mean difference, whose linearity makes refitting per fold and
+    per permutation exact and cheap. Folds, bootstrap resamples and permutations are drawn once per
+    source from ``seed`` and shared by all layers, so layers are compared on the same resamples.
+    ``permutation_statistic``: the refitted cross-fitted g ("heldout", default) or the refitted
+    in-sample g ("in_sample"), which loses power on anisotropic activations (see
+    ``stats.permutation_test``). Runs with one torch thread (restored afterwards), which is fastest
+    for these small problems.
+    """
+    with stats.threads(1):
+        return _analyze(store, site=site, position=position, layers=layers, categories=categories,
+                        n_permutations=n_permutations, n_bootstrap=n_bootstrap, folds=folds,
+                        pca_components=pca_components, method=method, seed=seed, progress=progress, alpha=alpha,
+                        ci_level=ci_level, permutation_statistic=permutation_statistic)
 
 
-@dataclass
-class CellStats:
-    """Statistics of one source (category or pooled) at one layer; see ``ROW_FIELDS``."""
+def _analyze(store: ActivationStore, *, site: str | None, position: str | None, layers: Sequence[int] | None,
+             categories: Sequence[str] | None, n_permutations: int, n_bootstrap: int, folds: stats.Folds,
+             pca_components: int, method: str, seed: int, progress: bool, alpha: float, ci_level: float,
+             permutation_statistic: str) -> AnalysisResult:
+    start = time.perf_counter()
+    _check_options(method, permutation_statistic, n_permutations, n_bootstrap)
+    site = _pick("site", site, list(store.sites), PREFERRED_SITE)
+    position = _pick_position(store, position)
+    layer_list = _pick_layers(store, layers)
+    prompts = list(store.prompts)
+    rows_by_source = _sources(prompts, categories)
+    designs, warnings = _designs(prompts, rows_by_source)
+    sources = [
+        _Source.build(name, i, rows_by_source[name], designs[name], seed=seed, folds=folds,
+                      n_bootstrap=n_bootstrap, n_permutations=n_permutations)
+        for i, name in enumerate(designs)
+    ]
+    cells, parts, hidden = _measure(store, site, position, layer_list, sources, method=method,
+                                    pca_components=pca_components, ci_level=ci_level,
+                                    heldout_test=permutation_statistic == "heldout", progress=progress)
+    _correct_across_layers(cells, sources, layer_list, alpha)
 
-    category: str
-    layer: int
-    n: int
-    n_positive: int
-    n_negative: int
-    n_pairs: int
-    paired: bool
-    heldout_g: float
-    ci_low: float
-    ci_high: float
-    heldout_accuracy: float
-    heldout_auroc: float
-    in_sample_g: float
-    in_sample_ci_low: float
-    in_sample_ci_high: float
-    in_sample_accuracy: float
-    in_sample_auroc: float
-    p_value: float
-    direction_norm: float
-    p_holm: float = math.nan
-    p_fdr: float = math.nan
-    significant: bool = False
+    names = [src.name for src in sources]
+    categories_found = [n for n in names if n != POOLED]
+    category_cosine = {
+        layer: stats.cosine_matrix(torch.stack([parts[c, layer][0] for c in categories_found]))
+        for layer in layer_list} if categories_found else {}
+    layer_cosine = {n: stats.cosine_matrix(torch.stack([parts[n, layer][0] for layer in layer_list]))
+                    for n in names}
 
-    @property
-    def g(self) -> float:
-        return self.heldout_g
+    pooled_cells = [cells[POOLED, layer] for layer in layer_list]
+    recommended, reason = stats.recommend_layers(layer_list, [c.ci_low for c in pooled_cells])
+    ranked = recommended or layer_list[1:-1] or layer_list
+    top_layer = max(ranked, key=lambda layer: np.nan_to_num(cells[POOLED, layer].ci_low, nan=-np.inf))
+    hypotheses = seed_hypotheses(
+        site, layer_list, recommended, POOLED,
+        {n: {layer: cells[n, layer].heldout_g for layer in layer_list} for n in names},
+        {src.name: src.replicates for src in sources}, level=ci_level, n_bootstrap=n_bootstrap)
 
-    def row(self) -> dict[str, Any]:
-        values = asdict(self) | {"g": self.g}
-        return {key: clean(values[key]) for key in ROW_FIELDS}
+    pooled_src = next(src for src in sources if src.name == POOLED)
+    top_acts = store.get(site, top_layer, position).detach().float().cpu()
+    top_acts = top_acts[torch.as_tensor(pooled_src.rows)]
+    projection = _projection(top_acts, pooled_src.design, prompts, pooled_src.rows, top_layer, POOLED)
 
-
-@dataclass
-class AnalysisResult:
-    """Everything ``analyze`` found; ``to_json`` is the stable, documented form."""
-
-    site: str
-    position: str
-    layers: list[int]
-    sources: list[str]
-    cells: list[CellStats]
-    model: dict[str, Any]
-    prompt_set: dict[str, Any]
-    config: dict[str, Any]
-    category_cosine: dict[int, np.ndarray]
-    layer_cosine: dict[str, np.ndarray]
-    recommended_layers: list[int]
-    recommendation: str
-    top_layer: int | None
-    hypotheses: dict[str, stats.Hypothesis]
-    projection: dict[str, Any]
-    directions: dict[str, DirectionSet]
-    warnings: list[str] = field(default_factory=list)
-    elapsed_s: float = 0.0
-    created: str = ""
-    package_version: str = ""
-
-    def rows(self) -> list[dict[str, Any]]:
-        return [cell.row() for cell in self.cells]
-
-    def to_json(self) -> dict[str, Any]:
-        categories = [s for s in self.sources if s != POOLED]
-        return clean({
-            "schema_version": SCHEMA_VERSION, "kind": "alignment_artifacts.analysis",
-            "package_version": self.package_version, "created": self.created, "elapsed_s": self.elapsed_s,
-            "model": self.model, "prompt_set": self.prompt_set, "config": self.config,
-            "sources": self.sources, "layers": self.layers, "rows": self.rows(),
-            "cosine": {
-                "categories": {str(layer): {"labels": categories, "matrix": m}
-                               for layer, m in self.category_cosine.items()},
-                "layers": {src: {"layers": self.layers, "matrix": m} for src, m in self.layer_cosine.items()},
-            },
-            "recommended_layers": self.recommended_layers, "recommendation": self.recommendation,
-            "top_layer": self.top_layer,
-            "hypotheses": {key: h.to_dict() for key, h in self.hypotheses.items()},
-            "projection": self.projection, "warnings": self.warnings,
-        })
-
-    def csv_bytes(self) -> bytes:
-        return rows_to_csv(self.rows())
-
-    def save(self, folder: str | Path) -> Path:
-        """Write results.json, results.csv, figures/*.png and directions/<source>/ atomically
-        (the folder is replaced as a whole, so it is never half-written)."""
-        from .figures import save_figures
-
-        folder = Path(folder)
-        data = self.to_json()
-        with atomic_directory(folder, overwrite=True) as tmp:
-            figures = save_figures(data, tmp / "figures")
-            direction_dirs = {}
-            for source, direction_set in self.directions.items():
-                rel = f"directions/{folder_name(source)}"
-                direction_set.save(tmp / rel)
-                direction_dirs[source] = rel
-            atomic_write_bytes(tmp / "results.csv", self.csv_bytes())
-            data["files"] = {"csv": "results.csv", "figures": [f"figures/{p.name}" for p in figures],
-                             "directions": direction_dirs}
-            atomic_write_json(tmp / "results.json", data)
-        return folder
+    model = _identity(store, hidden)
+    prompt_info = _prompt_set_info(store, rows_by_source, designs)
+    directions = {src.name: _direction_set(src, cells, parts, site=site, position=position, layers=layer_list,
+                                           method=method, model=model, prompt_info=prompt_info,
+                                           recommended=recommended)
+                  for src in sources}
+    config = {"site": site, "position": position, "layers": layer_list,
+              "categories": list(categories) if categories is not None else None,
+              "n_permutations": n_permutations, "n_bootstrap": n_bootstrap, "folds": folds,
+              "pca_components": pca_components, "method": method, "seed": seed, "alpha": alpha,
+              "ci_level": ci_level, "permutation_statistic": permutation_statistic}
+    return AnalysisResult(
+        site=site, position=position, layers=layer_list, sources=names,
+        cells=[cells[n, layer] for n in names for layer in layer_list], model=model,
+        prompt_set=prompt_info, config=config, category_cosine=category_cosine, layer_cosine=layer_cosine,
+        recommended_layers=recommended, recommendation=reason, top_layer=top_layer, hypotheses=hypotheses,
+        projection=projection, directions=directions, warnings=warnings,
+        elapsed_s=round(time.perf_counter() - start, 3),
+        created=datetime.now(UTC).isoformat(timespec="seconds"), package_version=package_version())
 
 
-def rows_to_csv(rows: Iterable[dict[str, Any]]) -> bytes:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(ROW_FIELDS), extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: "" if row.get(k) is None else row[k] for k in ROW_FIELDS})
-    return buffer.getvalue().encode()
-
-
-def folder_name(source: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", source) or "_"
-
-
-def load_result(folder: str | Path) -> dict[str, Any]:
-    """The saved results.json of an analysis folder, checked for a schema this version reads."""
-    path = Path(folder) / "results.json"
-    if not path.exists():
-        raise UserError(f"{folder} does not hold analysis results (no results.json). Create them with "
-                        "`alignment-artifacts analyze`.")
-    data = json.loads(path.read_text())
-    version = data.get("schema_version")
-    if not isinstance(version, int) or version > SCHEMA_VERSION:
-        raise UserError(f"{path} has results schema version {version!r}, but this version of "
-                        f"alignment-artifacts reads up to {SCHEMA_VERSION}. Upgrade the package or re-run "
-                        "`alignment-artifacts analyze`.")
-    return data
+def _check_options(method: str, permutation_statistic: str, n_permutations: int, n_bootstrap: int) -> None:
+    if method not in ("mean", "median"):
+        raise UserError(f"Unknown direction method '{method}'. Use 'mean' or 'median'.")
+    if permutation_statistic not in ("in_sample", "heldout"):
+        raise UserError(f"Unknown permutation statistic '{permutation_statistic}'. Use 'in_sample' or "
+                        "'heldout'.")
+    if n_permutations < 1 or n_bootstrap < 10:
+        raise UserError("Use at least 1 permutation and 10 bootstrap resamples (defaults: 1000 and 2000).")
 
 
 # --------------------------------------------------------------------------- choosing what to analyse
@@ -284,6 +188,24 @@ def _sources(prompts: Sequence[Prompt], categories: Sequence[str] | None) -> dic
     for cat in present:
         out[cat] = np.flatnonzero([p.category == cat for p in prompts])
     return out
+
+
+def _designs(prompts: Sequence[Prompt], rows_by_source: dict[str, np.ndarray]
+             ) -> tuple[dict[str, stats.Design], list[str]]:
+    """Each source's design, and warnings for the categories skipped for lack of prompts."""
+    warnings: list[str] = []
+    designs: dict[str, stats.Design] = {}
+    for name, rows in rows_by_source.items():
+        design = _design(prompts, rows)
+        if min(design.n_positive, design.n_negative) < 2:
+            message = (f"'{name}' has {design.n_positive} sensitive and {design.n_negative} ordinary "
+                       "prompts; at least 2 of each are needed.")
+            if name == POOLED:
+                raise UserError(message + " Use a prompt set with both groups.")
+            warnings.append(message + " Skipped.")
+            continue
+        designs[name] = design
+    return designs, warnings
 
 
 def _design(prompts: Sequence[Prompt], rows: np.ndarray) -> stats.Design:
@@ -341,6 +263,34 @@ class _Source:
                    stats.permuted_labels(design, n_permutations, perm_rng))
 
 
+def _measure(store: ActivationStore, site: str, position: str, layers: list[int], sources: list[_Source], *,
+             method: str, pca_components: int, ci_level: float, heldout_test: bool, progress: bool
+             ) -> tuple[dict[tuple[str, int], CellStats], dict[tuple[str, int], Parts], int]:
+    """Every source's statistics and direction parts at every layer, and the hidden size. One layer's
+    activations are read at a time and their Gram matrix is computed once for all sources."""
+    from tqdm.auto import tqdm
+
+    cells: dict[tuple[str, int], CellStats] = {}
+    parts: dict[tuple[str, int], Parts] = {}
+    hidden = 0
+    bar = tqdm(total=len(sources) * len(layers), desc="analyze", unit="cell", disable=not progress)
+    used = np.unique(np.concatenate([src.rows for src in sources]))
+    for layer in layers:
+        acts = store.get(site, layer, position).detach().float().cpu()
+        hidden = int(acts.shape[-1])
+        full_gram = np.zeros((acts.shape[0], acts.shape[0]))
+        full_gram[np.ix_(used, used)] = stats.gram(acts[torch.as_tensor(used)])
+        for src in sources:
+            bar.set_postfix_str(f"{src.name} L{layer}", refresh=False)
+            x = acts[torch.as_tensor(src.rows)]
+            g = stats.centre_gram(full_gram[np.ix_(src.rows, src.rows)])
+            cells[src.name, layer] = _cell(src, layer, x, g, ci_level, heldout_test)
+            parts[src.name, layer] = _direction_parts(x, src.design, method, pca_components)
+            bar.update()
+    bar.close()
+    return cells, parts, hidden
+
+
 def _cell(src: _Source, layer: int, x: torch.Tensor, g: np.ndarray, level: float, heldout_test: bool
           ) -> CellStats:
     """All statistics of one source at one layer (``g``: its centred Gram); refit bootstrap
@@ -360,8 +310,7 @@ def _cell(src: _Source, layer: int, x: torch.Tensor, g: np.ndarray, level: float
                      sep.in_sample_accuracy, sep.in_sample_auroc, perm.p_value, norm)
 
 
-def _direction_parts(x: torch.Tensor, design: stats.Design, method: str, k: int
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _direction_parts(x: torch.Tensor, design: stats.Design, method: str, k: int) -> Parts:
     """(vector, positive centre, negative centre, PCA basis). The PCA basis is of the centred paired
     differences when pairs exist; unpaired, each positive row is paired with the negative centroid,
     i.e. the principal variation of the sensitive group around its own mean."""
@@ -378,6 +327,17 @@ def _direction_parts(x: torch.Tensor, design: stats.Design, method: str, k: int
     return vector, pos_centre, neg_centre, stats.principal_axes(diffs, k)
 
 
+def _correct_across_layers(cells: dict[tuple[str, int], CellStats], sources: list[_Source], layers: list[int],
+                           alpha: float) -> None:
+    """Holm and Benjamini-Hochberg p-values over each source's layers; ``significant``: Holm below ``alpha``."""
+    for src in sources:
+        p = [cells[src.name, layer].p_value for layer in layers]
+        for layer, p_holm, p_fdr in zip(layers, stats.holm(p), stats.benjamini_hochberg(p), strict=True):
+            cell = cells[src.name, layer]
+            cell.p_holm, cell.p_fdr = float(p_holm), float(p_fdr)
+            cell.significant = bool(p_holm < alpha)
+
+
 def _projection(x: torch.Tensor, design: stats.Design, prompts: Sequence[Prompt], rows: np.ndarray,
                 layer: int, source: str) -> dict[str, Any]:
     """x: projection on the (in-sample) unit direction; y: first PC of what is orthogonal to it."""
@@ -392,160 +352,23 @@ def _projection(x: torch.Tensor, design: stats.Design, prompts: Sequence[Prompt]
             "label": design.positive.astype(int), "category": [prompts[i].category or "" for i in rows]}
 
 
-# --------------------------------------------------------------------------- analyze
-
-
-def analyze(store: ActivationStore, *, site: str | None = None, position: str | None = None,
-            layers: Sequence[int] | None = None, categories: Sequence[str] | None = None,
-            n_permutations: int = 1000, n_bootstrap: int = 2000, folds: stats.Folds = 5,
-            pca_components: int = 5, method: str = "mean", seed: int = 0, progress: bool = True,
-            alpha: float = 0.05, ci_level: float = 0.95,
-            permutation_statistic: Literal["in_sample", "heldout"] = "heldout") -> AnalysisResult:
-    """Measure the artifact direction per category and layer; see the module docstring for outputs.
-
-    ``method`` ("mean" or "median") only changes the saved steering directions and the cosines;
-    the statistics always use the mean difference, whose linearity makes refitting per fold and
-    per permutation exact and cheap. Folds, bootstrap resamples and permutations are drawn once per
-    source from ``seed`` and shared by all layers, so layers are compared on the same resamples.
-    ``permutation_statistic``: the refitted cross-fitted g ("heldout", default) or the refitted
-    in-sample g ("in_sample"), which loses power on anisotropic activations (see
-    ``stats.permutation_test``). Runs with one torch thread (restored afterwards), which is fastest
-    for these small problems.
-    """
-    with stats.threads(1):
-        return _analyze(store, site=site, position=position, layers=layers, categories=categories,
-                        n_permutations=n_permutations, n_bootstrap=n_bootstrap, folds=folds,
-                        pca_components=pca_components, method=method, seed=seed, progress=progress, alpha=alpha,
-                        ci_level=ci_level, permutation_statistic=permutation_statistic)
-
-
-def _analyze(store: ActivationStore, *, site: str | None, position: str | None, layers: Sequence[int] | None,
-             categories: Sequence[str] | None, n_permutations: int, n_bootstrap: int, folds: stats.Folds,
-             pca_components: int, method: str, seed: int, progress: bool, alpha: float, ci_level: float,
-             permutation_statistic: str) -> AnalysisResult:
-    from tqdm.auto import tqdm
-
-    start = time.perf_counter()
-    if method not in ("mean", "median"):
-        raise UserError(f"Unknown direction method '{method}'. Use 'mean' or 'median'.")
-    if permutation_statistic not in ("in_sample", "heldout"):
-        raise UserError(f"Unknown permutation statistic '{permutation_statistic}'. Use 'in_sample' or "
-                        "'heldout'.")
-    if n_permutations < 1 or n_bootstrap < 10:
-        raise UserError("Use at least 1 permutation and 10 bootstrap resamples (defaults: 1000 and 2000).")
-    site = _pick("site", site, list(store.sites), PREFERRED_SITE)
-    position = _pick_position(store, position)
-    layer_list = _pick_layers(store, layers)
-    prompts = list(store.prompts)
-    rows_by_source = _sources(prompts, categories)
-    warnings: list[str] = []
-    designs: dict[str, stats.Design] = {}
-    for name, rows in rows_by_source.items():
-        design = _design(prompts, rows)
-        if min(design.n_positive, design.n_negative) < 2:
-            message = (f"'{name}' has {design.n_positive} sensitive and {design.n_negative} ordinary "
-                       "prompts; at least 2 of each are needed.")
-            if name == POOLED:
-                raise UserError(message + " Use a prompt set with both groups.")
-            warnings.append(message + " Skipped.")
-            continue
-        designs[name] = design
-    sources = [
-        _Source.build(name, i, rows_by_source[name], designs[name], seed=seed, folds=folds,
-                      n_bootstrap=n_bootstrap, n_permutations=n_permutations)
-        for i, name in enumerate(designs)
-    ]
-
-    cells: dict[tuple[str, int], CellStats] = {}
-    parts: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
-    hidden = 0
-    bar = tqdm(total=len(sources) * len(layer_list), desc="analyze", unit="cell", disable=not progress)
-    used = np.unique(np.concatenate([src.rows for src in sources]))
-    for layer in layer_list:
-        acts = store.get(site, layer, position).detach().float().cpu()
-        hidden = int(acts.shape[-1])
-        full_gram = np.zeros((acts.shape[0], acts.shape[0]))
-        full_gram[np.ix_(used, used)] = stats.gram(acts[torch.as_tensor(used)])
-        for src in sources:
-            bar.set_postfix_str(f"{src.name} L{layer}", refresh=False)
-            x = acts[torch.as_tensor(src.rows)]
-            g = stats.centre_gram(full_gram[np.ix_(src.rows, src.rows)])
-            cells[src.name, layer] = _cell(src, layer, x, g, ci_level, permutation_statistic == "heldout")
-            parts[src.name, layer] = _direction_parts(x, src.design, method, pca_components)
-            bar.update()
-    bar.close()
-
-    for src in sources:
-        p = [cells[src.name, layer].p_value for layer in layer_list]
-        for layer, p_holm, p_fdr in zip(layer_list, stats.holm(p), stats.benjamini_hochberg(p), strict=True):
-            cell = cells[src.name, layer]
-            cell.p_holm, cell.p_fdr = float(p_holm), float(p_fdr)
-            cell.significant = bool(p_holm < alpha)
-
-    names = [src.name for src in sources]
-    categories_found = [n for n in names if n != POOLED]
-    category_cosine = {
-        layer: stats.cosine_matrix(torch.stack([parts[c, layer][0] for c in categories_found]))
-        for layer in layer_list} if categories_found else {}
-    layer_cosine = {n: stats.cosine_matrix(torch.stack([parts[n, layer][0] for layer in layer_list]))
-                    for n in names}
-
-    pooled_cells = [cells[POOLED, layer] for layer in layer_list]
-    recommended, reason = stats.recommend_layers(layer_list, [c.ci_low for c in pooled_cells])
-    ranked = recommended or layer_list[1:-1] or layer_list
-    top_layer = max(ranked, key=lambda layer: np.nan_to_num(cells[POOLED, layer].ci_low, nan=-np.inf))
-
-    by_name = {src.name: src for src in sources}
-    pooled_src = by_name[POOLED]
-    target = H2_CATEGORY if H2_CATEGORY in categories_found else next(
-        (c for c in categories_found if "politic" in c), H2_CATEGORY)
-    hypotheses = {
-        "H1": stats.early_layer_hypothesis(
-            layer_list, [c.heldout_g for c in pooled_cells],
-            np.stack([pooled_src.replicates[layer] for layer in layer_list], axis=1),
-            site=site, level=ci_level),
-        "H2": stats.category_hypothesis(
-            target, {c: [cells[c, layer].heldout_g for layer in recommended] for c in categories_found},
-            {c: np.stack([by_name[c].replicates[layer] for layer in recommended], axis=1) if recommended
-             else np.zeros((n_bootstrap, 0)) for c in categories_found},
-            layers=recommended, level=ci_level),
-    }
-
-    top_acts = store.get(site, top_layer, position).detach().float().cpu()
-    top_acts = top_acts[torch.as_tensor(pooled_src.rows)]
-    projection = _projection(top_acts, pooled_src.design, prompts, pooled_src.rows, top_layer, POOLED)
-
-    model = _identity(store, hidden)
-    prompt_info = _prompt_set_info(store, rows_by_source, designs)
-    directions = {
-        src.name: DirectionSet(
-            site=site, position=position, source=src.name,
-            vectors={layer: parts[src.name, layer][0] for layer in layer_list},
-            positive_mean={layer: parts[src.name, layer][1] for layer in layer_list},
-            negative_mean={layer: parts[src.name, layer][2] for layer in layer_list},
-            pca={layer: basis for layer in layer_list if (basis := parts[src.name, layer][3]) is not None},
-            method=method,
-            model_id=model["model_id"], weights_hash=model["weights_hash"], hidden_size=model["hidden_size"],
-            prompt_set_hash=prompt_info["hash"], n_positive=src.design.n_positive,
-            n_negative=src.design.n_negative,
-            extra=clean({"paired": src.design.paired, "prompt_set_name": prompt_info["name"],
-                         "pca_basis": "centred paired differences" if src.design.paired
-                         else "positive rows minus the negative centroid, centred",
-                         "recommended_layers": recommended,
-                         "heldout_g": {str(layer): cells[src.name, layer].heldout_g for layer in layer_list},
-                         "analysis_schema_version": SCHEMA_VERSION}))
-        for src in sources
-    }
-    config = {"site": site, "position": position, "layers": layer_list,
-              "categories": list(categories) if categories is not None else None,
-              "n_permutations": n_permutations, "n_bootstrap": n_bootstrap, "folds": folds,
-              "pca_components": pca_components, "method": method, "seed": seed, "alpha": alpha,
-              "ci_level": ci_level, "permutation_statistic": permutation_statistic}
-    return AnalysisResult(
-        site=site, position=position, layers=layer_list, sources=names,
-        cells=[cells[n, layer] for n in names for layer in layer_list], model=model,
-        prompt_set=prompt_info, config=config, category_cosine=category_cosine, layer_cosine=layer_cosine,
-        recommended_layers=recommended, recommendation=reason, top_layer=top_layer, hypotheses=hypotheses,
-        projection=projection, directions=directions, warnings=warnings,
-        elapsed_s=round(time.perf_counter() - start, 3),
-        created=datetime.now(UTC).isoformat(timespec="seconds"), package_version=package_version())
+def _direction_set(src: _Source, cells: dict[tuple[str, int], CellStats], parts: dict[tuple[str, int], Parts], *,
+                   site: str, position: str, layers: list[int], method: str, model: dict[str, Any],
+                   prompt_info: dict[str, Any], recommended: list[int]) -> DirectionSet:
+    """A source's directions at every layer, with what steering and export need to know of them."""
+    return DirectionSet(
+        site=site, position=position, source=src.name,
+        vectors={layer: parts[src.name, layer][0] for layer in layers},
+        positive_mean={layer: parts[src.name, layer][1] for layer in layers},
+        negative_mean={layer: parts[src.name, layer][2] for layer in layers},
+        pca={layer: basis for layer in layers if (basis := parts[src.name, layer][3]) is not None},
+        method=method,
+        model_id=model["model_id"], weights_hash=model["weights_hash"], hidden_size=model["hidden_size"],
+        prompt_set_hash=prompt_info["hash"], n_positive=src.design.n_positive,
+        n_negative=src.design.n_negative,
+        extra=clean({"paired": src.design.paired, "prompt_set_name": prompt_info["name"],
+                     "pca_basis": "centred paired differences" if src.design.paired
+                     else "positive rows minus the negative centroid, centred",
+                     "recommended_layers": recommended,
+                     "heldout_g": {str(layer): cells[src.name, layer].heldout_g for layer in layers},
+                     "analysis_schema_version": SCHEMA_VERSION}))

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from ..cache import atomic_write_bytes
-from .core import AnalysisResult, load_result, package_version
 from .figures import render_figures
+from .result import AnalysisResult, load_result, package_version
 
 _CAPTIONS = {
     "effect_size": "Effect size by layer. Solid: held-out (cross-fitted) Hedges' g; dashed: in-sample g, "
