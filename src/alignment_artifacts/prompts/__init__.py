@@ -15,9 +15,9 @@ from .loaders import (
     load_hf_dataset,
     load_prompts,
     resolve_prompts,
-    select,
 )
 from .sets import Prompt, PromptSet
+from .subset import select
 from .validate import validate_pairs_file
 
 __all__ = [

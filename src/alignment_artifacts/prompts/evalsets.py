@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from .loaders import _parse_json, _read_text, builtin_document
+from .files import parse_json, read_text
+from .loaders import builtin_document
 
 CALIBRATION_LABELS = ("refusal", "evasion", "compliance")
 
@@ -45,7 +46,7 @@ def load_calibration(path: str | os.PathLike[str] | None = None) -> list[Calibra
     if not path.is_file():
         raise UserError(f"Calibration file {path} does not exist or is not a file (resolved to {path.absolute()}). "
                         "Check the path, or leave it out to use the built-in calibration set.")
-    return _items(_parse_json(_read_text(path), path), str(path))
+    return _items(parse_json(read_text(path), path), str(path))
 
 
 def _items(document: Any, source: str) -> list[CalibrationItem]:

@@ -15,6 +15,16 @@ from ..cache import stable_hash
 POSITIVE_GROUPS = ("artifact", "harmful")
 NEGATIVE_GROUPS = ("natural", "harmless")
 
+BUILTIN_SETS: dict[str, str] = {
+    "pairs": "170 matched natural/artifact prompt pairs in five categories (the default)",
+    "harmful": "72 request-level harmful instructions (label 1)",
+    "harmless": "72 ordinary everyday instructions (label 0)",
+    "instructions": "harmful + harmless together, unpaired (144 prompts)",
+    "ordinary": "480 ordinary everyday instructions (label 0), 20 categories; 'ordinary:train', 'ordinary:val'",
+    "borderline": "286 safe prompts that sound sensitive (label 0) and 166 unsafe contrasts (label 1), "
+                  "eight categories; 'borderline:train', 'borderline:val'",
+}
+
 
 @dataclass(frozen=True)
 class Prompt:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from .loaders import TEXT_FIELDS, _format_of, _read_text, load_prompts
+from .files import TEXT_FIELDS, format_of, load_prompts, read_text
 
 PAIR_FIELDS = ("id", "natural", "artifact")
 
@@ -29,9 +29,9 @@ def validate_pairs_file(path: str | os.PathLike[str]) -> list[str]:
         raise UserError(f"Cannot validate {path}: the file does not exist (resolved to {path.absolute()}). "
                         "Check the path.")
     try:
-        if _format_of(path) != "json":
+        if format_of(path) != "json":
             return _check_loadable(path)
-        text = _read_text(path)
+        text = read_text(path)
     except UserError as exc:
         return [str(exc)]
     try:
