@@ -19,14 +19,8 @@ import torch
 
 from .errors import UserError, closest
 from .models.adapter import SITES
-from .models.generation import (
-    GenerationConfig,
-    context_error,
-    format_chat,
-    generate_ids,
-    pad_after_prefix,
-    shared_prefix,
-)
+from .models.chat import context_error, format_chat
+from .models.generation import GenerationConfig, generate_ids, pad_after_prefix, shared_prefix
 from .models.loading import LoadedModel
 from .models.prefix import SharedPrefix
 from .models.thinking import think_end_index

@@ -28,9 +28,10 @@ from typing import Any
 import numpy as np
 
 from .analysis.directions import DirectionSet
+from .bake import bake_plan, write_direction
 from .cache import atomic_file
 from .errors import UserError, closest
-from .export import _bake_plan, _check_target, _manifest, _write_direction
+from .export import _check_target, _manifest
 from .steering import Steering
 
 MANIFEST_KEY = "alignment_artifacts.export"
@@ -109,9 +110,9 @@ def _edits(loaded: Any, steering: Steering, tensors: dict[str, Any], arch: Any) 
     names = gguf.get_tensor_name_map(arch, adapter.n_layers)
     edits = []
     directions = steering.require_directions()
-    for term in _bake_plan(steering, adapter):
+    for term in bake_plan(steering, adapter):
         site, layer, scale = term.site, term.layer, term.s
-        u = _write_direction(adapter, site, layer, directions.unit(term.source)).float().numpy()
+        u = write_direction(adapter, site, layer, directions.unit(term.source)).float().numpy()
         for writer in adapter.writers(site, layer):
             kind = "rows" if site == "resid_pre" else "bias" if writer.tensor.dim() == 1 else "columns"
             name = names.get_name(writer.name, try_suffixes=(".weight", ".bias"))
@@ -211,7 +212,7 @@ def export_gguf(loaded: Any, steering: Steering, out: Path, force: bool, evaluat
                         f"(each tensor in the source's type where writable, else {FALLBACK_TYPE}).")
     if out.suffix != ".gguf":
         raise UserError(f"--format gguf writes one file; give --out a path ending in .gguf (got {out}).")
-    _bake_plan(steering, loaded.adapter)  # refuse modes and sites before reading gigabytes
+    bake_plan(steering, loaded.adapter)  # refuse modes and sites before reading gigabytes
     source = source_gguf(loaded)
     _check_target(out, force, folder=False)
     reader = gguf.GGUFReader(source)

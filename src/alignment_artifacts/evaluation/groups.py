@@ -28,7 +28,7 @@ from ..cache import atomic_save_safetensors, atomic_write_json, cache_dir, stabl
 from ..capability import CapabilityTask, capability_tasks, is_correct
 from ..errors import UserError
 from ..judge import Judge, load_judge
-from ..models.generation import check_fits, context_length
+from ..models.chat import check_fits, context_length
 from ..models.loading import LoadedModel
 from ..models.thinking import DEFAULT_THINKING_BUDGET, ThinkingFormat, check_mode, thinking_format
 from ..prompts import PromptSet, resolve_prompts

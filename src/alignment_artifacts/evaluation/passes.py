@@ -13,15 +13,14 @@ from typing import Any, NamedTuple
 import torch
 
 from ..models import GenerationConfig
+from ..models.chat import format_chat, stop_token_ids
 from ..models.generation import (
     decode_step,
     encode_batch,
-    format_chat,
     generate_ids,
     next_token_logits,
     output_cache,
     prefill,
-    stop_token_ids,
     trim,
 )
 from ..models.loading import LoadedModel

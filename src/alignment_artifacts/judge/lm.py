@@ -15,7 +15,8 @@ import torch
 
 from ..cache import stable_hash
 from ..errors import UserError
-from ..models.generation import format_chat, next_token_logits
+from ..models.chat import format_chat
+from ..models.generation import next_token_logits
 from ..models.loading import LoadedModel, parameters_as, screening_dtype
 from .base import LABELS, Verdict, cached_verdicts
 from .rubric import ANSWER_BUDGET, CUT, LETTERS, PROMPT_BUDGET, RUBRIC_VERSION, judge_message

@@ -2,7 +2,8 @@
 
 from .adapter import ARCHITECTURES, SITES, SUPPORTED_MODEL_TYPES, ArchitectureSpec, ModelAdapter
 from .builtin import BUILTINS, DEFAULT_MODEL, builtin_status, get_builtin
-from .generation import GenerationConfig, GenerationOutput, format_chat, generate
+from .chat import format_chat
+from .generation import GenerationConfig, GenerationOutput, generate
 from .hooks import site_hooks
 from .loading import LoadedModel, ModelInfo, load_model, wrap_model
 

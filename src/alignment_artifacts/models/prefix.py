@@ -49,7 +49,8 @@ class SharedPrefix:
 def pad_after_prefix(rows: Sequence[Sequence[int]], shared: int, pad_id: int, device: torch.device | str
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's tokens after the ``shared`` prefix, left-padded, and the attention mask over the
-    prefix and them: padding sits between the two, so ``positions_from_mask`` continues the prefix."""
+    prefix and them: padding sits between the two, so ``positions_from_mask`` continues the prefix.
+    With ``shared=0`` it is plain left padding: every batch the toolkit runs is built here."""
     length = max(len(r) for r in rows) - shared
     ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), shared + length), dtype=torch.long)

@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import UserError
-from ..models.generation import format_chat
+from ..models.chat import format_chat
 from ..resolve import resolve_config
 from ..steering import SteeringConfig
 from .engine import Engine

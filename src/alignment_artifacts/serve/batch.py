@@ -14,7 +14,7 @@ those it would have alone; rows of other configurations pass through untouched.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,18 +107,6 @@ def new_row(job: Job, tracker: TextTracker, group: RowSteering | None, prompt: l
     if config.seed is not None and config.temperature > 0:
         generator = torch.Generator(device=device).manual_seed(config.seed)
     return Row(job, tracker, group, prompt, torch.tensor([prompt], device=device), generator)
-
-
-def left_padded(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ids and attention mask of token lists, padded on the left."""
-    length = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), length), dtype=torch.long)
-    for i, prompt in enumerate(prompts):
-        ids[i, length - len(prompt):] = torch.tensor(prompt)
-        mask[i, length - len(prompt):] = 1
-    return ids.to(device), mask.to(device)
 
 
 def _pad_left(t: torch.Tensor, size: int, dim: int) -> torch.Tensor:

@@ -33,9 +33,11 @@ from jinja2 import TemplateError
 
 from ..analysis.directions import DirectionSet
 from ..errors import CacheError, UserError
-from ..models.generation import context_length, decode_step, output_cache, prefill, stop_token_ids
+from ..models.chat import context_length, stop_token_ids
+from ..models.generation import decode_step, output_cache, prefill
+from ..models.prefix import pad_after_prefix
 from ..steering import SteeringConfig, apply_steering
-from .batch import Batch, Row, RowSteering, left_padded, new_row
+from .batch import Batch, Row, RowSteering, new_row
 from .jobs import Event, Job, Result, TextTracker
 from .schemas import ApiError, DirectionsFor, ServerLimits
 
@@ -169,7 +171,7 @@ class Engine:
         if not rows:
             return
         try:
-            ids, mask = left_padded([row.prompt for row in rows], self.pad_id, self.loaded.device)
+            ids, mask = pad_after_prefix([row.prompt for row in rows], 0, self.pad_id, self.loaded.device)
             counts = torch.zeros(len(rows), dtype=torch.long, device=self.loaded.device)
             self._route(rows, None if bool(mask.all()) else mask.bool(), counts)
             output = prefill(self.loaded.model, ids, mask)
