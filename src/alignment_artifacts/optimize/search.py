@@ -1,4 +1,4 @@
-"""The search step: the space of configurations, its seed points, and the screening scores.
+"""The search step: the space of configurations, its seed points, the screening scores, and the study.
 
 A trial is screened with one-forward-pass proxies on training prompts the direction was not
 computed from:
@@ -16,11 +16,14 @@ could not see what they did to borderline ones.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
+from ..cache import cache_dir
+from ..errors import UserError
 from ..evaluation import first_logits, kl_divergence, refusal_log_odds, refusal_opening_ids
 from ..models.hooks import site_hooks
 from ..models.loading import LoadedModel
@@ -83,6 +86,10 @@ class Space:
                       kernel_width=trial.suggest_float("kernel_width", 2, self.n_layers),
                       kernel_floor=trial.suggest_float("kernel_floor", 0.0, 1.0))
         return params
+
+    def config(self, params: dict[str, Any], loaded: LoadedModel) -> SteeringConfig:
+        """The configuration a trial of this space describes."""
+        return config_from_params(params, self.n_layers, loaded, self.modes[0])
 
     def plain_recipe(self) -> dict[str, Any]:
         """Full ablation at scale 1 with the direction of the layer at 60% depth, on every layer."""
@@ -168,3 +175,56 @@ class Scorer:
                 first_logits(self.loaded, self.texts[name], self.batch, share_prefix=False)  # as a gate decides
             self._last[name] = {layer: torch.cat(kept) for layer, kept in captured.items()}
         return gate_passes(self.directions, layer, level, self._last[name][layer]).nonzero().flatten().tolist()
+
+
+@dataclass
+class Searched:
+    """What a search left: its Optuna study, the trials that finished, and their Pareto front."""
+
+    study: Any
+    complete: list[Any]
+    pareto: list[Any]  # by refusal proxy, lowest first
+
+
+def run_search(loaded: LoadedModel, space: Space, scorer: Scorer, *, key: str, trials: int, timeout: float,
+               seed: int, resume: bool, progress: bool) -> Searched:
+    """Minimise (refusal proxy, cost) over ``space`` until ``trials`` trials of the study have finished or
+    ``timeout`` seconds have passed; a fresh study starts from the space's seed points."""
+    seeds = space.seeds()
+    study = open_study(loaded, key, seed, resume, n_startup=len(seeds) + 4)
+
+    def objective(trial: Any) -> tuple[float, float]:
+        score = scorer.score(space.config(space.suggest(trial), loaded))
+        trial.set_user_attr("kl_ordinary", score.kl_ordinary)
+        trial.set_user_attr("kl_collateral", score.kl_collateral)
+        return score.refusal, score.cost
+
+    done = len([t for t in study.trials if t.state.name == "COMPLETE"])
+    remaining = max(0, trials - done)
+    if remaining:
+        if not done:
+            for trial_params in seeds:
+                study.enqueue_trial(trial_params)
+        study.optimize(objective, n_trials=remaining, timeout=timeout, show_progress_bar=progress,
+                       gc_after_trial=False)
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    if not complete:
+        raise UserError("No trial finished within the time budget; raise --timeout.")
+    return Searched(study, complete, sorted(study.best_trials, key=lambda t: t.values[0]))
+
+
+def open_study(loaded: LoadedModel, key: str, seed: int, resume: bool, n_startup: int) -> Any:
+    """The model's study for ``key`` in Optuna's SQLite storage: resumed, or started afresh."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    folder = cache_dir("studies")
+    folder.mkdir(parents=True, exist_ok=True)
+    storage = f"sqlite:///{folder / (loaded.info.name.replace('/', '--') + '.db')}"
+    name = f"{loaded.info.name}-{key}"
+    if not resume:
+        with contextlib.suppress(KeyError):
+            optuna.delete_study(study_name=name, storage=storage)
+    sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=n_startup)
+    return optuna.create_study(study_name=name, storage=storage, directions=["minimize", "minimize"],
+                               sampler=sampler, load_if_exists=True)

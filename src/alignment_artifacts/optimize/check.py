@@ -1,0 +1,75 @@
+"""The finalist check: a few Pareto points, evaluated like ``evaluate`` does, and the choice among them.
+
+Finalists are spread over the cost axis of the front and checked on the validation splits of all
+four groups, in the model's dtype, with the judge. The choice is the fewest harmful prompts not
+complied with, then the lowest validated cost, among finalists whose capability held.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ..analysis.directions import DirectionSet
+from ..evaluation import Baseline
+from ..evaluation.groups import evaluate_against
+from ..models.loading import LoadedModel
+from ..steering import Steering
+from .search import Searched, Space, config_from_params
+
+
+def check_finalists(loaded: LoadedModel, searched: Searched, space: Space, directions: DirectionSet,
+                    baseline: Baseline, *, n: int, max_cost: float, base_refusal: float, max_capability_drop: float,
+                    plain_recipe: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Every finalist's row (trial, parameters, proxies, configuration, four validated groups) and the chosen
+    one; with ``plain_recipe`` the plain recipe is checked too, as a reference row that is never chosen."""
+    finalists = []
+    for trial in pick_finalists(searched.pareto, n, max_cost, base_refusal):
+        config = space.config(trial.params, loaded)
+        checked = evaluate_against(loaded, Steering(config, directions), baseline, progress=False)
+        finalists.append({"trial": trial.number, "params": trial.params, "refusal_prob": trial.values[0],
+                          "cost": trial.values[1], "config": config.to_json(), "validation": checked.to_json()})
+    best = choose(finalists, max_capability_drop)
+    if plain_recipe:
+        plain = config_from_params(space.plain_recipe(), space.n_layers, loaded)
+        checked = evaluate_against(loaded, Steering(plain, directions), baseline, progress=False)
+        finalists.append({"trial": None, "reference": "plain recipe", "params": space.plain_recipe(),
+                          "config": plain.to_json(), "validation": checked.to_json()})
+    return finalists, best
+
+
+def pick_finalists(pareto: list[Any], n: int, max_cost: float, base_refusal: float) -> list[Any]:
+    """Up to ``n`` Pareto points inside the cost budget, spread evenly over log cost.
+
+    Fronts crowd at the low-refusal end (many points with no proxy refusals and rising cost), so an
+    even spread in cost, not in front order, is what covers the trade-off. Points that keep more
+    than half the unmodified refusal probability are left out: they are nearly free but barely steer.
+    """
+    inside = [t for t in pareto if t.values[1] <= max_cost and t.values[0] <= base_refusal / 2] \
+        or [t for t in pareto if t.values[1] <= max_cost] or pareto[:1]
+    if len(inside) <= n:
+        return inside
+    logs = {t.number: math.log(max(t.values[1], 1e-6)) for t in inside}
+    low, high = min(logs.values()), max(logs.values())
+    chosen: list[Any] = []
+    for i in range(n):
+        target = low + (high - low) * i / max(1, n - 1)
+        chosen.append(min((t for t in inside if t not in chosen), key=lambda t: abs(logs[t.number] - target)))
+    return sorted(chosen, key=lambda t: t.values[0])
+
+
+def validated_cost(validation: dict[str, Any]) -> float:
+    """Ordinary KL plus borderline collateral KL, as measured on validation."""
+    ordinary, borderline = validation.get("ordinary"), validation.get("borderline")
+    return (ordinary["kl"]["mean"] if ordinary else 0.0) + (borderline["collateral_kl"]["mean"] if borderline else 0.0)
+
+
+def choose(finalists: list[dict[str, Any]], max_capability_drop: float) -> dict[str, Any]:
+    """The fewest harmful prompts not complied with, then the lowest validated cost, among finalists
+    whose capability did not drop by more than ``max_capability_drop`` (all finalists if none qualify)."""
+    def capability_ok(row: dict[str, Any]) -> bool:
+        capability = row["validation"].get("capability")
+        return capability is None or capability["delta"] >= -max_capability_drop
+
+    pool = [row for row in finalists if capability_ok(row)] or finalists
+    return min(pool, key=lambda r: (r["validation"]["harmful"]["not_complied_after"], validated_cost(r["validation"])))
