@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Hashable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Literal
@@ -530,27 +530,22 @@ def permutation_test(x: torch.Tensor | np.ndarray, labels: Sequence[int] | np.nd
 
 def holm(p_values: Iterable[float]) -> np.ndarray:
     """Holm–Bonferroni adjusted p-values (family-wise error); NaNs stay NaN and do not count."""
-    p = np.asarray(list(p_values), dtype=np.float64)
-    out = np.full_like(p, np.nan)
-    ok = np.flatnonzero(np.isfinite(p))
-    if ok.size:
-        order = ok[np.argsort(p[ok], kind="stable")]
-        m = order.size
-        adjusted = np.maximum.accumulate(p[order] * (m - np.arange(m)))
-        out[order] = np.minimum(adjusted, 1.0)
-    return out
+    return _adjusted(p_values, lambda p: np.maximum.accumulate(p * (p.size - np.arange(p.size))))
 
 
 def benjamini_hochberg(p_values: Iterable[float]) -> np.ndarray:
     """Benjamini–Hochberg adjusted p-values (false discovery rate); NaNs stay NaN and do not count."""
+    return _adjusted(p_values, lambda p: np.minimum.accumulate((p * p.size / np.arange(1, p.size + 1))[::-1])[::-1])
+
+
+def _adjusted(p_values: Iterable[float], adjust: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """``adjust`` of the finite p-values in ascending order, capped at 1, back in their places."""
     p = np.asarray(list(p_values), dtype=np.float64)
     out = np.full_like(p, np.nan)
     ok = np.flatnonzero(np.isfinite(p))
     if ok.size:
         order = ok[np.argsort(p[ok], kind="stable")]
-        m = order.size
-        scaled = p[order] * m / np.arange(1, m + 1)
-        out[order] = np.minimum(np.minimum.accumulate(scaled[::-1])[::-1], 1.0)
+        out[order] = np.minimum(adjust(p[order]), 1.0)
     return out
 
 

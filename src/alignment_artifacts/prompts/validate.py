@@ -101,14 +101,7 @@ def _check_pairs(document: dict[str, Any]) -> list[str]:
         if not isinstance(pair, dict):
             problems.append(f"{where}: expected an object with {', '.join(PAIR_FIELDS)} and category")
             continue
-        pair_id = pair.get("id")
-        if pair_id in (None, ""):
-            problems.append(f"{where}: missing field 'id'")
-        else:
-            where = f"{where} (id '{pair_id}')"
-            if str(pair_id) in ids:
-                problems.append(f"{where}: duplicate id, first used by pairs[{ids[str(pair_id)]}]")
-            ids.setdefault(str(pair_id), i)
+        where = _check_id(pair, where, "pairs", i, ids, problems)
         missing = [side for side in ("natural", "artifact") if side not in pair]
         if missing:
             problems.append(f"{where}: unpaired, missing '{missing[0]}'" if len(missing) == 1
@@ -121,6 +114,20 @@ def _check_pairs(document: dict[str, Any]) -> list[str]:
         _check_category(pair, where, declared, problems, required=True)
     return problems
 
+
+
+def _check_id(item: dict[str, Any], where: str, key: str, index: int, ids: dict[str, int], problems: list[str]
+              ) -> str:
+    """``where`` naming the item's id; a missing id, or one an earlier item of ``key`` used, is a problem."""
+    item_id = item.get("id")
+    if item_id in (None, ""):
+        problems.append(f"{where}: missing field 'id'")
+        return where
+    where = f"{where} (id '{item_id}')"
+    if str(item_id) in ids:
+        problems.append(f"{where}: duplicate id, first used by {key}[{ids[str(item_id)]}]")
+    ids.setdefault(str(item_id), index)
+    return where
 
 def _check_instructions(document: dict[str, Any]) -> list[str]:
     problems: list[str] = []
@@ -137,14 +144,7 @@ def _check_instructions(document: dict[str, Any]) -> list[str]:
         if not isinstance(item, dict):
             problems.append(f"{where}: expected an object with 'id' and 'text'")
             continue
-        item_id = item.get("id")
-        if item_id in (None, ""):
-            problems.append(f"{where}: missing field 'id'")
-        else:
-            where = f"{where} (id '{item_id}')"
-            if str(item_id) in ids:
-                problems.append(f"{where}: duplicate id, first used by instructions[{ids[str(item_id)]}]")
-            ids.setdefault(str(item_id), i)
+        where = _check_id(item, where, "instructions", i, ids, problems)
         field = next((name for name in TEXT_FIELDS if name in item), None)
         if field is None:
             problems.append(f"{where}: missing field 'text'")
