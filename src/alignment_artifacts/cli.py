@@ -106,8 +106,9 @@ def _add_generation(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
 
 
 def _add_steering(p: argparse.ArgumentParser, default_mode: str = "auto") -> None:
+    from .analysis.directions import VARIANTS
     from .steering import MODES
-    from .steering.modes import GATE_LEVEL
+    from .steering.modes import BENIGN_COMPONENTS, GATE_LEVEL
 
     modes = "; ".join(f"{name}: {spec.summary}" for name, spec in MODES.items())
     p.add_argument("--mode", default=default_mode, choices=list(MODES),
@@ -124,6 +125,11 @@ def _add_steering(p: argparse.ArgumentParser, default_mode: str = "auto") -> Non
         for param in spec.params:
             p.add_argument(param.flag, dest=param.name, type=int if param.integer else float, default=None,
                            help=f"{name}: {param.help} (default {param.default:g})")
+    p.add_argument("--direction-variant", choices=list(VARIANTS), default=None,
+                   help="how directions are computed (default mean_diff): " + "; ".join(
+                       f"{name}: {text}" for name, text in VARIANTS.items()))
+    p.add_argument(BENIGN_COMPONENTS.flag, dest=BENIGN_COMPONENTS.name, type=int, default=None,
+                   help=f"{BENIGN_COMPONENTS.help} (default {BENIGN_COMPONENTS.default:g})")
     p.add_argument("--gate-layer", type=int,
                    help="steer only prompts whose last token projects above --gate-level at this layer's input "
                         "(at every hooked layer, for the whole answer; the other prompts stay untouched)")
@@ -180,7 +186,8 @@ def _steering_request(args: argparse.Namespace, loaded: Any) -> Any:
         site=args.site, categories=_split(getattr(args, "steer_categories", None) or getattr(args, "categories",
                                                                                             None)),
         direction_layer=args.direction_layer, gate_layer=args.gate_layer, gate_level=args.gate_level,
-        source=args.direction_source, **params)
+        source=args.direction_source, direction_variant=getattr(args, "direction_variant", None) or "mean_diff",
+        **params)
 
 
 def _steering_config(args: argparse.Namespace, loaded: Any) -> Any:
