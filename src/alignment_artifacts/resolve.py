@@ -102,22 +102,35 @@ def get_directions(loaded: LoadedModel, config: SteeringConfig | None = None, *,
     elif stored is not None:
         directions = DirectionSet.load(stored)
         directions.check_compatible(loaded.adapter.hidden_size, loaded.info.weights_hash, loaded.info.name)
+        if directions.variant != config.direction_variant:
+            raise UserError(f"The directions in {stored} are the '{directions.variant}' variant, but this "
+                            f"configuration asks for '{config.direction_variant}'. Pass a prompt set as the "
+                            "direction source to compute that variant, or drop --direction-variant.")
         return directions
     else:
         _check_source_exists(source)
         prompt_set = resolve_prompts(source)
     key = stable_hash({"weights": loaded.info.weights_hash, "dtype": loaded.info.dtype,
                        "prompts": prompt_set.content_hash(), "site": site, "position": position,
-                       "categories": categories, "pca": config.pca_components})
+                       "categories": categories, "pca": config.pca_components, **_variant_key(config)})
     folder = cache_dir("directions", key)
     if (folder / "directions.json").is_file():
         return DirectionSet.load(folder)
     store = collect_activations(loaded, prompt_set, sites=[site], positions=[position], progress=progress,
                                 model_lock=model_lock)
     directions = compute_directions(store, site, position, categories=categories,
-                                    pca_components=max(config.pca_components, 5))
+                                    pca_components=max(config.pca_components, 5), variant=config.direction_variant,
+                                    benign_components=config.benign_components)
     directions.save(folder)
     return directions
+
+
+def _variant_key(config: SteeringConfig) -> dict[str, Any]:
+    """The cache key's part for a direction variant; none for the default, so existing caches stay valid."""
+    if config.direction_variant == "mean_diff":
+        return {}
+    k = config.benign_components if config.direction_variant == "benign_subspace" else None
+    return {"variant": config.direction_variant, "benign_components": k}
 
 
 def _stored_directions(source: str) -> Path | None:

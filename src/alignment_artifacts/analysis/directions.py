@@ -1,7 +1,8 @@
 """Directions as a value type: per-layer vectors plus the identity of what they came from.
 
 A direction is the raw difference of group means (sensitive minus ordinary) at one site and
-token position. The raw vector keeps its norm (steering by ``h - s*v`` needs it); ``unit()``
+token position, or one of the ``VARIANTS`` of it (docs/steering-modes.md, "Direction variants").
+The raw vector keeps its norm (steering by ``h - s*v`` needs it); ``unit()``
 gives the normalised one (ablation needs that). The group means travel with it, because
 ``sphere`` steering pushes away from the sensitive centroid, and so does an optional PCA basis
 of paired differences for ``subspace`` steering.
@@ -21,9 +22,16 @@ import torch
 from safetensors import SafetensorError
 
 from ..cache import atomic_directory, atomic_save_safetensors, atomic_write_json
-from ..errors import CacheError, UserError
+from ..errors import CacheError, UserError, closest
 
 FORMAT_VERSION = 1
+VARIANTS = {
+    "mean_diff": "the difference of the group means (the default)",
+    "harmless_projected": "the mean difference with its component along the ordinary (harmless) mean removed",
+    "benign_subspace": "the mean difference with the top-k principal axes of the ordinary activations removed",
+    "standardized": "the per-dimension t-statistic: mean difference over the pooled per-dimension std",
+    "median": "the difference of the per-dimension medians",
+}
 
 
 @dataclass
@@ -36,6 +44,7 @@ class DirectionSet:
     negative_mean: dict[int, torch.Tensor]
     pca: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [k, hidden] orthonormal rows
     method: str = "mean"  # "mean" or "median" (geometric median of each group)
+    variant: str = "mean_diff"  # one of VARIANTS
     model_id: str = ""
     weights_hash: str = ""
     hidden_size: int = 0
@@ -58,7 +67,7 @@ class DirectionSet:
     def metadata(self) -> dict[str, Any]:
         return {
             "format_version": FORMAT_VERSION, "site": self.site, "position": self.position,
-            "source": self.source, "method": self.method, "model_id": self.model_id,
+            "source": self.source, "method": self.method, "variant": self.variant, "model_id": self.model_id,
             "weights_hash": self.weights_hash, "hidden_size": self.hidden_size,
             "prompt_set_hash": self.prompt_set_hash, "n_positive": self.n_positive,
             "n_negative": self.n_negative, "layers": self.layers,
@@ -107,7 +116,8 @@ class DirectionSet:
         return cls(site=meta["site"], position=meta["position"], source=meta["source"],
                    vectors=by_prefix("vector"), positive_mean=by_prefix("positive_mean"),
                    negative_mean=by_prefix("negative_mean"), pca=by_prefix("pca"),
-                   method=meta.get("method", "mean"), model_id=meta.get("model_id", ""),
+                   method=meta.get("method", "mean"), variant=meta.get("variant", "mean_diff"),
+                   model_id=meta.get("model_id", ""),
                    weights_hash=meta.get("weights_hash", ""), hidden_size=int(meta.get("hidden_size", 0)),
                    prompt_set_hash=meta.get("prompt_set_hash", ""), n_positive=int(meta.get("n_positive", 0)),
                    n_negative=int(meta.get("n_negative", 0)), extra=meta.get("extra", {}))
@@ -146,9 +156,22 @@ def paired_pca(positive: torch.Tensor, negative: torch.Tensor, k: int) -> torch.
     return principal_axes((positive - negative).double(), k)
 
 
-def direction_from_groups(positive: torch.Tensor, negative: torch.Tensor, method: str = "mean") -> tuple[
-        torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(raw direction, positive centre, negative centre) from two [n, hidden] groups."""
+def check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise UserError(f"Unknown direction variant '{variant}'.{closest(variant, list(VARIANTS))} Variants: "
+                        f"{', '.join(VARIANTS)}.")
+
+
+def direction_from_groups(positive: torch.Tensor, negative: torch.Tensor, method: str = "mean",
+                          variant: str = "mean_diff", benign_components: int = 3
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(raw direction, positive centre, negative centre) from two [n, hidden] groups.
+
+    A variant only chooses the direction u; the raw vector is always the centre difference's
+    component along it, ``(d.u)u``, so additive modes move activations by how far the groups'
+    centres actually differ along u (for ``mean_diff`` that is d itself).
+    """
+    check_variant(variant)
     positive, negative = positive.double(), negative.double()
     if method == "mean":
         pos, neg = positive.mean(0), negative.mean(0)
@@ -156,13 +179,41 @@ def direction_from_groups(positive: torch.Tensor, negative: torch.Tensor, method
         pos, neg = geometric_median(positive), geometric_median(negative)
     else:
         raise UserError(f"Unknown direction method '{method}'. Use 'mean' or 'median'.")
-    return (pos - neg).float(), pos.float(), neg.float()
+    diff = pos - neg
+    if variant != "mean_diff":
+        axis = _variant_axis(positive, negative, diff, neg, variant, benign_components)
+        unit = axis / axis.norm().clamp_min(1e-12)
+        diff = (diff @ unit) * unit
+    return diff.float(), pos.float(), neg.float()
 
+
+def _variant_axis(positive: torch.Tensor, negative: torch.Tensor, diff: torch.Tensor, neg: torch.Tensor,
+                  variant: str, k: int) -> torch.Tensor:
+    """The direction of a variant (any length), from float64 groups, centre difference and ordinary centre."""
+    from .stats import principal_axes
+
+    if variant == "harmless_projected":  # what the ordinary centre already points along is not the artifact
+        m = neg / neg.norm().clamp_min(1e-12)
+        return diff - (diff @ m) * m
+    if variant == "benign_subspace":  # nor is the ordinary activations' main variation
+        basis = principal_axes(negative, k).double()
+        return diff - basis.T @ (basis @ diff)
+    if variant == "standardized":  # dimensions that vary a lot within groups count less
+        dof = len(positive) + len(negative) - 2
+        if dof < 1:
+            raise UserError("The 'standardized' direction needs at least 3 prompts (a per-dimension spread).")
+        squares = ((positive - positive.mean(0)) ** 2).sum(0) + ((negative - negative.mean(0)) ** 2).sum(0)
+        std = (squares / dof).sqrt()
+        return diff / std.clamp_min(1e-6 * float(std.max()) + 1e-12)
+    return torch.quantile(positive, 0.5, dim=0) - torch.quantile(negative, 0.5, dim=0)  # median: robust per unit
 
 
 def compute_directions(store: Any, site: str, position: str, categories: list[str] | None = None,
-                       method: str = "mean", pca_components: int = 5, source: str | None = None) -> DirectionSet:
-    """Difference-of-means directions at every stored layer, from all prompts or chosen categories."""
+                       method: str = "mean", pca_components: int = 5, source: str | None = None,
+                       variant: str = "mean_diff", benign_components: int = 3) -> DirectionSet:
+    """Directions (difference of means, or a ``variant``) at every stored layer, from all prompts or chosen
+    categories."""
+    check_variant(variant)
     prompts = store.prompts
     keep = [i for i, p in enumerate(prompts) if categories is None or p.category in categories]
     if categories is not None:
@@ -184,7 +235,8 @@ def compute_directions(store: Any, site: str, position: str, categories: list[st
             raise UserError(f"Position '{position}' stores several vectors per prompt; pick a single-vector "
                             "position (last, mean, first_generated, post_think) for directions.")
         positive, negative = acts[pos_rows], acts[neg_rows]
-        vectors[layer], pos_means[layer], neg_means[layer] = direction_from_groups(positive, negative, method)
+        vectors[layer], pos_means[layer], neg_means[layer] = direction_from_groups(
+            positive, negative, method, variant, benign_components)
         if pca_components > 0:
             if paired and len(positive) == len(negative):
                 pca[layer] = paired_pca(positive, negative, pca_components)
@@ -195,8 +247,10 @@ def compute_directions(store: Any, site: str, position: str, categories: list[st
     return DirectionSet(site=site, position=position, source=source or (",".join(categories) if categories
                                                                        else "pooled"),
                         vectors=vectors, positive_mean=pos_means, negative_mean=neg_means, pca=pca, method=method,
+                        variant=variant,
                         model_id=manifest.get("model_id", ""), weights_hash=manifest.get("weights_hash", ""),
                         hidden_size=int(manifest.get("hidden_size", 0) or next(iter(vectors.values())).numel()),
                         prompt_set_hash=manifest.get("prompt_set_hash", ""), n_positive=len(pos_rows),
                         n_negative=len(neg_rows),
-                        extra={"prompt_set_name": manifest.get("prompt_set_name", ""), "categories": categories})
+                        extra={"prompt_set_name": manifest.get("prompt_set_name", ""), "categories": categories,
+                               **({"benign_components": benign_components} if variant == "benign_subspace" else {})})

@@ -148,8 +148,9 @@ def generation(args: argparse.Namespace) -> GenerationConfig:
 # Steering: flags from the MODES table -------------------------------------------------------
 
 def add_steering(p: argparse.ArgumentParser, default_mode: str = "auto") -> None:
+    from ..analysis.directions import VARIANTS
     from ..steering import MODES
-    from ..steering.modes import GATE_LEVEL
+    from ..steering.modes import BENIGN_COMPONENTS, GATE_LEVEL
 
     modes = "; ".join(f"{name}: {spec.summary}" for name, spec in MODES.items())
     p.add_argument("--mode", default=default_mode, choices=list(MODES),
@@ -166,6 +167,11 @@ def add_steering(p: argparse.ArgumentParser, default_mode: str = "auto") -> None
         for param in spec.params:
             p.add_argument(param.flag, dest=param.name, type=int if param.integer else float, default=None,
                            help=f"{name}: {param.help} (default {param.default:g})")
+    p.add_argument("--direction-variant", choices=list(VARIANTS), default=None,
+                   help="how directions are computed (default mean_diff): " + "; ".join(
+                       f"{name}: {text}" for name, text in VARIANTS.items()))
+    p.add_argument(BENIGN_COMPONENTS.flag, dest=BENIGN_COMPONENTS.name, type=int, default=None,
+                   help=f"{BENIGN_COMPONENTS.help} (default {BENIGN_COMPONENTS.default:g})")
     p.add_argument("--gate-layer", type=int,
                    help="steer only prompts whose last token projects above --gate-level at this layer's input "
                         "(at every hooked layer, for the whole answer; the other prompts stay untouched)")
@@ -190,7 +196,8 @@ def steering_request(args: argparse.Namespace, loaded: LoadedModel) -> SteeringC
         mode=args.mode, scale=args.scale,
         layers=parse_layers(args.layers, loaded.adapter.n_layers) if args.layers else None,
         site=args.site, categories=split(categories), direction_layer=args.direction_layer,
-        gate_layer=args.gate_layer, gate_level=args.gate_level, source=args.direction_source, **params)
+        gate_layer=args.gate_layer, gate_level=args.gate_level, source=args.direction_source,
+        direction_variant=getattr(args, "direction_variant", None) or "mean_diff", **params)
 
 
 def steering_config(args: argparse.Namespace, loaded: LoadedModel) -> SteeringConfig:

@@ -25,6 +25,7 @@ from torch import nn
 from ..errors import UserError
 
 SITES = ("resid_pre", "resid_post", "attn_out", "mlp_out")
+READ_SITES = ("attn_in", "mlp_in")  # what attention and the MLP read, before their norms (pre-hooks; steering only)
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,9 @@ class ArchitectureSpec:
     norm_offset: float = 0.0  # the post norms multiply by (norm_offset + weight): Gemma's 1 + w
     experts: Experts | None = None  # sparse MoE blocks; a block without these experts uses mlp_proj
     residual_multiplier: str = ""  # config field scaling attention and MLP outputs before the add (Granite)
+    # Modules (in a block) whose input is what attention and the MLP read: their pre-norms, or the sublayers
+    # themselves where no norm precedes them; () where one norm feeds both (parallel blocks: no separate reads)
+    read_norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")
     note: str = ""  # what is unusual about the family, for `models --families`
 
 
@@ -87,21 +91,23 @@ _PARALLEL = "attention and MLP read the same input and both add to the residual 
 ARCHITECTURES: tuple[ArchitectureSpec, ...] = (
     ArchitectureSpec(model_types=("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "exaone", "internlm3"),
                      **_LLAMA_LIKE),
-    ArchitectureSpec(model_types=("cohere",), **_LLAMA_LIKE, note=_PARALLEL),
+    ArchitectureSpec(model_types=("cohere",), **_LLAMA_LIKE, read_norms=(), note=_PARALLEL),
     ArchitectureSpec(model_types=("granite",), **_LLAMA_LIKE, residual_multiplier="residual_multiplier",
                      note="attention and MLP outputs are scaled by residual_multiplier before the add; the "
                           "attn_out/mlp_out sites are the scaled contributions"),
     ArchitectureSpec(model_types=("starcoder2",), **dict(_LLAMA_LIKE, mlp_proj="mlp.c_proj"),
                      note="biased projections"),
-    ArchitectureSpec(model_types=("gemma2", "gemma3_text", "gemma3"), **_POST_NORMED, norm_offset=1.0),
-    ArchitectureSpec(model_types=("olmo2", "olmo3", "exaone4"), **_POST_NORMED),
+    ArchitectureSpec(model_types=("gemma2", "gemma3_text", "gemma3"), **_POST_NORMED, norm_offset=1.0,
+                     read_norms=("input_layernorm", "pre_feedforward_layernorm")),
+    ArchitectureSpec(model_types=("olmo2", "olmo3", "exaone4"), **_POST_NORMED, read_norms=("self_attn", "mlp")),
     ArchitectureSpec(model_types=("phi",), **dict(_LLAMA_LIKE, attn_proj="self_attn.dense", mlp_proj="mlp.fc2"),
-                     note=_PARALLEL + "; biased projections"),
+                     read_norms=(), note=_PARALLEL + "; biased projections"),
     ArchitectureSpec(model_types=("falcon",), blocks="transformer.h", embeddings=("transformer.word_embeddings",),
                      attn_out="self_attention", mlp_out="mlp", attn_proj="self_attention.dense",
-                     mlp_proj="mlp.dense_4h_to_h", note="parallel or sequential block, per config"),
+                     mlp_proj="mlp.dense_4h_to_h", read_norms=(), note="parallel or sequential block, per config"),
     ArchitectureSpec(model_types=("gpt2",), blocks="transformer.h", embeddings=("transformer.wte", "transformer.wpe"),
-                     attn_out="attn", mlp_out="mlp", attn_proj="attn.c_proj", mlp_proj="mlp.c_proj", conv1d=True),
+                     attn_out="attn", mlp_out="mlp", attn_proj="attn.c_proj", mlp_proj="mlp.c_proj", conv1d=True,
+                     read_norms=("ln_1", "ln_2")),
     ArchitectureSpec(model_types=("gpt_neox",), blocks="gpt_neox.layers", embeddings=("gpt_neox.embed_in",),
                      attn_out="attention", mlp_out="mlp", attn_proj="attention.dense",
                      mlp_proj="mlp.dense_4h_to_h"),
@@ -230,6 +236,11 @@ class ModelAdapter:
             return get_submodule(block, self.spec.attn_out)
         if site == "mlp_out":
             return get_submodule(block, self.spec.mlp_out)
+        if site in READ_SITES:
+            if not self.spec.read_norms:
+                raise UserError(f"Read-side steering (site {site}) needs separate inputs for attention and the MLP; "
+                                f"{self.model_type} blocks read both through one norm. Use --mode ablate instead.")
+            return get_submodule(block, self.spec.read_norms[READ_SITES.index(site)])
         raise UserError(f"Unknown site '{site}'. Valid sites: {', '.join(SITES)}.")
 
     def site_scale(self, site: str) -> float:

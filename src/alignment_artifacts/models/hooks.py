@@ -2,7 +2,8 @@
 
 A site function receives the site's hidden states ``[batch, seq, hidden]`` and returns either
 None (observe only) or a replacement tensor of the same shape. ``resid_pre`` is a forward
-pre-hook on the block; the other sites are forward hooks on the module the adapter names.
+pre-hook on the block, ``attn_in``/``mlp_in`` pre-hooks on the norm (or sublayer) that attention and
+the MLP read through; the other sites are forward hooks on the module the adapter names.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any, Protocol
 import torch
 
 from ..errors import UserError
-from .adapter import ModelAdapter, first_tensor
+from .adapter import READ_SITES, ModelAdapter, first_tensor
 
 SiteFn = Callable[[torch.Tensor], torch.Tensor | None]
 
@@ -94,7 +95,7 @@ def site_hooks(adapter: ModelAdapter, hooks: Mapping[tuple[str, int], SiteFn]) -
     try:
         for (site, layer), fn in hooks.items():
             module = adapter.site_module(site, layer)
-            if site == "resid_pre":
+            if site == "resid_pre" or site in READ_SITES:
                 handles.append(module.register_forward_pre_hook(_pre_hook(fn), with_kwargs=True))
             else:
                 handles.append(module.register_forward_hook(_post_hook(fn, adapter.site_scale(site))))

@@ -16,13 +16,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..analysis.directions import DirectionSet
+from ..analysis.directions import DirectionSet, check_variant
 from ..errors import CacheError, UserError
 from ..models.generation import GenerationConfig
 from ..steering import PARAMS, SteeringConfig, mode_spec
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
-DIRECTION_FIELDS = ("source", "direction_site", "direction_position", "categories", "pca_components")
+DIRECTION_FIELDS = ("source", "direction_site", "direction_position", "categories", "pca_components",
+                    "direction_variant", "benign_components")
 SERVER_ONLY_FIELDS = ("model_id", "weights_hash", "notes")
 
 # directions_for(config, model_lock): called outside the model lock; any use of the model inside holds model_lock
@@ -136,6 +137,8 @@ class SteeringOverride(_Strict):
     source: str | None = None
     direction_site: str | None = None
     direction_position: str | None = None
+    direction_variant: str | None = None
+    benign_components: int | None = None
 
 
 class TextPart(_Strict):
@@ -266,6 +269,8 @@ def steering_for(default: SteeringConfig, override: SteeringOverride | None,
                 mode_spec(value)
             elif name in PARAMS:
                 PARAMS[name].check(value)
+            elif name == "direction_variant":
+                check_variant(value)
         except UserError as exc:
             raise ApiError(str(exc), param=f"steering.{name}", code="invalid_steering") from exc
     if given.get("mode", default.mode) != default.mode and "scale" not in given:

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from ..analysis.directions import check_variant
 from ..errors import UserError, closest
 from ..models.adapter import SITES
 from .modes import GATE_LEVEL, PARAMS, ModeSpec, mode_spec
@@ -30,6 +31,8 @@ class SteeringConfig:
     decay_rate: float = _DEFAULT["decay_rate"]
     pca_components: int = int(_DEFAULT["pca_components"])
     clamp_level: float = _DEFAULT["clamp_level"]  # clamp: the cap's place between the ordinary (0) and sensitive (1)
+    direction_variant: str = "mean_diff"  # how directions are computed: one of analysis.directions.VARIANTS
+    benign_components: int = int(_DEFAULT["benign_components"])  # variant benign_subspace: principal axes removed
     direction_layer: int | None = None  # use this layer's direction everywhere (None: each layer its own)
     gate_layer: int | None = None  # steer only prompts whose projection here passes gate_level (None: all)
     gate_level: float = GATE_LEVEL.default  # the gate's place between the ordinary (0) and sensitive (1) means
@@ -56,6 +59,7 @@ class SteeringConfig:
         for name, param in PARAMS.items():
             param.check(getattr(self, name))
         GATE_LEVEL.check(self.gate_level)
+        check_variant(self.direction_variant)
         for name in ("site", "direction_site"):
             value = getattr(self, name)
             if value is not None and value not in SITES:

@@ -10,6 +10,10 @@ adaptive   h - s*|cos(h, u)|*v
 sphere     h + s*exp(-decay*|h-c|/R) * (h-c)/|h-c| where |h-c| < R (c: sensitive centroid)
 subspace   h - s * P^T P (h - m): the top-k PCA subspace of paired differences, centred at m
 ablate     h - s*(h.u)u on everything that writes into the residual stream (or chosen sites)
+ablate_norm  ablate, then each position rescaled back to its norm before the ablation
+ablate_mean  h - s*(h.u - c)u at each layer's residual input: the component set to the ordinary
+           (harmless) mean's projection c instead of zero
+ablate_read  ablate the inputs of attention and MLP (before their norms), not the residual stream
 clamp      h - s*max(0, h.u - t)u at each layer's residual input, t between the ordinary and
            the sensitive mean projection (``clamp_level`` 0 and 1): directional ablation that
            leaves activations already on the ordinary side alone (conditional: not bakeable)
@@ -37,6 +41,7 @@ if TYPE_CHECKING:
 
 Update = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]  # float32 h -> (new h, changed mask)
 WRITERS = "writers"  # pseudo-site: everything that writes into the residual stream (the embeddings, attn, mlp)
+READERS = "readers"  # pseudo-site: what attention and the MLP read (their norms' inputs), not the stream
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,7 @@ class ModeSpec:
     bakeable: bool = False  # a fixed linear map of what layers write: can be baked into weights
     additive_sign: float | None = None  # adds sign*s*v everywhere: exportable as a llama.cpp control vector
     conditional: bool = False  # acts depending on each activation: hooks only
+    not_bakeable: str = ""  # why a mode that looks like ablation cannot be baked (export's error says it)
 
     @property
     def control_vector(self) -> bool:
@@ -137,6 +143,34 @@ def _ablate(config: SteeringConfig, directions: DirectionSet, term: Term, device
         return h - proj[..., None] * su, None
 
     return ablate
+
+
+def _ablate_norm(config: SteeringConfig, directions: DirectionSet, term: Term, device: torch.device) -> Update:
+    ablate = _ablate(config, directions, term, device)
+
+    def ablate_norm(h: torch.Tensor) -> tuple[torch.Tensor, None]:
+        new = ablate(h)[0]
+        return new * (h.norm(dim=-1, keepdim=True) / new.norm(dim=-1, keepdim=True).clamp_min(1e-12)), None
+
+    return ablate_norm
+
+
+def _own_means(directions: DirectionSet, term: Term, mode: str) -> None:
+    """Modes that read a layer's mean projections need them measured at the hooked site."""
+    if term.site != directions.site or term.layer not in directions.negative_mean:
+        raise UserError(f"{mode} reads the directions' mean activations, measured at {directions.site}; hook "
+                        f"that site (--site {directions.site}) or collect directions at {term.site}.")
+
+
+def _ablate_mean(config: SteeringConfig, directions: DirectionSet, term: Term, device: torch.device) -> Update:
+    _own_means(directions, term, "Mean-replacement ablation")
+    u = _unit(_v(directions, term, device))
+    target, su = mean_projection(directions, term.layer, u, 0.0), term.s * u  # this layer's ordinary mean
+
+    def ablate_mean(h: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return h - (h @ u - target)[..., None] * su, None
+
+    return ablate_mean
 
 
 def _proximity(config: SteeringConfig, directions: DirectionSet, term: Term, device: torch.device) -> Update:
@@ -191,10 +225,7 @@ def _subspace(config: SteeringConfig, directions: DirectionSet, term: Term, devi
 
 
 def _clamp(config: SteeringConfig, directions: DirectionSet, term: Term, device: torch.device) -> Update:
-    if term.site != directions.site or term.layer not in directions.negative_mean:
-        raise UserError(f"Clamp thresholds come from the directions' mean activations, measured at "
-                        f"{directions.site}; hook that site (--site {directions.site}) or collect directions at "
-                        f"{term.site}.")
+    _own_means(directions, term, "Clamp")
     u = _unit(_v(directions, term, device))
     cap, s = mean_projection(directions, term.layer, u, config.clamp_level), term.s  # this layer's own means
 
@@ -222,6 +253,18 @@ MODES: dict[str, ModeSpec] = {spec.name: spec for spec in (
                            help="subspace dimension k"),)),
     ModeSpec("ablate", "directional ablation (h - s*(h.u)u) of everything writing the residual stream", _ablate,
              refusal_direction=True, site=WRITERS, bakeable=True),
+    ModeSpec("ablate_norm", "ablate, then rescale each position to its norm before", _ablate_norm,
+             refusal_direction=True, site=WRITERS,
+             not_bakeable="the rescaling factor |h|/|h'| differs per token, and no fixed weights reproduce it"),
+    ModeSpec("ablate_mean", "set h.u to the ordinary mean's projection at each layer's input (not to 0)",
+             _ablate_mean, refusal_direction=True, layers="all",
+             not_bakeable="it sets the residual stream's own component at each layer, which no single writer's "
+                          "weights produce (a bias could carry it only on models whose projections have biases, "
+                          "at scale 1, with one direction everywhere)"),
+    ModeSpec("ablate_read", "ablate what attention and the MLP read (their norms' inputs), not the stream",
+             _ablate, refusal_direction=True, site=READERS,
+             not_bakeable="the norm after the ablation rescales each token by its own RMS, so readers' weights "
+                          "cannot express it exactly"),
     ModeSpec("clamp", "ablation capped at a level between the ordinary and sensitive means", _clamp,
              refusal_direction=True, layers="all", conditional=True,
              params=(Param("clamp_level", 0.2, -1.0, 2.0, rule=_PLACE,
@@ -232,6 +275,9 @@ MODES: dict[str, ModeSpec] = {spec.name: spec for spec in (
 )}
 STEERING_MODES = tuple(name for name, spec in MODES.items() if spec.build is not None)
 PARAMS: dict[str, Param] = {p.name: p for spec in MODES.values() for p in spec.params}
+BENIGN_COMPONENTS = Param("benign_components", 3, 1.0, integer=True, rule="must be at least 1",
+                          help="principal axes of the ordinary activations the benign_subspace direction removes")
+PARAMS[BENIGN_COMPONENTS.name] = BENIGN_COMPONENTS  # a knob of direction computation, for every mode
 GATE_LEVEL = Param("gate_level", 0.0, -1.0, 2.0, rule=_PLACE,
                    help="the gate's place between the ordinary (0) and sensitive (1) means")
 

@@ -18,11 +18,12 @@ import torch
 
 from ..analysis.directions import DirectionSet
 from ..errors import UserError
+from ..models.adapter import READ_SITES
 from ..models.hooks import attach_passes, site_hooks
 from ..models.offload import per_device, site_device
 from .config import SteeringConfig
 from .gate import Gate
-from .modes import MODES, WRITERS, ModeSpec, Term, Update, as_f32, format_advice
+from .modes import MODES, READERS, WRITERS, ModeSpec, Term, Update, as_f32, format_advice
 
 SiteFunction = Callable[[torch.Tensor], Any]
 SiteWrap = Callable[[SiteFunction], SiteFunction]
@@ -127,6 +128,9 @@ class Steering:
             layers = config.layers if config.layers is not None else list(range(n_layers))
             targets = [("resid_pre", 0)] if 0 in layers else []  # the embeddings' write
             return targets + [(s, layer) for layer in layers for s in ("attn_out", "mlp_out")]
+        if site == READERS:
+            layers = config.layers if config.layers is not None else list(range(n_layers))
+            return [(s, layer) for layer in layers for s in READ_SITES]
         if config.layers is not None:
             layers = list(config.layers)
         elif spec.layers == "direction_layer" and config.direction_layer is not None:
@@ -150,8 +154,9 @@ class Steering:
         """``terms`` of a configuration that fixed weights can express (else a UserError that says why)."""
         if not self.spec.bakeable:
             baked = "/".join(f"'{m}'" for m, s in MODES.items() if s.bakeable)
-            raise UserError(f"Mode '{self.config.mode}' cannot be baked into weights: only {baked} is a fixed "
-                            f"linear projection of what each layer writes. {format_advice()}")
+            why = (f": {self.spec.not_bakeable}" if self.spec.not_bakeable else
+                   f": only {baked} is a fixed linear projection of what each layer writes")
+            raise UserError(f"Mode '{self.config.mode}' cannot be baked into weights{why}. {format_advice()}")
         self._refuse_gate()
         return [t for t in self.terms(n_layers) if t.s != 0.0]
 
