@@ -6,6 +6,7 @@ Each command's flags come first (``add_*``), then the command (``cmd_*``).
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from ..errors import UserError
@@ -67,5 +68,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     limits = ServerLimits(max_tokens=args.max_tokens_limit, request_timeout=args.request_timeout,
                           max_batch=args.max_batch)
-    serve(loaded, config, directions_for, host=args.host, port=args.port, api_key=args.api_key, limits=limits)
+    try:
+        serve(loaded, config, directions_for, host=args.host, port=args.port, api_key=args.api_key, limits=limits)
+    except KeyboardInterrupt:  # uvicorn re-raises the signal after its clean shutdown: a normal stop
+        print("server stopped", file=sys.stderr)
     return 0

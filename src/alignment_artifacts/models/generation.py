@@ -123,7 +123,7 @@ def decode_step(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tenso
         return _call(model, _kwargs(model, input_ids, attention_mask, cache, None), last_only)
 
 
-def _apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     if penalty == 1.0:
         return logits
     picked = torch.gather(logits, 1, seen)
@@ -131,7 +131,7 @@ def _apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty:
     return logits.scatter(1, seen, picked)
 
 
-def _sample(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
+def sample(logits: torch.Tensor, config: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
     if config.temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / config.temperature, dim=-1)
@@ -166,8 +166,8 @@ def generate_ids(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
     steps: list[torch.Tensor] = []
     alive: list[torch.Tensor] = []
     for step in range(config.max_tokens):
-        scored = _apply_repetition_penalty(logits, seen, config.repetition_penalty)
-        token = _sample(scored, config, generator)
+        scored = apply_repetition_penalty(logits, seen, config.repetition_penalty)
+        token = sample(scored, config, generator)
         token = torch.where(finished, torch.full_like(token, pad_id), token)
         alive.append(~finished)
         steps.append(token)

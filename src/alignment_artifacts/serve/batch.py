@@ -21,7 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..models.generation import _apply_repetition_penalty, _sample
+from ..models.generation import apply_repetition_penalty
+from ..models.generation import sample as sample_token
 from ..models.prefix import expandable
 from .jobs import Job, TextTracker
 
@@ -93,8 +94,8 @@ class Row:
         if config.temperature == 0 and config.repetition_penalty == 1.0:
             self.token = greedy
         else:
-            scored = _apply_repetition_penalty(logits, self.seen, config.repetition_penalty)
-            self.token = int(_sample(scored, config, self.generator))
+            scored = apply_repetition_penalty(logits, self.seen, config.repetition_penalty)
+            self.token = int(sample_token(scored, config, self.generator))
         if config.repetition_penalty != 1.0:
             self.seen = torch.cat([self.seen, self.seen.new_tensor([[self.token]])], dim=1)
         self.done = self.tracker.feed(self.token)
