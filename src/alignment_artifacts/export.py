@@ -76,7 +76,7 @@ def export(loaded: Any, steering: Steering, out: str | Path, format: str = "hf",
 
 # Shared pieces ------------------------------------------------------------------------------
 
-def _check_target(out: Path, force: bool, folder: bool = True) -> None:
+def check_target(out: Path, force: bool, folder: bool = True) -> None:
     """Refuse to replace an existing export unless asked, or to replace a file by a folder (or back)."""
     if not out.exists():
         return
@@ -89,7 +89,7 @@ def _check_target(out: Path, force: bool, folder: bool = True) -> None:
                         "choose another path.")
 
 
-def _manifest(loaded: Any, config: SteeringConfig, directions: DirectionSet, format: str,
+def export_manifest(loaded: Any, config: SteeringConfig, directions: DirectionSet, format: str,
               evaluation: dict[str, Any] | None, **extra: Any) -> dict[str, Any]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -138,7 +138,7 @@ def _write_card(folder: Path, title: str, manifest: dict[str, Any], body: list[s
 def _export_hf(loaded: Any, steering: Steering, out: Path, force: bool, evaluation: dict[str, Any] | None) -> Path:
     config, directions = steering.config, steering.require_directions()
     bake_plan(steering, loaded.adapter)  # refuse before copying gigabytes
-    _check_target(out, force)
+    check_target(out, force)
     baked, changed = bake_ablation(loaded, steering)
     notes = []
     if not loaded.adapter.bake_is_exact:
@@ -149,7 +149,7 @@ def _export_hf(loaded: Any, steering: Steering, out: Path, force: bool, evaluati
                      "rescales the rest: logits differ from the hooked model (see bake_check).")
         warnings.warn(notes[-1], stacklevel=3)
     check = bake_error(loaded, baked, steering)
-    manifest = _manifest(loaded, config, directions, "hf", evaluation, exact=loaded.adapter.bake_is_exact,
+    manifest = export_manifest(loaded, config, directions, "hf", evaluation, exact=loaded.adapter.bake_is_exact,
                          warnings=notes, bake_check=check, modified=changed, memory_note=MEMORY_NOTE)
     body = [f"`{loaded.info.name}` with directional ablation baked into its weights by "
             "alignment-artifacts.", "",
@@ -243,8 +243,8 @@ def _export_control_vector(loaded: Any, steering: Steering, out: Path, force: bo
         raise UserError(f"Mode '{steering.config.mode}' steers nothing; there is nothing to export.")
     config, directions = steering.config, steering.require_directions()
     vectors = control_vectors(loaded, steering)
-    _check_target(out, force, folder=out.suffix != ".gguf")
-    manifest = _manifest(loaded, config, directions, "gguf-control-vector", evaluation,
+    check_target(out, force, folder=out.suffix != ".gguf")
+    manifest = export_manifest(loaded, config, directions, "gguf-control-vector", evaluation,
                          control_vector_layers={f"direction.{n}": f"added to the output of 0-based block {n}"
                                                 for n in vectors})
     if out.suffix == ".gguf":
@@ -291,8 +291,8 @@ def _export_vectors(loaded: Any, steering: Steering, out: Path, force: bool,
     if steering.spec.build is None:
         raise UserError(f"Mode '{steering.config.mode}' steers nothing; there is nothing to export.")
     config, directions = steering.config, steering.require_directions()
-    _check_target(out, force)
-    manifest = _manifest(loaded, config, directions, "vectors", evaluation)
+    check_target(out, force)
+    manifest = export_manifest(loaded, config, directions, "vectors", evaluation)
     body = [f"Steering directions and configuration for `{loaded.info.name}` (mode `{config.mode}`).", "",
             f"- Direction: {_direction_summary(config, directions)}", "", "## Usage", "", "```python",
             "from alignment_artifacts.export import load_steering",

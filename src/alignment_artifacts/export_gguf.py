@@ -31,7 +31,7 @@ from .analysis.directions import DirectionSet
 from .bake import bake_plan, write_direction
 from .cache import atomic_file
 from .errors import UserError, closest
-from .export import _check_target, _manifest
+from .export import check_target, export_manifest
 from .steering import Steering
 
 MANIFEST_KEY = "alignment_artifacts.export"
@@ -214,7 +214,7 @@ def export_gguf(loaded: Any, steering: Steering, out: Path, force: bool, evaluat
         raise UserError(f"--format gguf writes one file; give --out a path ending in .gguf (got {out}).")
     bake_plan(steering, loaded.adapter)  # refuse modes and sites before reading gigabytes
     source = source_gguf(loaded)
-    _check_target(out, force, folder=False)
+    check_target(out, force, folder=False)
     reader = gguf.GGUFReader(source)
     if reader.byte_order != "I":
         raise UserError(f"{source} is stored in the other byte order than this machine's; convert it with "
@@ -238,7 +238,7 @@ def export_gguf(loaded: Any, steering: Steering, out: Path, force: bool, evaluat
     errors: dict[str, float] = {}
     for name, edit in by_name.items():
         written[name], errors[name] = _rewrite(tensors[name], edit, targets[name])
-    manifest = _manifest(loaded, config, directions, "gguf", evaluation, exact=loaded.adapter.bake_is_exact,
+    manifest = export_manifest(loaded, config, directions, "gguf", evaluation, exact=loaded.adapter.bake_is_exact,
                          warnings=notes, source_gguf=str(source), gguf_type=gguf_type,
                          directions_sha256=directions_sha256(directions),
                          modified={name: {"from": edit.source, "source_type": tensors[name].tensor_type.name,
