@@ -37,7 +37,8 @@ aa() { "$PY" -m alignment_artifacts "$@"; }
 now() { date +%s.%N; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 
-# Small prompt files for optimize, cut from the builtin sets (nothing new is written into the repository).
+# Small prompt files for optimize, cut from the builtin sets (nothing new is written into the repository);
+# its check sizes are small too, so that a round takes seconds rather than minutes.
 "$PY" - "$WORK" <<'EOF'
 import json, sys
 from alignment_artifacts.prompts import load_builtin
@@ -48,7 +49,8 @@ EOF
 COLLECT=(collect --model "$MODEL" --prompts pairs --limit 4 --batch-size 2 --json)
 EXPORT=(export --model "$MODEL" --mode ablate --format hf --out "$WORK/out/ablated" --force --json)
 OPTIMIZE=(optimize --model "$MODEL" --harmful "$WORK/harmful.json" --harmless "$WORK/harmless.json" --trials 2
-          --timeout 60 --search-size 4 --modes ablate --no-gate --max-tokens 8 --json)
+          --timeout 60 --search-size 4 --modes ablate --no-gate --max-tokens 8 --finalists 1
+          --n-ordinary 8 --n-borderline 8 --n-capability 8 --judged-borderline 4 --judged-ordinary 4 --json)
 
 prepare() {  # prepare NAME: the state each round starts from
     case $1 in

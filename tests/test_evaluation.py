@@ -206,6 +206,8 @@ def test_optimize_bad_input(cache_root, tmp_path):
         optimize(loaded, OptimizeSettings(modes=["sphere"]), progress=False)
     with pytest.raises(UserError, match="--search-size 2 is too small"):
         optimize(loaded, OptimizeSettings(search_size=2), progress=False)
+    with pytest.raises(UserError, match="--n-capability 0, --judged-ordinary 0: every check size"):
+        optimize(loaded, OptimizeSettings(n_capability=0, judged_ordinary=0), progress=False)
 
 
 def test_search_prompts_are_never_direction_prompts(prompt_files, tmp_path):

@@ -203,6 +203,15 @@ def add_optimize(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-kl", type=float, default=0.1,
                    help="finalists come from below this screening cost: ordinary KL + borderline collateral KL")
     p.add_argument("--finalists", type=int, default=3, help="Pareto points checked on validation (default 3)")
+    p.add_argument("--n-ordinary", type=int, default=200,
+                   help="ordinary validation prompts each finalist's KL is measured on (default 200)")
+    p.add_argument("--n-borderline", type=int, default=None,
+                   help="borderline validation prompts per check (default: the whole validation split)")
+    p.add_argument("--n-capability", type=int, default=200, help="capability tasks per check (default 200)")
+    p.add_argument("--judged-borderline", type=int, default=64,
+                   help="borderline answers generated and judged per check (default 64)")
+    p.add_argument("--judged-ordinary", type=int, default=48,
+                   help="ordinary answers generated and judged per check (default 48)")
     add_judge(p)
     p.add_argument("--max-tokens", type=int, default=48,
                    help="tokens generated per answer when finalists are checked (default 48)")
@@ -233,6 +242,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
                                 modes=split(args.modes) or ["clamp", "ablate"], screen_dtype=args.screen_dtype,
                                 gate=not args.no_gate, ordinary=args.ordinary, borderline=args.borderline,
                                 finalists=args.finalists, max_tokens=args.max_tokens, thinking=args.thinking,
+                                n_val_ordinary=args.n_ordinary, n_val_borderline=args.n_borderline,
+                                n_capability=args.n_capability, judged_borderline=args.judged_borderline,
+                                judged_ordinary=args.judged_ordinary,
                                 thinking_budget=args.thinking_budget)
     result = optimize(loaded, settings, progress=not args.json, judge=judge(args, loaded))
     emit(args, result.to_json(), result.summary())

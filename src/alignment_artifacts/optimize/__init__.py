@@ -159,6 +159,13 @@ def _check(settings: OptimizeSettings) -> None:
         raise UserError(f"--timeout {settings.timeout:g} s is too short for even one trial; give at least 60 s.")
     if settings.finalists < 1:
         raise UserError(f"--finalists must be at least 1 (got {settings.finalists}).")
+    sizes = {"--n-ordinary": settings.n_val_ordinary, "--n-borderline": settings.n_val_borderline,
+             "--n-capability": settings.n_capability, "--judged-borderline": settings.judged_borderline,
+             "--judged-ordinary": settings.judged_ordinary}
+    small = [f"{flag} {n}" for flag, n in sizes.items() if n is not None and n < 1]
+    if small:
+        raise UserError(f"{', '.join(small)}: every check size must be at least 1 (the finalists are compared on "
+                        "all four groups).")
 
 
 @dataclass
