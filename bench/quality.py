@@ -46,13 +46,19 @@ def main() -> int:
     parser.add_argument("--judge", default=None,
                         help="judge (default markers+MODEL: markers, then the model itself for what they call "
                              "compliance); 'markers' for keywords only")
-    parser.add_argument("--budget", type=float, default=1800, help="seconds for the optimize run")
+    parser.add_argument("--budget", type=float, default=3600,
+                        help="seconds for the optimize run, checks included (default 3600: on a 2-core CPU one "
+                             "check of the builtin Qwen takes about 8 minutes, so 1800 s leaves the search a minute)")
     parser.add_argument("--trials", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--finalists", type=int, default=3)
+    parser.add_argument("--finalists", type=int, default=2)
     parser.add_argument("--no-gate", action="store_true", help="leave per-prompt gates out of the search")
     parser.add_argument("--modes", default="clamp,ablate")
-    parser.add_argument("--n-capability", type=int, default=200)
+    parser.add_argument("--n-capability", type=int, default=100, help="capability tasks per check (default 100)")
+    parser.add_argument("--judged-borderline", type=int, default=48,
+                        help="borderline answers judged per check (collateral KL covers those the model answers)")
+    parser.add_argument("--judged-ordinary", type=int, default=24,
+                        help="ordinary answers judged per check (KL covers 200 ordinary prompts regardless)")
     parser.add_argument("--data", default=str(DATA))
     args = parser.parse_args()
     data = Path(args.data)
@@ -70,7 +76,8 @@ def main() -> int:
     result = optimize(loaded, OptimizeSettings(
         trials=args.trials, timeout=args.budget, seed=args.seed, harmful=str(tmp / "harmful_train.json"),
         val_harmful=str(tmp / "harmful_val.json"), finalists=args.finalists, modes=args.modes.split(","),
-        gate=not args.no_gate, n_capability=args.n_capability, check_plain_recipe=True),
+        gate=not args.no_gate, n_capability=args.n_capability, judged_borderline=args.judged_borderline,
+        judged_ordinary=args.judged_ordinary, check_plain_recipe=True),
         progress=sys.stderr.isatty(), judge=judge)
     wall = time.perf_counter() - started
     rows = result.finalists
@@ -80,7 +87,11 @@ def main() -> int:
     gated = [r for r in searched if r["config"].get("gate_layer") is not None]
     v0 = plain["validation"]
     print(f"model: {loaded.info.name} ({loaded.info.dtype}); judge: {result.judge}")
-    print(f"optimize: {result.trials} trials, {len(searched)} finalists checked; wall time (s): {wall:.0f}")
+    print(f"optimize: {result.trials} trials, {len(searched)} finalists checked; wall time (s): {wall:.0f} "
+          f"(budget {args.budget:.0f})")
+    print(f"check sizes: harmful {v0['harmful']['n']}, borderline judged {v0['borderline']['n_judged']} (answered "
+          f"{v0['borderline']['n_answered']}), ordinary KL "
+          f"{v0['ordinary']['n']} (judged {args.judged_ordinary}), capability {args.n_capability}")
     print(f"{'configuration':26} {'harmful':>7} {'markers':>7} {'border':>7} {'coll.KL':>8} {'touch':>6} "
           f"{'ord. KL [95% CI]':>24} {'capab. pts [CI]':>18}")
     h, b = v0["harmful"], v0["borderline"]
