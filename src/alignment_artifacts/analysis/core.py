@@ -22,7 +22,7 @@ import torch
 
 from ..errors import UserError, closest
 from . import stats
-from .directions import DirectionSet, direction_from_groups
+from .directions import DirectionSet, Variant, check_variant, direction_from_groups
 from .hypotheses import seed_hypotheses
 from .result import POOLED, ROW_FIELDS, SCHEMA_VERSION, AnalysisResult, CellStats, clean, load_result, package_version
 
@@ -43,13 +43,18 @@ def analyze(store: ActivationStore, *, site: str | None = None, position: str | 
             n_permutations: int = 1000, n_bootstrap: int = 2000, folds: stats.Folds = 5,
             pca_components: int = 5, method: str = "mean", seed: int = 0, progress: bool = True,
             alpha: float = 0.05, ci_level: float = 0.95,
-            permutation_statistic: Literal["in_sample", "heldout"] = "heldout") -> AnalysisResult:
+            permutation_statistic: Literal["in_sample", "heldout"] = "heldout", variant: str = "mean_diff",
+            benign_components: int = 3) -> AnalysisResult:
     """Measure the artifact direction per category and layer; see the module docstring for outputs.
 
     ``method`` ("mean" or "median") only changes the saved steering directions and the cosines;
     the statistics always use the mean difference, whose linearity makes refitting per fold and
-    per permutation exact and cheap. Folds, bootstrap resamples and permutations are drawn once per
-    source from ``seed`` and shared by all layers, so layers are compared on the same resamples.
+    per permutation exact and cheap. ``variant`` (``directions.VARIANTS``) changes the directions and
+    the statistics: a linear variant is measured as the mean difference of its mapped rows
+    (``directions.variant_features``); ``median`` has no such map, so its statistics stay those of
+    the mean difference (``config.statistics_variant`` says which). Folds, bootstrap resamples and
+    permutations are drawn once per source from ``seed`` and shared by all layers, so layers are
+    compared on the same resamples.
     ``permutation_statistic``: the refitted cross-fitted g ("heldout", default) or the refitted
     in-sample g ("in_sample"), which loses power on anisotropic activations (see
     ``stats.permutation_test``). Runs with one torch thread (restored afterwards), which is fastest
@@ -59,15 +64,16 @@ def analyze(store: ActivationStore, *, site: str | None = None, position: str | 
         return _analyze(store, site=site, position=position, layers=layers, categories=categories,
                         n_permutations=n_permutations, n_bootstrap=n_bootstrap, folds=folds,
                         pca_components=pca_components, method=method, seed=seed, progress=progress, alpha=alpha,
-                        ci_level=ci_level, permutation_statistic=permutation_statistic)
+                        ci_level=ci_level, permutation_statistic=permutation_statistic,
+                        variant=Variant(variant, benign_components))
 
 
 def _analyze(store: ActivationStore, *, site: str | None, position: str | None, layers: Sequence[int] | None,
              categories: Sequence[str] | None, n_permutations: int, n_bootstrap: int, folds: stats.Folds,
              pca_components: int, method: str, seed: int, progress: bool, alpha: float, ci_level: float,
-             permutation_statistic: str) -> AnalysisResult:
+             permutation_statistic: str, variant: Variant) -> AnalysisResult:
     start = time.perf_counter()
-    _check_options(method, permutation_statistic, n_permutations, n_bootstrap)
+    _check_options(method, permutation_statistic, n_permutations, n_bootstrap, variant)
     site = _pick("site", site, list(store.sites), PREFERRED_SITE)
     position = _pick_position(store, position)
     layer_list = _pick_layers(store, layers)
@@ -79,7 +85,7 @@ def _analyze(store: ActivationStore, *, site: str | None, position: str | None, 
                       n_bootstrap=n_bootstrap, n_permutations=n_permutations)
         for i, name in enumerate(designs)
     ]
-    cells, parts, hidden = _measure(store, site, position, layer_list, sources, method=method,
+    cells, parts, hidden = _measure(store, site, position, layer_list, sources, method=method, variant=variant,
                                     pca_components=pca_components, ci_level=ci_level,
                                     heldout_test=permutation_statistic == "heldout", progress=progress)
     _correct_across_layers(cells, sources, layer_list, alpha)
@@ -103,20 +109,20 @@ def _analyze(store: ActivationStore, *, site: str | None, position: str | None, 
 
     pooled_src = next(src for src in sources if src.name == POOLED)
     top_acts = store.get(site, top_layer, position).detach().float().cpu()
-    top_acts = top_acts[torch.as_tensor(pooled_src.rows)]
+    top_acts = variant.features(top_acts[torch.as_tensor(pooled_src.rows)], pooled_src.design.positive)
     projection = _projection(top_acts, pooled_src.design, prompts, pooled_src.rows, top_layer, POOLED)
 
     model = _identity(store, hidden)
     prompt_info = _prompt_set_info(store, rows_by_source, designs)
     directions = {src.name: _direction_set(src, cells, parts, site=site, position=position, layers=layer_list,
-                                           method=method, model=model, prompt_info=prompt_info,
-                                           recommended=recommended)
+                                           method=method, variant=variant, model=model,
+                                           prompt_info=prompt_info, recommended=recommended)
                   for src in sources}
     config = {"site": site, "position": position, "layers": layer_list,
               "categories": list(categories) if categories is not None else None,
               "n_permutations": n_permutations, "n_bootstrap": n_bootstrap, "folds": folds,
               "pca_components": pca_components, "method": method, "seed": seed, "alpha": alpha,
-              "ci_level": ci_level, "permutation_statistic": permutation_statistic}
+              "ci_level": ci_level, "permutation_statistic": permutation_statistic, **variant.config()}
     return AnalysisResult(
         site=site, position=position, layers=layer_list, sources=names,
         cells=[cells[n, layer] for n in names for layer in layer_list], model=model,
@@ -127,7 +133,11 @@ def _analyze(store: ActivationStore, *, site: str | None, position: str | None, 
         created=datetime.now(UTC).isoformat(timespec="seconds"), package_version=package_version())
 
 
-def _check_options(method: str, permutation_statistic: str, n_permutations: int, n_bootstrap: int) -> None:
+def _check_options(method: str, permutation_statistic: str, n_permutations: int, n_bootstrap: int,
+                   variant: Variant) -> None:
+    check_variant(variant.name)
+    if variant.benign_components < 1:
+        raise UserError(f"benign_components must be at least 1 (got {variant.benign_components}).")
     if method not in ("mean", "median"):
         raise UserError(f"Unknown direction method '{method}'. Use 'mean' or 'median'.")
     if permutation_statistic not in ("in_sample", "heldout"):
@@ -264,10 +274,11 @@ class _Source:
 
 
 def _measure(store: ActivationStore, site: str, position: str, layers: list[int], sources: list[_Source], *,
-             method: str, pca_components: int, ci_level: float, heldout_test: bool, progress: bool
-             ) -> tuple[dict[tuple[str, int], CellStats], dict[tuple[str, int], Parts], int]:
+             method: str, variant: Variant, pca_components: int, ci_level: float, heldout_test: bool,
+             progress: bool) -> tuple[dict[tuple[str, int], CellStats], dict[tuple[str, int], Parts], int]:
     """Every source's statistics and direction parts at every layer, and the hidden size. One layer's
-    activations are read at a time and their Gram matrix is computed once for all sources."""
+    activations are read at a time; for the mean difference their Gram matrix is computed once for all
+    sources, a linear variant maps each source's rows (its own fit) and takes their Gram."""
     from tqdm.auto import tqdm
 
     cells: dict[tuple[str, int], CellStats] = {}
@@ -275,26 +286,36 @@ def _measure(store: ActivationStore, site: str, position: str, layers: list[int]
     hidden = 0
     bar = tqdm(total=len(sources) * len(layers), desc="analyze", unit="cell", disable=not progress)
     used = np.unique(np.concatenate([src.rows for src in sources]))
+    shared = variant.statistics == "mean_diff"
     for layer in layers:
         acts = store.get(site, layer, position).detach().float().cpu()
         hidden = int(acts.shape[-1])
-        full_gram = np.zeros((acts.shape[0], acts.shape[0]))
-        full_gram[np.ix_(used, used)] = stats.gram(acts[torch.as_tensor(used)])
+        if shared:
+            full_gram = np.zeros((acts.shape[0], acts.shape[0]))
+            full_gram[np.ix_(used, used)] = stats.gram(acts[torch.as_tensor(used)])
         for src in sources:
             bar.set_postfix_str(f"{src.name} L{layer}", refresh=False)
             x = acts[torch.as_tensor(src.rows)]
-            g = stats.centre_gram(full_gram[np.ix_(src.rows, src.rows)])
-            cells[src.name, layer] = _cell(src, layer, x, g, ci_level, heldout_test)
-            parts[src.name, layer] = _direction_parts(x, src.design, method, pca_components)
+            part = parts[src.name, layer] = _direction_parts(x, src.design, method, pca_components, variant)
+            if shared:
+                g = stats.centre_gram(full_gram[np.ix_(src.rows, src.rows)])
+            else:
+                g = stats.gram(variant.features(x, src.design.positive))
+            norm = _mean_gap(x, src.design) if variant.name == "mean_diff" else float(part[0].double().norm())
+            cells[src.name, layer] = _cell(src, layer, g, ci_level, heldout_test, norm)
             bar.update()
     bar.close()
     return cells, parts, hidden
 
 
-def _cell(src: _Source, layer: int, x: torch.Tensor, g: np.ndarray, level: float, heldout_test: bool
-          ) -> CellStats:
-    """All statistics of one source at one layer (``g``: its centred Gram); refit bootstrap
-    replicates are kept on ``src`` for the hypotheses."""
+def _mean_gap(x: torch.Tensor, design: stats.Design) -> float:
+    xd = x.numpy().astype(np.float64)
+    return float(np.linalg.norm(xd[design.positive].mean(0) - xd[~design.positive].mean(0)))
+
+
+def _cell(src: _Source, layer: int, g: np.ndarray, level: float, heldout_test: bool, norm: float) -> CellStats:
+    """All statistics of one source at one layer (``g``: its centred Gram; ``norm``: its direction's);
+    refit bootstrap replicates are kept on ``src`` for the hypotheses."""
     design, pos = src.design, src.design.positive
     sep = stats.separability_from_gram(g, design, src.fold)
     perm = stats.permutation_test_from_gram(g, design, src.perms, src.fold if heldout_test else None)
@@ -302,20 +323,19 @@ def _cell(src: _Source, layer: int, x: torch.Tensor, g: np.ndarray, level: float
     ci_low, ci_high = stats.interval(sep.heldout_g, reps, None, level, "centred")
     in_low, in_high = stats.interval(sep.in_sample_g, stats.refit_g(g, pos, src.boot), None, level, "centred")
     src.replicates[layer] = reps
-    xd = x.numpy().astype(np.float64)
-    norm = float(np.linalg.norm(xd[pos].mean(0) - xd[~pos].mean(0)))
     return CellStats(src.name, layer, design.n, design.n_positive, design.n_negative,
                      design.n_clusters if design.paired else 0, design.paired, sep.heldout_g, ci_low, ci_high,
                      sep.heldout_accuracy, sep.heldout_auroc, sep.in_sample_g, in_low, in_high,
                      sep.in_sample_accuracy, sep.in_sample_auroc, perm.p_value, norm)
 
 
-def _direction_parts(x: torch.Tensor, design: stats.Design, method: str, k: int) -> Parts:
+def _direction_parts(x: torch.Tensor, design: stats.Design, method: str, k: int, variant: Variant) -> Parts:
     """(vector, positive centre, negative centre, PCA basis). The PCA basis is of the centred paired
     differences when pairs exist; unpaired, each positive row is paired with the negative centroid,
     i.e. the principal variation of the sensitive group around its own mean."""
     pos_t, neg_t = torch.as_tensor(design.positive), torch.as_tensor(~design.positive)
-    vector, pos_centre, neg_centre = direction_from_groups(x[pos_t], x[neg_t], method)
+    vector, pos_centre, neg_centre = direction_from_groups(x[pos_t], x[neg_t], method, variant.name,
+                                                           variant.benign_components)
     rows = x.numpy().astype(np.float64)
     if k <= 0:
         return vector, pos_centre, neg_centre, None
@@ -353,8 +373,8 @@ def _projection(x: torch.Tensor, design: stats.Design, prompts: Sequence[Prompt]
 
 
 def _direction_set(src: _Source, cells: dict[tuple[str, int], CellStats], parts: dict[tuple[str, int], Parts], *,
-                   site: str, position: str, layers: list[int], method: str, model: dict[str, Any],
-                   prompt_info: dict[str, Any], recommended: list[int]) -> DirectionSet:
+                   site: str, position: str, layers: list[int], method: str, variant: Variant,
+                   model: dict[str, Any], prompt_info: dict[str, Any], recommended: list[int]) -> DirectionSet:
     """A source's directions at every layer, with what steering and export need to know of them."""
     return DirectionSet(
         site=site, position=position, source=src.name,
@@ -362,7 +382,7 @@ def _direction_set(src: _Source, cells: dict[tuple[str, int], CellStats], parts:
         positive_mean={layer: parts[src.name, layer][1] for layer in layers},
         negative_mean={layer: parts[src.name, layer][2] for layer in layers},
         pca={layer: basis for layer in layers if (basis := parts[src.name, layer][3]) is not None},
-        method=method,
+        method=method, variant=variant.name,
         model_id=model["model_id"], weights_hash=model["weights_hash"], hidden_size=model["hidden_size"],
         prompt_set_hash=prompt_info["hash"], n_positive=src.design.n_positive,
         n_negative=src.design.n_negative,
@@ -371,4 +391,6 @@ def _direction_set(src: _Source, cells: dict[tuple[str, int], CellStats], parts:
                      else "positive rows minus the negative centroid, centred",
                      "recommended_layers": recommended,
                      "heldout_g": {str(layer): cells[src.name, layer].heldout_g for layer in layers},
-                     "analysis_schema_version": SCHEMA_VERSION}))
+                     "analysis_schema_version": SCHEMA_VERSION,
+                     **({"benign_components": variant.benign_components}
+                        if variant.name == "benign_subspace" else {})}))

@@ -16,13 +16,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
 
 from ..cache import atomic_directory, atomic_save_safetensors, atomic_write_json
 from ..errors import CacheError, UserError, closest
+
+if TYPE_CHECKING:
+    import numpy as np
 
 FORMAT_VERSION = 1
 VARIANTS = {
@@ -190,22 +193,79 @@ def direction_from_groups(positive: torch.Tensor, negative: torch.Tensor, method
 def _variant_axis(positive: torch.Tensor, negative: torch.Tensor, diff: torch.Tensor, neg: torch.Tensor,
                   variant: str, k: int) -> torch.Tensor:
     """The direction of a variant (any length), from float64 groups, centre difference and ordinary centre."""
-    from .stats import principal_axes
-
     if variant == "harmless_projected":  # what the ordinary centre already points along is not the artifact
-        m = neg / neg.norm().clamp_min(1e-12)
+        m = _ordinary_axis(neg)
         return diff - (diff @ m) * m
     if variant == "benign_subspace":  # nor is the ordinary activations' main variation
-        basis = principal_axes(negative, k).double()
+        basis = _benign_basis(negative, k)
         return diff - basis.T @ (basis @ diff)
     if variant == "standardized":  # dimensions that vary a lot within groups count less
-        dof = len(positive) + len(negative) - 2
-        if dof < 1:
-            raise UserError("The 'standardized' direction needs at least 3 prompts (a per-dimension spread).")
-        squares = ((positive - positive.mean(0)) ** 2).sum(0) + ((negative - negative.mean(0)) ** 2).sum(0)
-        std = (squares / dof).sqrt()
-        return diff / std.clamp_min(1e-6 * float(std.max()) + 1e-12)
+        return diff / _pooled_std(positive, negative)
     return torch.quantile(positive, 0.5, dim=0) - torch.quantile(negative, 0.5, dim=0)  # median: robust per unit
+
+
+def _ordinary_axis(neg: torch.Tensor) -> torch.Tensor:
+    return neg / neg.norm().clamp_min(1e-12)
+
+
+def _benign_basis(negative: torch.Tensor, k: int) -> torch.Tensor:
+    from .stats import principal_axes
+
+    return principal_axes(negative, k).double()
+
+
+def _pooled_std(positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+    """Per-dimension within-group std, floored so a constant unit cannot divide by zero."""
+    dof = len(positive) + len(negative) - 2
+    if dof < 1:
+        raise UserError("The 'standardized' direction needs at least 3 prompts (a per-dimension spread).")
+    squares = ((positive - positive.mean(0)) ** 2).sum(0) + ((negative - negative.mean(0)) ** 2).sum(0)
+    std = (squares / dof).sqrt()
+    return std.clamp_min(1e-6 * float(std.max()) + 1e-12)
+
+
+def variant_features(rows: torch.Tensor, positive: torch.Tensor, variant: str, benign_components: int = 3
+                     ) -> torch.Tensor | None:
+    """``rows`` (float64) mapped so that their plain mean difference points along ``variant``'s direction.
+
+    Projections onto that mean difference are then projections onto the variant's direction (up to
+    one positive factor), so ``analyze`` measures a variant with its mean-difference statistics
+    unchanged, refits in folds, resamples and permutations included; the map itself is fitted once,
+    on all ``rows`` (``positive``: their labels as a bool mask). The three variants are linear maps
+    A with direction A²d: projections (harmless_projected, benign_subspace) and a per-unit scaling by
+    1/sqrt(std) (standardized). None for mean_diff (no map needed) and median (no linear map).
+    """
+    check_variant(variant)
+    if variant in ("mean_diff", "median"):
+        return None
+    x = rows.double()
+    if variant == "standardized":
+        return x / _pooled_std(x[positive], x[~positive]).sqrt()
+    negative = x[~positive]
+    basis = (_ordinary_axis(negative.mean(0))[None] if variant == "harmless_projected"
+             else _benign_basis(negative, benign_components))
+    return x - (x @ basis.T) @ basis
+
+
+@dataclass(frozen=True)
+class Variant:
+    """The direction variant ``analyze`` measures, and which direction its statistics are of."""
+
+    name: str = "mean_diff"
+    benign_components: int = 3
+
+    @property
+    def statistics(self) -> str:
+        return "mean_diff" if self.name == "median" else self.name
+
+    def features(self, rows: torch.Tensor, positive: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """The rows whose plain mean difference the statistics measure (``positive``: a bool mask)."""
+        mapped = variant_features(rows, torch.as_tensor(positive), self.name, self.benign_components)
+        return rows if mapped is None else mapped
+
+    def config(self) -> dict[str, Any]:
+        return {"direction_variant": self.name, "statistics_variant": self.statistics,
+                **({"benign_components": self.benign_components} if self.name == "benign_subspace" else {})}
 
 
 def compute_directions(store: Any, site: str, position: str, categories: list[str] | None = None,

@@ -100,12 +100,19 @@ def _identity_section(data: dict[str, Any]) -> str:
     run_table = _kv_table([
         ("site / position", f"{cfg['site']} / {cfg['position']}"), ("layers", _layer_span(data["layers"])),
         ("direction method", cfg["method"]),
+        ("direction variant", _variant(cfg)),
         ("resampling", f"{cfg['folds']}-fold cross-fitting, {cfg['n_bootstrap']} bootstrap resamples, "
                        f"{cfg['n_permutations']} permutations, seed {cfg['seed']}"),
         ("package version", data.get("package_version")), ("analysed", data.get("created")),
         ("analysis time", f"{data.get('elapsed_s', 0):.1f} s")])
     return (f"<h2>Model and prompts</h2><h3>Model</h3>{model_table}<h3>Prompt set</h3>{prompt_table}"
             f"<h3>Run</h3>{run_table}")
+
+
+def _variant(cfg: dict[str, Any]) -> str:
+    """The variant the directions are, and (where they differ) the one the statistics are of."""
+    name, stats = cfg.get("direction_variant", "mean_diff"), cfg.get("statistics_variant", "mean_diff")
+    return name if stats == name else f"{name} (statistics of the {stats} direction)"
 
 
 def _layer_span(layers: list[int]) -> str:

@@ -6,7 +6,9 @@ Results schema (``results.json``, ``SCHEMA_VERSION``)::
     model:      model_id, weights_hash, hidden_size, dtype (from the store manifest)
     prompt_set: name, hash, paired, n_prompts, n_positive, n_negative, n_pairs, categories{...}
     config:     site, position, layers, categories, n_permutations, n_bootstrap, folds,
-                pca_components, method, seed, alpha, ci_level, permutation_statistic
+                pca_components, method, seed, alpha, ci_level, permutation_statistic,
+                direction_variant, statistics_variant (the variant the rows measure: the
+                direction variant's own, mean_diff for median), benign_components (benign_subspace)
     sources:    ["pooled", <category>, ...]        layers: [int, ...]
     rows:       one dict per source x layer, keys ``ROW_FIELDS``: category ("pooled" or a name),
                 layer, counts, g (== heldout_g, the headline) with ci_low/ci_high, held-out

@@ -13,7 +13,17 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from .common import add_common, add_model, add_prompts, add_thinking, emit, load, prompt_set
+from .common import (
+    add_common,
+    add_direction_variant,
+    add_model,
+    add_prompts,
+    add_thinking,
+    direction_variant,
+    emit,
+    load,
+    prompt_set,
+)
 
 
 def add_models(p: argparse.ArgumentParser) -> None:
@@ -145,25 +155,32 @@ def _add_analysis(p: argparse.ArgumentParser) -> None:
     p.add_argument("--permutations", type=int, default=1000, help="permutation-test resamples (default 1000)")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for CIs (default 2000)")
     p.add_argument("--folds", type=int, default=5, help="pair-aware cross-validation folds (default 5)")
+    add_direction_variant(p)
 
 
 def _analysis(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     from ..activations import collect_activations
     from ..analysis import analyze
 
+    variant, benign_components = direction_variant(args)
     loaded = load(args)
     store = collect_activations(loaded, prompt_set(args), sites=[args.site], positions=[args.position],
                                 layers=args.layers, progress=not args.json, truncate=args.truncate,
                                 thinking=args.thinking)
     result = analyze(store, site=args.site, position=args.position, n_permutations=args.permutations,
-                     n_bootstrap=args.bootstrap, folds=args.folds, seed=args.seed, progress=not args.json)
+                     n_bootstrap=args.bootstrap, folds=args.folds, seed=args.seed, progress=not args.json,
+                     variant=variant, benign_components=benign_components)
     return loaded, store, result
 
 
 def _analysis_folder(args: argparse.Namespace, store: Any) -> Path:
     from ..cache import cache_dir
 
-    return Path(args.out) if args.out else cache_dir("analysis", store.manifest["key"])
+    if args.out:
+        return Path(args.out)
+    variant, k = direction_variant(args)  # a variant's analysis goes beside the plain one, not over it
+    suffix = "" if variant == "mean_diff" else f"-{variant}" + (f"{k}" if variant == "benign_subspace" else "")
+    return cache_dir("analysis", store.manifest["key"] + suffix)
 
 
 def add_analyze(p: argparse.ArgumentParser) -> None:
@@ -180,8 +197,12 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     data["output_folder"] = str(folder)
     data["seconds"] = round(time.perf_counter() - started, 2)
     recommended = data.get("recommended_layers")
+    config = data["config"]
+    variant = "" if config["direction_variant"] == "mean_diff" else (
+        f"direction variant: {config['direction_variant']} (statistics of the {config['statistics_variant']} "
+        "direction)\n")
     text = (f"analysis of {loaded.info.name} on {store.manifest['prompt_set_name']} ({len(store.prompts)} prompts) "
-            f"in {data['seconds']:.1f} s\nrecommended layers: {recommended}\nresults: {folder}/results.json, "
+            f"in {data['seconds']:.1f} s\n{variant}recommended layers: {recommended}\nresults: {folder}/results.json, "
             f"{folder}/results.csv, figures in {folder}/figures")
     emit(args, data, text)
     return 0

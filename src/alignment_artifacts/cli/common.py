@@ -2,8 +2,9 @@
 
 Each ``add_*`` function adds one group of flags; the function below it reads that group back from
 the parsed arguments: ``add_model`` -> ``load``, ``add_prompts`` -> ``prompt_set``,
-``add_generation`` -> ``generation``, ``add_steering`` -> ``steering_request``, ``add_judge`` ->
-``judge``. New flags for a group go next to its reader. ``emit`` and ``log`` are the output side:
+``add_generation`` -> ``generation``, ``add_steering`` -> ``steering_request``,
+``add_direction_variant`` (part of ``add_steering``, and ``analyze``'s) -> ``direction_variant``,
+``add_judge`` -> ``judge``. New flags for a group go next to its reader. ``emit`` and ``log`` are the output side:
 stdout carries the result (text, or JSON under ``--json``), stderr the progress.
 """
 
@@ -148,9 +149,8 @@ def generation(args: argparse.Namespace) -> GenerationConfig:
 # Steering: flags from the MODES table -------------------------------------------------------
 
 def add_steering(p: argparse.ArgumentParser, default_mode: str = "auto") -> None:
-    from ..analysis.directions import VARIANTS
     from ..steering import MODES
-    from ..steering.modes import BENIGN_COMPONENTS, GATE_LEVEL
+    from ..steering.modes import GATE_LEVEL
 
     modes = "; ".join(f"{name}: {spec.summary}" for name, spec in MODES.items())
     p.add_argument("--mode", default=default_mode, choices=list(MODES),
@@ -167,17 +167,34 @@ def add_steering(p: argparse.ArgumentParser, default_mode: str = "auto") -> None
         for param in spec.params:
             p.add_argument(param.flag, dest=param.name, type=int if param.integer else float, default=None,
                            help=f"{name}: {param.help} (default {param.default:g})")
-    p.add_argument("--direction-variant", choices=list(VARIANTS), default=None,
-                   help="how directions are computed (default mean_diff): " + "; ".join(
-                       f"{name}: {text}" for name, text in VARIANTS.items()))
-    p.add_argument(BENIGN_COMPONENTS.flag, dest=BENIGN_COMPONENTS.name, type=int, default=None,
-                   help=f"{BENIGN_COMPONENTS.help} (default {BENIGN_COMPONENTS.default:g})")
+    add_direction_variant(p)
     p.add_argument("--gate-layer", type=int,
                    help="steer only prompts whose last token projects above --gate-level at this layer's input "
                         "(at every hooked layer, for the whole answer; the other prompts stay untouched)")
     p.add_argument("--gate-level", type=float, default=GATE_LEVEL.default,
                    help=f"{GATE_LEVEL.help} (default {GATE_LEVEL.default:g})")
     p.add_argument("--config", help="a steering configuration JSON (from optimize or export --format vectors)")
+
+
+def add_direction_variant(p: argparse.ArgumentParser) -> None:
+    from ..analysis.directions import VARIANTS
+    from ..steering.modes import BENIGN_COMPONENTS
+
+    p.add_argument("--direction-variant", choices=list(VARIANTS), default=None,
+                   help="how directions are computed (default mean_diff): " + "; ".join(
+                       f"{name}: {text}" for name, text in VARIANTS.items()))
+    p.add_argument(BENIGN_COMPONENTS.flag, dest=BENIGN_COMPONENTS.name, type=int, default=None,
+                   help=f"{BENIGN_COMPONENTS.help} (default {BENIGN_COMPONENTS.default:g})")
+
+
+def direction_variant(args: argparse.Namespace) -> tuple[str, int]:
+    """(variant, benign components) the flags ask for, checked; the defaults where unset."""
+    from ..steering.modes import BENIGN_COMPONENTS
+
+    k = args.benign_components
+    if k is not None:
+        BENIGN_COMPONENTS.check(k)
+    return args.direction_variant or "mean_diff", int(BENIGN_COMPONENTS.default) if k is None else k
 
 
 def steering_request(args: argparse.Namespace, loaded: LoadedModel) -> SteeringConfig:

@@ -10,7 +10,16 @@ import sys
 from typing import Any
 
 from ..errors import UserError
-from .common import add_common, add_model, add_steering, emit, load, steering_config, steering_request
+from .common import (
+    add_common,
+    add_model,
+    add_steering,
+    add_thinking,
+    emit,
+    load,
+    steering_config,
+    steering_request,
+)
 
 
 def add_export(p: argparse.ArgumentParser) -> None:
@@ -51,6 +60,7 @@ def add_serve(p: argparse.ArgumentParser) -> None:
                         "(default 600)")
     p.add_argument("--max-batch", type=int, default=16,
                    help="requests decoded together in one batch (default 16); later ones join as rows free up")
+    add_thinking(p, budget=False)  # a request's max_tokens counts its thinking, as OpenAI's do
     add_common(p)
 
 
@@ -69,7 +79,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     limits = ServerLimits(max_tokens=args.max_tokens_limit, request_timeout=args.request_timeout,
                           max_batch=args.max_batch)
     try:
-        serve(loaded, config, directions_for, host=args.host, port=args.port, api_key=args.api_key, limits=limits)
+        serve(loaded, config, directions_for, host=args.host, port=args.port, api_key=args.api_key, limits=limits,
+              thinking=args.thinking)
     except KeyboardInterrupt:  # uvicorn re-raises the signal after its clean shutdown: a normal stop
         print("server stopped", file=sys.stderr)
     return 0

@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import UserError
 from ..models.chat import format_chat
+from ..models.thinking import SWITCH, thinking_format
 from ..resolve import resolve_config
 from ..steering import SteeringConfig
 from .engine import Engine
@@ -46,6 +47,7 @@ from .schemas import (
     check_common,
     steering_for,
     stop_strings,
+    thinking_request,
     timed_out,
     validation_error,
 )
@@ -58,7 +60,8 @@ class Server:
     """Request handling around one Engine: admission, deadlines, disconnects and response shapes."""
 
     def __init__(self, loaded: Any, default_config: SteeringConfig, directions_for: DirectionsFor,
-                 limits: ServerLimits):
+                 limits: ServerLimits, thinking: str = "auto"):
+        self.thinking = thinking_format(loaded.tokenizer, thinking)  # --thinking on a non-thinker fails here
         resolve_config(loaded, default_config)  # a bad default fails at start, not on the first request
         self.default, self.limits = default_config, limits
         self.engine = Engine(loaded, directions_for, limits)
@@ -79,6 +82,17 @@ class Server:
         return Job(render, generation, steering, stop_strings(body.stop),
                    prompt_param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
                    max_tokens_given=max_tokens is not None)
+
+    def chat_render(self, body: ChatCompletionRequest) -> Callable[[Any], str]:
+        """The prompt text of a chat request, rendered with the server's thinking switch or the request's."""
+        prompt, system, history = chat_parts(body.messages)
+        mode = thinking_request(body.chat_template_kwargs)
+        try:
+            kwargs = (self.thinking if mode is None else thinking_format(self.engine.loaded.tokenizer, mode)).kwargs
+        except UserError as exc:
+            raise ApiError(f"chat_template_kwargs.{SWITCH}={str(mode == 'on').lower()}: {exc}",
+                           param=f"chat_template_kwargs.{SWITCH}") from exc
+        return lambda tokenizer: format_chat(tokenizer, prompt, system, history, template_kwargs=kwargs)
 
     async def events(self, job: Job, request: Request | None = None) -> AsyncGenerator[Event, None]:
         """The job's events until ``done`` or ``error`` (a timeout is an error event). Ending early (a
@@ -204,10 +218,10 @@ def _event_stream(events: AsyncGenerator[Event, None], head: dict[str, Any], cho
 
 
 def create_app(loaded: Any, default_config: SteeringConfig, directions_for: DirectionsFor,
-               api_key: str | None = None, limits: ServerLimits = DEFAULT_LIMITS) -> FastAPI:
+               api_key: str | None = None, limits: ServerLimits = DEFAULT_LIMITS, thinking: str = "auto") -> FastAPI:
     """The FastAPI app; ``directions_for(config, model_lock)`` is called outside the model lock, memoised per
-    source."""
-    server = Server(loaded, default_config, directions_for, limits)
+    source. ``thinking``: the chat template's thinking switch (``--thinking``) for requests that do not set it."""
+    server = Server(loaded, default_config, directions_for, limits, thinking)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -231,9 +245,7 @@ def create_app(loaded: Any, default_config: SteeringConfig, directions_for: Dire
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
-        prompt, system, history = chat_parts(body.messages)
-        job = server.job(body, body.max_completion_tokens or body.max_tokens,
-                         lambda tokenizer: format_chat(tokenizer, prompt, system, history))
+        job = server.job(body, body.max_completion_tokens or body.max_tokens, server.chat_render(body))
         if not body.stream:
             result = await server.complete(job, request)
             message = {"role": "assistant", "content": result.text}
@@ -361,7 +373,7 @@ class ServerThread:
 
 def serve(loaded: Any, default_config: SteeringConfig, directions_for: DirectionsFor, host: str = "127.0.0.1",
           port: int = 8000, api_key: str | None = None,
-          limits: ServerLimits = DEFAULT_LIMITS) -> None:
+          limits: ServerLimits = DEFAULT_LIMITS, thinking: str = "auto") -> None:
     """Serve until interrupted. Directions for the default config are loaded first, so errors show now."""
     import uvicorn
 
@@ -370,10 +382,11 @@ def serve(loaded: Any, default_config: SteeringConfig, directions_for: Direction
             limits = replace(limits, allowed_hosts=None)
         if not api_key:
             print(f"Warning: serving on {host} without --api-key: anyone who can reach this port can use the model.")
-    app = create_app(loaded, default_config, directions_for, api_key=api_key, limits=limits)
+    app = create_app(loaded, default_config, directions_for, api_key=api_key, limits=limits, thinking=thinking)
     config = resolve_config(loaded, default_config)
     app.state.server.engine.directions(config)
-    print(f"Serving {loaded.info.name} (steering: {config.mode}, scale {config.scale}) at "
+    print(f"Serving {loaded.info.name} (steering: {config.mode}, scale {config.scale}"
+          + (f", thinking {thinking}" if thinking != "auto" else "") + ") at "
           f"http://{_url_host(host)}:{port}/v1"
           + ("  (API key required)" if api_key else ""), flush=True)
     uvicorn.Server(_config(app, "info", host=host, port=port)).run()

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..analysis.directions import DirectionSet, check_variant
 from ..errors import CacheError, UserError
 from ..models.generation import GenerationConfig
+from ..models.thinking import SWITCH
 from ..steering import PARAMS, SteeringConfig, mode_spec
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
@@ -196,6 +197,7 @@ class ChatCompletionRequest(SamplingRequest):
     service_tier: str | None = None
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM's field; only the thinking switch is taken
 
     def unsupported(self) -> list[str]:
         bad = super().unsupported()
@@ -276,6 +278,24 @@ def steering_for(default: SteeringConfig, override: SteeringOverride | None,
     if given.get("mode", default.mode) != default.mode and "scale" not in given:
         given["scale"] = None  # another mode without a scale: that mode's default (auto: the stored one)
     return replace(default, **given)
+
+
+def thinking_request(kwargs: dict[str, Any] | None) -> str | None:
+    """The ``--thinking`` mode a request's ``chat_template_kwargs`` asks for: on, off, or None (the server's).
+
+    Only the thinking switch passes: other template variables could change the prompt in ways the
+    server does not check (tools, roles), so they are refused rather than silently ignored.
+    """
+    for name, value in (kwargs or {}).items():
+        if name != SWITCH:
+            raise ApiError(f"chat_template_kwargs.{name} is not supported; this server takes only {SWITCH} "
+                           "(true or false).", param=f"chat_template_kwargs.{name}", code="unsupported_value")
+        if not isinstance(value, bool):
+            raise ApiError(f"chat_template_kwargs.{SWITCH} must be true or false (got {value!r}).",
+                           param=f"chat_template_kwargs.{SWITCH}")
+    if not kwargs or SWITCH not in kwargs:
+        return None
+    return "on" if kwargs[SWITCH] else "off"
 
 
 def chat_parts(messages: Sequence[ChatMessage]) -> tuple[str, str | None, list[dict[str, str]]]:
