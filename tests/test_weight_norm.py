@@ -13,7 +13,7 @@ from alignment_artifacts.serve.schemas import ApiError, SteeringOverride, steeri
 from alignment_artifacts.steering import Steering, SteeringConfig, apply_steering
 from alignment_artifacts.steering.weights import write_direction
 from test_export import hooked_logits, one_thread, real_logits, relative_error, reload, snapshot  # noqa: F401
-from tiny_models import tiny_config, tiny_model, tiny_tokenizer
+from tiny_models import tiny_model
 
 MODE = "ablate_weight_norm"
 FAMILIES = ("llama", "qwen2", "gpt2", "qwen2_moe")  # plain, biased, Conv1D, stacked experts
@@ -80,13 +80,8 @@ def test_each_vector_written_keeps_its_norm_and_loses_the_direction(family):
 
 
 def test_weights_come_back_bit_for_bit_after_an_exception_and_a_tied_head_stays_tied():
-    from transformers import AutoModelForCausalLM
-
-    config = tiny_config("qwen2", layers=3)
-    config.tie_word_embeddings = True
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
-    loaded = wrap_model(model, tiny_tokenizer(), name="tiny-tied")
+    loaded = tiny_model("qwen2", layers=3, tied=True)
+    model = loaded.model
     assert model.lm_head.weight is model.model.embed_tokens.weight
     directions = directions_for(loaded)
     before, head = snapshot(model), model.lm_head.weight.detach().clone()

@@ -157,7 +157,7 @@ class Steering:
         if not self.spec.bakeable:
             baked = "/".join(f"'{m}'" for m, s in MODES.items() if s.bakeable)
             why = (f": {self.spec.not_bakeable}" if self.spec.not_bakeable else
-                   f": only {baked} is a fixed linear projection of what each layer writes")
+                   f": only {baked} are fixed edits of the weights that write the residual stream")
             raise UserError(f"Mode '{self.config.mode}' cannot be baked into weights{why}. {format_advice()}")
         self._refuse_gate()
         site = self.config.site
