@@ -46,7 +46,8 @@ class Variant:
 VARIANTS = (Variant("plain recipe", "ablate"), Variant("harmless_projected", "ablate", "harmless_projected"),
             Variant("benign_subspace", "ablate", "benign_subspace"), Variant("standardized", "ablate", "standardized"),
             Variant("median", "ablate", "median"), Variant("norm_preserving", "ablate_norm"),
-            Variant("mean_replacement", "ablate_mean"), Variant("read_side", "ablate_read"))
+            Variant("mean_replacement", "ablate_mean"), Variant("read_side", "ablate_read"),
+            Variant("weight_norm_preserving", "ablate_weight_norm"))
 
 
 def thirds(texts: list[str], seed: int) -> tuple[list[str], list[str], list[str]]:

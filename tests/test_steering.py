@@ -51,7 +51,7 @@ def test_scale_zero_and_exit_are_exact(mode):
                                                proximity_threshold=0.0), directions) as handle:
         steered = logits(loaded)
     assert not torch.equal(steered, plain), mode
-    assert handle.total() > 0
+    assert handle.total() > 0 or MODES[mode].in_weights  # a mode that edits weights installs no counting hooks
     assert torch.equal(logits(loaded), plain)
 
 

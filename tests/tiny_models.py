@@ -111,14 +111,17 @@ def _moe_config(family: str, common: dict[str, Any], hidden: int) -> Any:
 
 
 def tiny_model(family: str = "llama", layers: int = 4, hidden: int = 64, seed: int = 0,
-               attn_implementation: str = "eager") -> Any:
-    """A LoadedModel wrapping a random tiny model of ``family`` in float32."""
+               attn_implementation: str = "eager", tied: bool = False) -> Any:
+    """A LoadedModel wrapping a random tiny model of ``family`` in float32 (``tied``: the LM head is the
+    embedding matrix)."""
     from transformers import AutoModelForCausalLM
 
     from alignment_artifacts.models import wrap_model
 
     torch.manual_seed(seed)
     config = tiny_config(family, layers, hidden)
+    if tied:  # (gpt2's config ties by default)
+        config.tie_word_embeddings = True
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
     with torch.no_grad():  # larger weights than the init so that tiny models produce varied tokens
         for name, param in model.named_parameters():

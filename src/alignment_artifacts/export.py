@@ -140,8 +140,8 @@ def _export_hf(loaded: Any, steering: Steering, out: Path, force: bool, evaluati
     bake_plan(steering, loaded.adapter)  # refuse before copying gigabytes
     check_target(out, force)
     baked, changed = bake_ablation(loaded, steering)
-    notes = []
-    if not loaded.adapter.bake_is_exact:
+    notes, exact = [], loaded.adapter.bake_is_exact or steering.spec.in_weights  # a weights-only mode is its bake
+    if not exact:
         norms = ", ".join(loaded.adapter.spec.post_norms)
         notes.append(f"Approximate: {loaded.adapter.model_type} applies a norm after each output projection "
                      f"({norms}). The projections were made orthogonal to the norm's gain times the direction, "
@@ -149,15 +149,15 @@ def _export_hf(loaded: Any, steering: Steering, out: Path, force: bool, evaluati
                      "rescales the rest: logits differ from the hooked model (see bake_check).")
         warnings.warn(notes[-1], stacklevel=3)
     check = bake_error(loaded, baked, steering)
-    manifest = export_manifest(loaded, config, directions, "hf", evaluation, exact=loaded.adapter.bake_is_exact,
+    manifest = export_manifest(loaded, config, directions, "hf", evaluation, exact=exact,
                          warnings=notes, bake_check=check, modified=changed, memory_note=MEMORY_NOTE)
     body = [f"`{loaded.info.name}` with directional ablation baked into its weights by "
             "alignment-artifacts.", "",
             f"- Base model: `{loaded.info.name}` ({loaded.info.model_type}, {loaded.info.n_layers} layers, "
             f"weights `{loaded.info.weights_hash}`, source `{loaded.info.source}`)",
             f"- Direction: {_direction_summary(config, directions)}",
-            f"- Intervention: `ablate`, scale {config.scale}, {len(changed)} residual-writing tensors "
-            "orthogonalised",
+            f"- Intervention: `{config.mode}` ({steering.spec.summary}), scale {config.scale}, {len(changed)} "
+            "residual-writing tensors edited",
             f"- Agreement with the hooked model: max |logit diff| {check['max_abs_logit_diff']:.3g} "
             f"(relative {check['relative']:.3g})",
             *(f"- **Warning:** {note}" for note in notes), "", "## How it was made", "",
@@ -166,8 +166,10 @@ def _export_hf(loaded: Any, steering: Steering, out: Path, force: bool, evaluati
             "E' = E - s(Eu)u^T (only when layer 0 is targeted), linear projections W' = W - s u(u^T W) and "
             "b' = b - s u(u.b); in mixture-of-experts blocks every expert's down projection and bias, and the "
             "shared experts', the router untouched. "
-            "This equals `Steering(config, directions).apply(model)` (mode 'ablate') with the configuration "
-            "below.", "",
+            "Mode 'ablate_weight_norm' then rescales each vector written (each column, embedding row or bias) "
+            "back to its norm before the edit. "
+            f"This equals `Steering(config, directions).apply(model)` (mode '{config.mode}') with the "
+            "configuration below.", "",
             f"Memory: {MEMORY_NOTE}", "", "## Usage", "", "```python",
             "from transformers import AutoModelForCausalLM, AutoTokenizer",
             "model = AutoModelForCausalLM.from_pretrained(PATH)",
@@ -239,7 +241,7 @@ def _write_gguf(path: Path, vectors: dict[int, np.ndarray], model_hint: str,
 
 def _export_control_vector(loaded: Any, steering: Steering, out: Path, force: bool,
                            evaluation: dict[str, Any] | None) -> Path:
-    if steering.spec.build is None:
+    if not steering.spec.steers:
         raise UserError(f"Mode '{steering.config.mode}' steers nothing; there is nothing to export.")
     config, directions = steering.config, steering.require_directions()
     vectors = control_vectors(loaded, steering)
@@ -288,7 +290,7 @@ def read_control_vector(path: str | Path) -> dict[str, Any]:
 
 def _export_vectors(loaded: Any, steering: Steering, out: Path, force: bool,
                     evaluation: dict[str, Any] | None) -> Path:
-    if steering.spec.build is None:
+    if not steering.spec.steers:
         raise UserError(f"Mode '{steering.config.mode}' steers nothing; there is nothing to export.")
     config, directions = steering.config, steering.require_directions()
     check_target(out, force)

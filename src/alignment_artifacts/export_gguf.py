@@ -26,13 +26,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from .analysis.directions import DirectionSet
-from .bake import bake_plan, write_direction
+from .bake import bake_plan
 from .cache import atomic_file
 from .errors import UserError, closest
 from .export import check_target, export_manifest
 from .steering import Steering
+from .steering.modes import WeightEdit
+from .steering.weights import write_direction
 
 MANIFEST_KEY = "alignment_artifacts.export"
 FALLBACK_TYPE = "Q8_0"
@@ -41,13 +44,14 @@ CHUNK_ROWS = 8192  # embedding rows dequantized at a time, so a large vocabulary
 
 @dataclass(frozen=True)
 class Edit:
-    """One tensor to rewrite: lose ``scale`` times its component along unit ``u``."""
+    """One tensor to rewrite by the mode's weight edit (``ablate``: lose ``scale`` times its part along unit ``u``)."""
 
     name: str  # GGUF tensor name
     source: str  # the Hugging Face parameter it corresponds to
     u: np.ndarray
     scale: float
     kind: str  # rows ([n, hidden] embeddings) | columns ([hidden, in] projections) | bias ([hidden])
+    bake: WeightEdit  # the mode's edit of each vector written (hidden units last), as the hf export uses
 
 
 @functools.cache
@@ -109,7 +113,8 @@ def _edits(loaded: Any, steering: Steering, tensors: dict[str, Any], arch: Any) 
     adapter = loaded.adapter
     names = gguf.get_tensor_name_map(arch, adapter.n_layers)
     edits = []
-    directions = steering.require_directions()
+    directions, bake = steering.require_directions(), steering.spec.bake
+    assert bake is not None, steering.config.mode
     for term in bake_plan(steering, adapter):
         site, layer, scale = term.site, term.layer, term.s
         u = write_direction(adapter, site, layer, directions.unit(term.source)).float().numpy()
@@ -123,7 +128,7 @@ def _edits(loaded: Any, steering: Steering, tensors: dict[str, Any], arch: Any) 
                                 f"{name or 'a mapped name'}, a {kind} tensor of width {adapter.hidden_size}), "
                                 "so its ablation cannot be baked here (experts stored merged, or a layout "
                                 "this writer does not know). Export --format hf, or --format vectors.")
-            edits.append(Edit(name, writer.name, u, scale, kind))
+            edits.append(Edit(name, writer.name, u, scale, kind, bake))
     return edits
 
 
@@ -157,17 +162,17 @@ def _rewrite(tensor: Any, edit: Edit, qtype: Any) -> tuple[np.ndarray, float]:
     """The edited tensor in ``qtype``, and its requantization error (relative RMS against exact)."""
     from gguf.quants import dequantize, quantize
 
-    u, s = edit.u, edit.scale
+    u = torch.from_numpy(edit.u)
+
+    def apply(w: np.ndarray, hidden_last: bool = True) -> np.ndarray:
+        t = torch.from_numpy(np.array(w, dtype=np.float32))  # a writable copy
+        return (edit.bake(t, u, edit.scale) if hidden_last else edit.bake(t.T, u, edit.scale).T).numpy()
+
     if edit.kind == "rows":
-        parts = [dequantize(tensor.data[i:i + CHUNK_ROWS], tensor.tensor_type)
+        exact = [apply(dequantize(tensor.data[i:i + CHUNK_ROWS], tensor.tensor_type))
                  for i in range(0, tensor.data.shape[0], CHUNK_ROWS)]
-        exact = [w - s * np.outer(w @ u, u) for w in parts]
-    elif edit.kind == "columns":
-        w = dequantize(tensor.data, tensor.tensor_type)
-        exact = [w - s * np.outer(u, u @ w)]
-    else:
-        b = dequantize(tensor.data, tensor.tensor_type)
-        exact = [b - s * float(b @ u) * u]
+    else:  # columns ([hidden, in]) or a bias ([hidden])
+        exact = [apply(dequantize(tensor.data, tensor.tensor_type), edit.kind == "bias")]
     written = [quantize(np.ascontiguousarray(w, dtype=np.float32), qtype) for w in exact]
     error = sum(float(np.square(dequantize(q, qtype).reshape(w.shape) - w).sum()) for q, w in zip(written, exact))
     size = sum(float(np.square(w).sum()) for w in exact)
@@ -227,8 +232,8 @@ def export_gguf(loaded: Any, steering: Steering, out: Path, force: bool, evaluat
         raise UserError(f"llama.cpp's {gguf.MODEL_ARCH_NAMES[arch]} always uses the token embedding as its "
                         "output head, so baking layer 0 (which edits the embedding) would change the head too. "
                         "Leave layer 0 out (--layers 1,2,...), or export --format hf.")
-    notes = []
-    if not loaded.adapter.bake_is_exact:
+    notes, exact = [], loaded.adapter.bake_is_exact or steering.spec.in_weights  # a weights-only mode is its bake
+    if not exact:
         notes.append(f"Approximate: {loaded.adapter.model_type} normalises after each output projection, so "
                      "orthogonalising the projections does not remove the direction exactly.")
         warnings.warn(notes[-1], stacklevel=3)
@@ -238,7 +243,7 @@ def export_gguf(loaded: Any, steering: Steering, out: Path, force: bool, evaluat
     errors: dict[str, float] = {}
     for name, edit in by_name.items():
         written[name], errors[name] = _rewrite(tensors[name], edit, targets[name])
-    manifest = export_manifest(loaded, config, directions, "gguf", evaluation, exact=loaded.adapter.bake_is_exact,
+    manifest = export_manifest(loaded, config, directions, "gguf", evaluation, exact=exact,
                          warnings=notes, source_gguf=str(source), gguf_type=gguf_type,
                          directions_sha256=directions_sha256(directions),
                          modified={name: {"from": edit.source, "source_type": tensors[name].tensor_type.name,

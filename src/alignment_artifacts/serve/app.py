@@ -36,6 +36,7 @@ from .guard import Guard
 from .jobs import Event, Job, Result
 from .schemas import (
     LOOPBACK_HOSTS,
+    PER_ROW,
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
@@ -62,7 +63,8 @@ class Server:
     def __init__(self, loaded: Any, default_config: SteeringConfig, directions_for: DirectionsFor,
                  limits: ServerLimits, thinking: str = "auto"):
         self.thinking = thinking_format(loaded.tokenizer, thinking)  # --thinking on a non-thinker fails here
-        resolve_config(loaded, default_config)  # a bad default fails at start, not on the first request
+        # a bad default fails at start, not on the first request
+        resolve_config(loaded, default_config).spec.require_hooks(PER_ROW)
         self.default, self.limits = default_config, limits
         self.engine = Engine(loaded, directions_for, limits)
         self.model_id: str = loaded.info.name

@@ -253,6 +253,9 @@ def stop_strings(stop: str | list[str] | None) -> list[str]:
     return values
 
 
+PER_ROW = "steer each request of a shared batch on its own (serve)"
+
+
 def steering_for(default: SteeringConfig, override: SteeringOverride | None,
                  allow_direction_overrides: bool) -> SteeringConfig:
     """The server default with the request's fields replaced; unresolved (``auto`` stays ``auto``)."""
@@ -268,7 +271,7 @@ def steering_for(default: SteeringConfig, override: SteeringOverride | None,
     for name, value in given.items():  # the mode table says which modes and values exist
         try:
             if name == "mode":
-                mode_spec(value)
+                mode_spec(value).require_hooks(PER_ROW)
             elif name in PARAMS:
                 PARAMS[name].check(value)
             elif name == "direction_variant":

@@ -5,7 +5,9 @@
 * ``config``: ``SteeringConfig``, the JSON-stable description of an intervention;
 * ``gate``: the per-prompt gate and the pass protocol it follows;
 * ``value``: ``Steering`` (a resolved config with its directions), whose ``apply(loaded)`` installs
-  the hooks.
+  the hooks;
+* ``weights``: a mode's weight edit on the residual writers, for export's bake and for modes defined
+  on weights only (which ``apply`` runs by editing the weights for its block).
 
 The path of one steered prompt, and how to add a mode: docs/steering-modes.md.
 """

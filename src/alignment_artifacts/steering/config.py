@@ -53,12 +53,14 @@ class SteeringConfig:
         if self.scale is not None:
             if not math.isfinite(self.scale):
                 raise UserError(f"--scale must be a finite number (got {self.scale}).")
-            if spec.build is not None and self.scale < 0:
+            if spec.steers and self.scale < 0:
                 raise UserError(f"--scale must be >= 0 (got {self.scale}); use --mode amplify to add the "
                                 "direction.")
         for name, param in PARAMS.items():
             param.check(getattr(self, name))
         GATE_LEVEL.check(self.gate_level)
+        if self.gate_layer is not None:
+            spec.require_hooks("be gated per prompt (gate_layer)")
         check_variant(self.direction_variant)
         for name in ("site", "direction_site"):
             value = getattr(self, name)

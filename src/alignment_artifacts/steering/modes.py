@@ -11,6 +11,9 @@ sphere     h + s*exp(-decay*|h-c|/R) * (h-c)/|h-c| where |h-c| < R (c: sensitive
 subspace   h - s * P^T P (h - m): the top-k PCA subspace of paired differences, centred at m
 ablate     h - s*(h.u)u on everything that writes into the residual stream (or chosen sites)
 ablate_norm  ablate, then each position rescaled back to its norm before the ablation
+ablate_weight_norm  weights only: each residual writer W' = W - s*u(u^T W), then each column of W'
+           (what one input unit writes) rescaled back to its norm in W; no hook reproduces it, so
+           ``apply`` edits the weights for its block (no gate, no per-row serving) and export bakes it
 ablate_mean  h - s*(h.u - c)u at each layer's residual input: the component set to the ordinary
            (harmless) mean's projection c instead of zero
 ablate_read  ablate the inputs of attention and MLP (before their norms), not the residual stream
@@ -40,6 +43,7 @@ if TYPE_CHECKING:
     from .config import SteeringConfig
 
 Update = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]  # float32 h -> (new h, changed mask)
+WeightEdit = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]  # (w, unit u, s) -> new w
 WRITERS = "writers"  # pseudo-site: everything that writes into the residual stream (the embeddings, attn, mlp)
 READERS = "readers"  # pseudo-site: what attention and the MLP read (their norms' inputs), not the stream
 
@@ -94,7 +98,7 @@ class ModeSpec:
     refusal_direction: bool = False  # reads the refusal direction (instructions, resid_pre, first generated)
     site: str = "directions"  # default hooked site: "directions" (where they were measured), a site, or WRITERS
     layers: str = "recommended"  # default layers: "recommended", "all", or "direction_layer" (else recommended)
-    bakeable: bool = False  # a fixed linear map of what layers write: can be baked into weights
+    bake: WeightEdit | None = None  # the edit of each residual writer (float32, hidden units last) export bakes
     additive_sign: float | None = None  # adds sign*s*v everywhere: exportable as a llama.cpp control vector
     conditional: bool = False  # acts depending on each activation: hooks only
     not_bakeable: str = ""  # why a mode that looks like ablation cannot be baked (export's error says it)
@@ -102,6 +106,26 @@ class ModeSpec:
     @property
     def control_vector(self) -> bool:
         return self.additive_sign is not None
+
+    @property
+    def bakeable(self) -> bool:
+        return self.bake is not None
+
+    @property
+    def steers(self) -> bool:
+        return self.build is not None or self.bake is not None
+
+    @property
+    def in_weights(self) -> bool:
+        """Defined on weights only: ``apply`` edits the writers for its block instead of installing hooks."""
+        return self.build is None and self.bake is not None
+
+    def require_hooks(self, what: str) -> None:
+        """Refuse what needs per-prompt hooks (a gate, per-row serving) for a mode that edits the weights."""
+        if self.in_weights:
+            raise UserError(f"Mode '{self.name}' edits the model's weights for as long as it is applied (every "
+                            f"prompt alike), so it cannot {what}. Use mode 'ablate' or 'ablate_norm' (hooks), "
+                            "or export --format hf and run the baked model.")
 
 
 def as_f32(t: torch.Tensor) -> torch.Tensor:
@@ -143,6 +167,17 @@ def _ablate(config: SteeringConfig, directions: DirectionSet, term: Term, device
         return h - proj[..., None] * su, None
 
     return ablate
+
+
+def project_out(w: torch.Tensor, u: torch.Tensor, s: float) -> torch.Tensor:
+    """w - s(w.u)u^T: each vector written (rows of ``w``, hidden units last) loses s times its part along u."""
+    return w - s * (w @ u)[..., None] * u
+
+
+def _project_out_keep_norm(w: torch.Tensor, u: torch.Tensor, s: float) -> torch.Tensor:
+    """``project_out``, then each vector written rescaled back to its norm before (in weight space)."""
+    new = project_out(w, u, s)
+    return new * (w.norm(dim=-1, keepdim=True) / new.norm(dim=-1, keepdim=True).clamp_min(1e-12))
 
 
 def _ablate_norm(config: SteeringConfig, directions: DirectionSet, term: Term, device: torch.device) -> Update:
@@ -252,10 +287,12 @@ MODES: dict[str, ModeSpec] = {spec.name: spec for spec in (
              params=(Param("pca_components", 5, 1.0, integer=True, rule="must be at least 1",
                            help="subspace dimension k"),)),
     ModeSpec("ablate", "directional ablation (h - s*(h.u)u) of everything writing the residual stream", _ablate,
-             refusal_direction=True, site=WRITERS, bakeable=True),
+             refusal_direction=True, site=WRITERS, bake=project_out),
     ModeSpec("ablate_norm", "ablate, then rescale each position to its norm before", _ablate_norm,
              refusal_direction=True, site=WRITERS,
              not_bakeable="the rescaling factor |h|/|h'| differs per token, and no fixed weights reproduce it"),
+    ModeSpec("ablate_weight_norm", "ablate each writer's weights, then rescale each column to its norm (weights "
+             "only: no gate or per-row serving)", bake=_project_out_keep_norm, refusal_direction=True, site=WRITERS),
     ModeSpec("ablate_mean", "set h.u to the ordinary mean's projection at each layer's input (not to 0)",
              _ablate_mean, refusal_direction=True, layers="all",
              not_bakeable="it sets the residual stream's own component at each layer, which no single writer's "
@@ -273,7 +310,7 @@ MODES: dict[str, ModeSpec] = {spec.name: spec for spec in (
              site="resid_pre", layers="direction_layer", additive_sign=1.0),
     ModeSpec("auto", "the configuration `optimize` stored, else ablate"),
 )}
-STEERING_MODES = tuple(name for name, spec in MODES.items() if spec.build is not None)
+STEERING_MODES = tuple(name for name, spec in MODES.items() if spec.steers)
 PARAMS: dict[str, Param] = {p.name: p for spec in MODES.values() for p in spec.params}
 BENIGN_COMPONENTS = Param("benign_components", 3, 1.0, integer=True, rule="must be at least 1",
                           help="principal axes of the ordinary activations the benign_subspace direction removes")

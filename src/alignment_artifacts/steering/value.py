@@ -1,6 +1,7 @@
 """``Steering``: a resolved configuration and its directions, and what can be done with them.
 
-``apply(loaded)`` installs the hooks for a block (and removes them on any exit); ``terms`` is the
+``apply(loaded)`` installs the hooks for a block (and removes them on any exit; a mode defined on
+weights edits the weights instead and restores them on any exit); ``terms`` is the
 one place that says which (site, layer) is hooked with which direction at what strength, which
 export's baked weights and control vectors read too. Hook bodies are a few fused tensor ops with
 no host synchronisation; intervention counts accumulate on the device and are read once, when
@@ -24,6 +25,7 @@ from ..models.offload import per_device, site_device
 from .config import SteeringConfig
 from .gate import Gate
 from .modes import MODES, READERS, WRITERS, ModeSpec, Term, Update, as_f32, format_advice
+from .weights import weights_edited
 
 SiteFunction = Callable[[torch.Tensor], Any]
 SiteWrap = Callable[[SiteFunction], SiteFunction]
@@ -99,7 +101,7 @@ class Steering:
     @property
     def active(self) -> bool:
         """Does it change anything? (``none`` and scale 0 install no hooks: bit-identical outputs.)"""
-        return self.spec.build is not None and self.scale != 0
+        return self.spec.steers and self.scale != 0
 
     @property
     def allows_prefix_sharing(self) -> bool:
@@ -155,9 +157,15 @@ class Steering:
         if not self.spec.bakeable:
             baked = "/".join(f"'{m}'" for m, s in MODES.items() if s.bakeable)
             why = (f": {self.spec.not_bakeable}" if self.spec.not_bakeable else
-                   f": only {baked} is a fixed linear projection of what each layer writes")
+                   f": only {baked} are fixed edits of the weights that write the residual stream")
             raise UserError(f"Mode '{self.config.mode}' cannot be baked into weights{why}. {format_advice()}")
         self._refuse_gate()
+        site = self.config.site
+        if site in ("resid_pre", "resid_post"):
+            raise UserError(f"Ablation at site '{site}' projects the residual stream itself, which no "
+                            "single weight matrix produces, so it cannot be baked exactly. Bake the default "
+                            "(site unset: every writer into the residual stream) or site attn_out/mlp_out, "
+                            "or export --format vectors.")
         return [t for t in self.terms(n_layers) if t.s != 0.0]
 
     def control_vector(self, n_layers: int) -> list[tuple[Term, torch.Tensor]]:
@@ -186,6 +194,8 @@ class Steering:
     @contextlib.contextmanager
     def apply(self, loaded: Any, wrap: SiteWrap | None = None) -> Iterator[SteeringHandle]:
         """Install the hooks for the block; they are removed on any exit (and so is the gate's state).
+        A mode defined on weights (``ModeSpec.in_weights``) edits the writers for the block instead, exactly
+        as export bakes them, and restores them bit for bit on any exit; its handle counts nothing.
 
         ``wrap``, if given, wraps each site function before it is installed (the server uses it to
         steer only some rows of a batch).
@@ -197,6 +207,14 @@ class Steering:
             return
         directions = self.require_directions()
         directions.check_compatible(adapter.hidden_size, loaded.info.weights_hash, loaded.info.name)
+        if self.spec.in_weights:  # no hooks: the weights themselves, as the baked model has them
+            if wrap is not None:
+                self.spec.require_hooks("steer only some rows of a batch (as serve does for each request)")
+            edit = self.spec.bake
+            assert edit is not None
+            with weights_edited(adapter, self.bake_terms(adapter.n_layers), directions, edit):
+                yield SteeringHandle(config, [], torch.zeros(0, dtype=torch.long, device=loaded.device))
+            return
         targets = self.targets(adapter.n_layers)
         counter = torch.zeros(len(targets), dtype=torch.long, device=loaded.device)
         gate = None if config.gate_layer is None else Gate.from_directions(
