@@ -21,6 +21,8 @@ import functools
 import hashlib
 import json
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -280,13 +282,13 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     return json.loads(field.contents())
 
 
-def open_llama_cpp(path: str | Path, **options: Any) -> Any:
-    """A GGUF loaded in llama-cpp-python for checking an export, with llama.cpp's weight repacking off.
+@contextmanager
+def llama_cpp_without_repacking() -> Iterator[Any]:
+    """llama-cpp-python with llama.cpp's weight repacking off while the block runs (yields ``llama_cpp``).
 
     Repacking into AMX tiles segfaults on some Sapphire Rapids hosts (ggml-org/llama.cpp#20824),
     and llama-cpp-python has no switch for it (llama.cpp's ``--no-repack``), so the model parameters
-    are built with ``use_extra_bufts`` off. ``options`` go to ``llama_cpp.Llama`` (defaults: a
-    512-token context, logits at every position, quiet, seed 0).
+    are built with ``use_extra_bufts`` off. Models loaded inside the block keep the setting.
     """
     try:
         import llama_cpp
@@ -303,7 +305,14 @@ def open_llama_cpp(path: str | Path, **options: Any) -> Any:
 
     llama_module.llama_cpp.llama_model_default_params = no_repacking
     try:
-        return llama_cpp.Llama(model_path=str(path), **{"n_ctx": 512, "n_batch": 512, "logits_all": True,
-                                                          "verbose": False, "seed": 0, **options})
+        yield llama_cpp
     finally:
         llama_module.llama_cpp.llama_model_default_params = defaults
+
+
+def open_llama_cpp(path: str | Path, **options: Any) -> Any:
+    """A GGUF loaded in llama-cpp-python for checking an export, repacking off (see above). ``options``
+    go to ``llama_cpp.Llama`` (defaults: a 512-token context, logits at every position, quiet, seed 0)."""
+    with llama_cpp_without_repacking() as llama_cpp:
+        return llama_cpp.Llama(model_path=str(path), **{"n_ctx": 512, "n_batch": 512, "logits_all": True,
+                                                          "verbose": False, "seed": 0, **options})
