@@ -55,8 +55,9 @@ def outcome(events):
     return streamed, result.text, result.finish_reason, result.completion_tokens, result.interventions
 
 
-def run(engine, jobs, joins=None):
-    """Step until every job is done; ``joins[k]``: jobs submitted just before step k."""
+def run(engine, jobs, joins=None, watch=None):
+    """Step until every job is done; ``joins[k]``: jobs submitted just before step k; ``watch(step)``
+    looks at the engine then."""
     joins = joins or {}
     for job in jobs:
         engine.submit(job)
@@ -64,6 +65,8 @@ def run(engine, jobs, joins=None):
     while engine.waiting or engine.batch.rows or joins:
         for job in joins.pop(step, []):
             engine.submit(job)
+        if watch is not None:
+            watch(step)
         engine.step()
         step += 1
         assert step < 500
@@ -111,7 +114,8 @@ def test_batched_equals_unbatched_with_steered_and_unsteered_rows(loaded, direct
     assert engine.stats["mixed_passes"] > 0 and engine.stats["max_rows"] >= 6
 
 
-def test_gated_steering_runs_as_its_own_batch(loaded, directions):
+def test_gated_requests_join_a_running_batch(loaded, directions):
+    """(More in test_serve_gating.py.)"""
     plain = [(p, SETTINGS[i % 2], 8, [], {}) for i, p in enumerate(PROMPTS[:2])]
     gated = [(p, GATED, 8, [], {}) for p in PROMPTS]
     expected = [alone(loaded, directions, case) for case in plain + gated]

@@ -9,6 +9,13 @@ Steering with several configurations in one batch: each configuration's hooks ar
 once (``apply_steering(..., wrap=group.wrap)``) and every hook body runs on that
 configuration's rows only. All modes act on each row independently, so a row's activations are
 those it would have alone; rows of other configurations pass through untouched.
+
+A gated configuration (``steering.gate``) decides per prompt from an unmodified pass up to its
+gate layer, run before each prefill. Here the engine keeps each row's decision (``Row.decision``):
+a prefill with the configuration's new rows decides them (its hooks see those rows only, so the
+decision is theirs), and every other pass hands the gate the kept decisions of its rows
+(``Gate.hold``). While that decision pass runs, the other configurations' hooks sit it out, so
+they count nothing twice. The model holds one gate at a time: one gated configuration per batch.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import torch.nn.functional as F
 from ..models.generation import apply_repetition_penalty
 from ..models.generation import sample as sample_token
 from ..models.prefix import expandable
+from ..steering import Gate
 from .jobs import Job, TextTracker
 
 SiteFn = Callable[[torch.Tensor], Any]
@@ -33,9 +41,9 @@ class RowSteering:
     """One steering configuration in the batch: its installed hooks act on its own rows of each pass.
 
     Before every forward pass the engine calls ``select``: which rows of that pass are this
-    configuration's (None: none), which positions are real (not left padding, not a finished
-    row), and the per-row counters of changed positions, which become each request's
-    ``interventions``.
+    configuration's (None: none), which positions are real (not left padding), the per-row
+    counters of changed positions, which become each request's ``interventions``, and the gates:
+    this configuration's kept decisions for its rows, and the batch's gate if another's.
     """
 
     def __init__(self, key: str):
@@ -46,18 +54,23 @@ class RowSteering:
         self.whole = False
         self.valid: torch.Tensor | None = None
         self.counts = torch.zeros(0, dtype=torch.long)
+        self.gate: Gate | None = None  # its own per-prompt gate, if gated
+        self.decider: Gate | None = None  # another configuration's gate: its decision pass runs without us
 
     def select(self, index: torch.Tensor | None, whole: bool, valid: torch.Tensor | None,
-               counts: torch.Tensor) -> None:
-        """``valid`` [rows, seq]: the positions that count (None: all of them)."""
-        self.index, self.whole, self.counts = index, whole, counts
+               counts: torch.Tensor, decided: torch.Tensor | None = None, decider: Gate | None = None) -> None:
+        """``valid`` [rows, seq]: the positions that count (None: all of them). ``decided``: the gate's
+        decisions for this pass's rows of ours (None: this prefill decides them)."""
+        self.index, self.whole, self.counts, self.decider = index, whole, counts, decider
         self.valid = None if valid is None or index is None else valid[index]
+        if self.gate is not None:
+            self.gate.hold(decided)
 
     def wrap(self, fn: SiteFn) -> SiteFn:
         """``fn`` applied to this configuration's rows only; the other rows are returned as they came."""
 
         def hook(h: torch.Tensor) -> torch.Tensor | None:
-            if self.index is None:
+            if self.index is None or (self.decider is not None and self.decider.deciding):
                 return None
             index = self.index.to(h.device)
             mine = h if self.whole else h.index_select(0, index)
@@ -87,6 +100,8 @@ class Row:
     retired: bool = False
     interventions: int = 0
     cancelled: bool = False
+    # a gated row's gate decision [1], made at its prefill (other rows: empty)
+    decision: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
 
     def sample(self, logits: torch.Tensor, greedy: int) -> None:
         """Pick the next id from this row's logits [1, vocab] (``greedy``: their argmax, computed for the batch)."""
@@ -126,16 +141,15 @@ class Batch:
     cache: Any = None
     mask: torch.Tensor | None = None
     counts: torch.Tensor | None = None
-    fixed: bool = False  # rows stay until all are done (a gated steering keeps state sized to the batch)
 
     def joinable(self) -> bool:
         """Whether rows can join while others decode: plain growing caches only (not sliding windows)."""
-        return not self.rows or (not self.fixed and expandable(self.cache))
+        return not self.rows or expandable(self.cache)
 
-    def add(self, rows: list[Row], cache: Any, mask: torch.Tensor, counts: torch.Tensor, fixed: bool) -> None:
+    def add(self, rows: list[Row], cache: Any, mask: torch.Tensor, counts: torch.Tensor) -> None:
         """Stack prefilled rows under the running ones, both left-padded to the longer length."""
         if not self.rows:
-            self.rows, self.cache, self.mask, self.counts, self.fixed = rows, cache, mask, counts, fixed
+            self.rows, self.cache, self.mask, self.counts = rows, cache, mask, counts
             return
         assert self.mask is not None and self.counts is not None
         length = max(self.mask.shape[1], mask.shape[1])
@@ -147,9 +161,10 @@ class Batch:
         self.rows = self.rows + rows
 
     def keep(self, indices: list[int]) -> None:
-        """Drop every other row from the cache, then the leading columns no kept row uses."""
+        """Drop every other row from the cache, then the leading columns no kept row uses (from plain
+        caches only: a sliding-window layer holds its last tokens, not one column per mask position)."""
         if not indices:
-            self.rows, self.cache, self.mask, self.counts, self.fixed = [], None, None, None, False
+            self.rows, self.cache, self.mask, self.counts = [], None, None, None
             return
         assert self.mask is not None and self.counts is not None
         self.rows = [self.rows[i] for i in indices]
@@ -157,7 +172,7 @@ class Batch:
         self.cache.batch_select_indices(selected)
         self.mask, self.counts = self.mask[selected], self.counts[selected]
         unused = int(self.mask.any(0).long().argmax())
-        if unused:
+        if unused and expandable(self.cache):
             self.mask = self.mask[:, unused:]
             for layer in self.cache.layers:
                 layer.keys, layer.values = layer.keys[..., unused:, :], layer.values[..., unused:, :]

@@ -8,11 +8,13 @@ sampling settings and stream.
 
 Steering. Every distinct (resolved) configuration in the batch has its hooks installed once,
 acting only on its own rows (``batch.RowSteering``), so requests with different steering share
-passes and none sees another's. A gated configuration is the exception: it decides per prompt at
-prefill and keeps that decision sized to its batch, so its requests run as a batch of their own
-(rows joining only at its start, leaving only at its end); requests behind it wait for it.
-Models whose cache cannot take rows mid-decode (sliding-window layers) batch the same way: the
-requests waiting when a batch starts share it, later ones join the next.
+passes and none sees another's. A gated configuration (``gate_layer``) decides per prompt when the
+prompt is prefilled; each row keeps its decision, so gated rows join and leave like any other.
+The model holds one gate at a time: a request with a second gated configuration waits for the
+first one's rows to finish, letting later requests pass it for ``MAX_OVERTAKEN`` steps at most;
+then nothing passes it, so it cannot starve. Models whose cache cannot take rows mid-decode
+(sliding-window layers) batch statically: the requests waiting when a batch starts share it,
+later ones join the next.
 
 Locking. The worker holds the model lock for slices of steps; directions a request needs for the
 first time are prepared outside it (``prepare``, in the request's thread), and their collection
@@ -35,13 +37,15 @@ from ..analysis.directions import DirectionSet
 from ..errors import CacheError, UserError
 from ..models.chat import context_length, stop_token_ids
 from ..models.generation import decode_step, output_cache, prefill
+from ..models.hooks import attached_passes
 from ..models.prefix import pad_after_prefix
-from ..steering import SteeringConfig, apply_steering
+from ..steering import Gate, SteeringConfig, apply_steering
 from .batch import Batch, Row, RowSteering, new_row
 from .jobs import Event, Job, Result, TextTracker
 from .schemas import ApiError, DirectionsFor, ServerLimits
 
 SLICE_S = 0.25  # the worker releases the model lock this often, so a collection batch can run
+MAX_OVERTAKEN = 16  # steps a request that cannot join yet lets later ones pass it
 
 
 def steering_key(config: SteeringConfig) -> str | None:
@@ -137,7 +141,7 @@ class Engine:
         try:
             self._admit()
             self._retire()
-            if any(not row.done for row in self.batch.rows):
+            if self.batch.rows:  # (all running: finished rows have left)
                 self._decode()
                 self._retire()
         except Exception as exc:  # a failed pass: its rows get the error, the worker goes on
@@ -145,23 +149,27 @@ class Engine:
             self.batch = Batch()
 
     def _take(self) -> list[Job]:
-        """The waiting jobs that join now: up to the free rows, in order; a gated steering's jobs alone."""
+        """The waiting jobs that join now, in order, up to the free rows. One with a second gated
+        configuration waits, and is passed by later ones for ``MAX_OVERTAKEN`` steps at most."""
         taken: list[Job] = []
         with self.wakeup:
             if not self.batch.joinable():
                 return taken
             room = self.limits.max_batch - len(self.batch.rows)
-            exclusive = None if self.batch.rows or not self.waiting else self.waiting[0].exclusive
-            key = steering_key(self.waiting[0].steering) if exclusive else None
+            gated = next((key for key, group in self.groups.items() if group.gate is not None), None)
             for job in list(self.waiting):
                 if len(taken) >= room:
                     break
+                key = steering_key(job.steering) if job.gated else None
                 if job.cancel.is_set():
                     self.waiting.remove(job)
-                elif (exclusive and steering_key(job.steering) == key) or (not exclusive and not job.exclusive):
+                elif key is None or gated in (None, key):
                     taken.append(job)
-                elif not exclusive:
-                    break  # a gated steering waits at the head: let the batch drain for it
+                    gated = key or gated
+                else:
+                    job.overtaken += 1
+                    if job.overtaken > MAX_OVERTAKEN:
+                        break  # nobody passes it any more: the rows in its way finish, then it runs
             for job in taken:
                 self.waiting.remove(job)
         return taken
@@ -173,13 +181,25 @@ class Engine:
         try:
             ids, mask = pad_after_prefix([row.prompt for row in rows], 0, self.pad_id, self.loaded.device)
             counts = torch.zeros(len(rows), dtype=torch.long, device=self.loaded.device)
-            self._route(rows, None if bool(mask.all()) else mask.bool(), counts)
+            self._route(rows, None if bool(mask.all()) else mask.bool(), counts, prefill=True)
             output = prefill(self.loaded.model, ids, mask)
+            self._keep_decisions(rows)
             self._sample(rows, output.logits[:, -1, :].float())
         except Exception as exc:
             self._fail(rows, exc)
             return
-        self.batch.add(rows, output_cache(output), mask, counts, fixed=rows[0].job.exclusive)
+        self.batch.add(rows, output_cache(output), mask, counts)
+
+    @staticmethod
+    def _keep_decisions(rows: list[Row]) -> None:
+        """Each new gated row's decision, as its prefill's gate made it (in the order of its rows)."""
+        gated = [row for row in rows if row.group is not None and row.group.gate is not None]
+        if gated:
+            assert gated[0].group is not None and gated[0].group.gate is not None
+            decisions = gated[0].group.gate.open
+            assert decisions is not None and len(decisions) == len(gated)
+            for i, row in enumerate(gated):
+                row.decision = decisions[i:i + 1]
 
     def _start(self, job: Job) -> Row | None:
         """A row for the job, or None after reporting why it cannot run (its prompt, its steering)."""
@@ -227,6 +247,8 @@ class Engine:
             except UserError as exc:
                 group.stack.close()
                 raise ApiError(str(exc), param="steering", code="invalid_steering") from exc
+            passes = attached_passes(self.loaded.model)  # the gate apply_steering attached, if gated
+            group.gate = passes if job.gated and isinstance(passes, Gate) else None
             self.groups[key] = group
         group.members += 1
         return group
@@ -240,15 +262,22 @@ class Engine:
             del self.groups[group.key]
             group.stack.close()
 
-    def _route(self, rows: list[Row], valid: torch.Tensor | None, counts: torch.Tensor) -> None:
-        """Tell every installed steering which rows of the coming pass are its own."""
+    def _route(self, rows: list[Row], valid: torch.Tensor | None, counts: torch.Tensor, prefill: bool) -> None:
+        """Tell every installed steering which rows of the coming pass are its own (and a gate its
+        rows' decisions, unless this prefill starts some of them and so decides them all)."""
         members: dict[str | None, list[int]] = {}
         for i, row in enumerate(rows):
             members.setdefault(None if row.group is None else row.group.key, []).append(i)
+        gate = next((group.gate for group in self.groups.values() if group.gate is not None), None)
         for key, group in self.groups.items():
             index = members.get(key)
             selected = None if index is None else torch.tensor(index, device=counts.device)
-            group.select(selected, index is not None and len(index) == len(rows), valid, counts)
+            decided = None
+            if group.gate is not None and not (prefill and index is not None):
+                kept = [rows[i].decision for i in index or []]
+                decided = torch.cat(kept) if kept else torch.zeros(0, dtype=torch.bool)
+            group.select(selected, index is not None and len(index) == len(rows), valid, counts, decided,
+                         None if gate is group.gate else gate)
         self.stats["passes"] += 1
         self.stats["max_rows"] = max(self.stats["max_rows"], len(rows))
         self.stats["mixed_passes"] += len(members) > 1
@@ -256,16 +285,12 @@ class Engine:
     def _decode(self) -> None:
         batch = self.batch
         assert batch.mask is not None and batch.counts is not None
-        live = torch.tensor([not row.done for row in batch.rows], device=batch.mask.device)
-        tokens = torch.tensor([[self.pad_id if row.done else row.token] for row in batch.rows],
-                              device=batch.mask.device)
-        batch.mask = torch.cat([batch.mask, live[:, None].long()], dim=1)  # a finished row's position stays
-        self._route(batch.rows, live[:, None] if batch.fixed else None, batch.counts)
+        tokens = torch.tensor([[row.token] for row in batch.rows], device=batch.mask.device)
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
+        self._route(batch.rows, None, batch.counts, prefill=False)
         output = decode_step(self.loaded.model, tokens, batch.mask, batch.cache)
         batch.cache = output_cache(output)
-        logits = output.logits[:, -1, :].float()
-        running = [i for i, row in enumerate(batch.rows) if not row.done]
-        self._sample([batch.rows[i] for i in running], logits[running])
+        self._sample(batch.rows, output.logits[:, -1, :].float())
 
     @staticmethod
     def _sample(rows: list[Row], logits: torch.Tensor) -> None:
@@ -286,16 +311,9 @@ class Engine:
         counts = batch.counts.tolist()
         for i, row in enumerate(batch.rows):
             row.interventions = counts[i]
-        if not batch.fixed:
-            leaving = finished
-            batch.keep([i for i, row in enumerate(batch.rows) if not row.done])
-        else:
-            leaving = batch.rows if all(row.done for row in batch.rows) else []
-            if leaving:
-                self.batch = Batch()
-        for row in leaving:
-            self._leave_group(row)
+        batch.keep([i for i, row in enumerate(batch.rows) if not row.done])
         for row in finished:
+            self._leave_group(row)
             row.retired = True
             if not row.cancelled:
                 row.tracker.close()

@@ -49,11 +49,11 @@ class Job:
     emit: Callable[[Event], None] = _ignore
     cancel: threading.Event = field(default_factory=threading.Event)
     directions: DirectionSet | None = None  # prepared before the job reaches the engine
+    overtaken: int = 0  # steps it waited unable to join (later requests may pass it meanwhile)
 
     @property
-    def exclusive(self) -> bool:
-        """A gated steering decides per prompt at prefill and keeps state sized to its batch: such jobs
-        run in a batch of their own steering whose rows stay until all are done."""
+    def gated(self) -> bool:
+        """A gated steering: the model holds one gate at a time, so a batch holds one gated configuration."""
         return self.steering.gate_layer is not None and self.steering.mode != "none" and self.steering.scale != 0
 
 

@@ -5,6 +5,8 @@ direction, at the directions' site, for the whole answer. To steer every hooked 
 prompts (the layers below the gate too), the decision must exist before the real pass: so each
 prefill first runs the unmodified model up to the gate layer (a truncated pass, ended by an
 exception there) over the same inputs, and decides per row. Decoding steps keep the decision.
+A caller whose rows join and leave a running batch (the server) keeps each row's decision
+itself and hands the gate those of the coming pass (``hold``): then no pass decides.
 
 Who says which pass is which: the toolkit's runner (``models.generation.prefill`` and
 ``decode_step``) states it through ``prefill(run_unmodified)`` and ``decode()``. A direct
@@ -49,6 +51,7 @@ class Gate:
         self.open: torch.Tensor | None = None  # per row of the running batch: steered or not
         self.phase: str | None = None  # "prefill" or "decode" while a stated pass runs
         self.deciding = False  # inside the truncated unmodified pass
+        self.held: torch.Tensor | None = None  # decisions a caller carries for its rows (``hold``)
         self._direct = False  # the current pass was stated by ``watching`` (a direct model call)
 
     @classmethod
@@ -83,7 +86,15 @@ class Gate:
         finally:
             self.phase = None
 
+    def hold(self, decided: torch.Tensor | None) -> None:
+        """From now on every pass keeps ``decided`` (one per row the gate's hooks see, in order: rows
+        decided earlier, as the caller kept them) instead of deciding; None: prefills decide again."""
+        self.held = decided
+
     def _begin_prefill(self, run_unmodified: Callable[[], Any]) -> None:
+        if self.held is not None:
+            self.open, self.phase = self.held, "prefill"
+            return
         self.open, self.deciding = None, True
         try:
             run_unmodified()
@@ -96,6 +107,8 @@ class Gate:
         self.phase = "prefill"
 
     def _begin_decode(self) -> None:
+        if self.held is not None:
+            self.open = self.held
         if self.open is None:
             raise UserError("A decoding step under a per-prompt gate needs its prompts' prefill first: start "
                             "the prompts with a pass that has no cache (or an empty one).")
