@@ -106,14 +106,15 @@ def main() -> int:
                                   direction_layer=default_direction_layer(n_layers))
     directions = get_directions(loaded, plain_config, progress=False)
     scorer = Scorer(loaded, texts(search_harmful), texts(ordinary_train), texts(borderline_train), args.batch_size,
-                    directions, range(0))
+                    {plain_config.direction_variant: directions}, range(0))
     plain_score = scorer.score(plain_config)
     scales = [float(s) for s in args.scales.split(",")]
     depths = sorted({max(0, min(n_layers - 1, round(float(f) * n_layers))) for f in args.depths.split(",")})
     started, best, skipped = time.perf_counter(), {}, 0
     for variant in chosen:
         base = replace(plain_config, mode=variant.mode, direction_variant=variant.direction_variant)
-        scorer.directions = get_directions(loaded, base, progress=False)
+        variant_directions = get_directions(loaded, base, progress=False)
+        scorer.directions = {base.direction_variant: variant_directions}
         scores = []
         for scale in scales:
             for layer in depths:
@@ -122,7 +123,7 @@ def main() -> int:
                     continue
                 config = replace(base, scale=scale, direction_layer=layer)
                 scores.append((config, scorer.score(config)))
-        best[variant.name] = (pick(scores, plain_score)[0], scorer.directions)
+        best[variant.name] = (pick(scores, plain_score)[0], variant_directions)
     search_seconds = time.perf_counter() - started
 
     judge = load_judge(args.judge or "markers")

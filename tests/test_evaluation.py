@@ -250,7 +250,7 @@ def test_optimize_charges_a_gate_for_the_borderline_prompts_it_steers(cache_root
     borderline = chat(resolve_prompts("borderline:train", label=0).filter(label=0).texts[:16])
     ordinary = chat(resolve_prompts("ordinary:train").texts[:8])
     harmful_texts = chat(Path(harmful).read_text().splitlines())
-    scorer = Scorer(loaded, harmful_texts, ordinary, borderline, 4, directions, range(2, 4))
+    scorer = Scorer(loaded, harmful_texts, ordinary, borderline, 4, {"mean_diff": directions}, range(2, 4))
     opening = refusal_opening_ids(loaded.tokenizer)
     base = {"ordinary": first_logits(loaded, ordinary, 4, share_prefix=False),
             "borderline": first_logits(loaded, borderline, 4, share_prefix=False)}
@@ -268,7 +268,7 @@ def test_optimize_charges_a_gate_for_the_borderline_prompts_it_steers(cache_root
         collateral = real["borderline"][scorer.answered]
         assert score.kl_collateral == pytest.approx(float(collateral.mean()), abs=1e-6)
         assert score.cost == pytest.approx(score.kl_ordinary + score.kl_collateral)
-        steered_answered = set(scorer._passing("borderline", 3, level)) & set(scorer.answered)
+        steered_answered = set(scorer._passing("borderline", 3, level, directions)) & set(scorer.answered)
         assert (score.kl_collateral > 0) == bool(steered_answered)  # charged exactly when it steers those
         costs.append(score.kl_collateral)
     assert len(set(costs)) > 1 and max(costs) > 0

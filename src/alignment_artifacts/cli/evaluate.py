@@ -190,6 +190,9 @@ def cmd_judge(args: argparse.Namespace) -> int:
 
 
 def add_optimize(p: argparse.ArgumentParser) -> None:
+    from ..analysis.directions import VARIANTS
+    from ..optimize.search import SEARCH_MODES
+
     add_model(p)
     p.add_argument("--trials", type=int, default=60, help="maximum trials (default 60)")
     p.add_argument("--timeout", type=float, default=1800,
@@ -220,8 +223,13 @@ def add_optimize(p: argparse.ArgumentParser) -> None:
     p.add_argument("--search-size", type=int, default=32,
                    help="prompts of each kind that score every trial (default 32; at most half the training split)")
     p.add_argument("--modes", default="clamp,ablate",
-                   help="modes to search, comma-separated (default clamp,ablate; 'ablate' alone keeps the result "
-                        "bakeable into weights for `export --format hf`)")
+                   help=f"modes to search, comma-separated, of {', '.join(SEARCH_MODES)} (default clamp,ablate; "
+                        "ablate and/or ablate_weight_norm alone keep the result bakeable into weights for "
+                        "`export --format hf`)")
+    p.add_argument("--direction-variants", default="mean_diff",
+                   help=f"direction variants to search, comma-separated, of {', '.join(VARIANTS)} (default "
+                        "mean_diff; each is computed once on the direction prompts; the stored configuration "
+                        "records the chosen one)")
     p.add_argument("--no-gate", action="store_true",
                    help="do not search per-prompt gates for clamp (a gate steers only prompts that project past a "
                         "level at one layer; ordinary prompts below it stay untouched)")
@@ -240,6 +248,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
                                 harmful=args.harmful, harmless=args.harmless, max_kl=args.max_kl,
                                 direction_prompts=args.direction_prompts, search_size=args.search_size,
                                 modes=split(args.modes) or ["clamp", "ablate"], screen_dtype=args.screen_dtype,
+                                direction_variants=split(args.direction_variants) or ["mean_diff"],
                                 gate=not args.no_gate, ordinary=args.ordinary, borderline=args.borderline,
                                 finalists=args.finalists, max_tokens=args.max_tokens, thinking=args.thinking,
                                 n_val_ordinary=args.n_ordinary, n_val_borderline=args.n_borderline,

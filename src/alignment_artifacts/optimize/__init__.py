@@ -5,8 +5,9 @@
    prompts make steering look far cheaper than it is). Ordinary and borderline prompts come from
    their sets' train splits for the search and validation splits for the check.
 2. **Search** (``search.py``): Optuna minimises (refusal proxy, ordinary + borderline collateral
-   KL) over ``clamp`` and ``ablate`` settings, optionally gated, screening in bfloat16 where the CPU
-   multiplies it natively.
+   KL) over ``clamp`` and ``ablate`` settings (or other ablations of the mode table, and direction
+   variants, each computed once), optionally gated, screening in bfloat16 where the CPU multiplies
+   it natively.
 3. **Finalists** (``check.py``): a few Pareto points spread over the cost axis are evaluated like ``evaluate`` does,
    on the validation splits of all four groups, in the model's dtype, with the judge.
 4. **Choice**: the fewest harmful prompts not complied with (judge), then the lowest cost, among
@@ -27,9 +28,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..analysis.directions import VARIANTS, DirectionSet
 from ..cache import stable_hash
 from ..capability import capability_tasks
-from ..errors import UserError
+from ..errors import UserError, closest
 from ..evaluation import GROUPS, Baseline, EvaluationSettings, GroupSets
 from ..evaluation.groups import answer_texts, evaluation_thinking
 from ..judge import Judge, load_judge
@@ -37,9 +39,9 @@ from ..models.loading import LoadedModel, parameters_as, screening_dtype
 from ..models.thinking import DEFAULT_THINKING_BUDGET
 from ..prompts import PromptSet, resolve_prompts
 from ..resolve import get_directions
-from ..steering import SteeringConfig
+from ..steering import MODES, SteeringConfig
 from .check import check_finalists, choose, pick_finalists
-from .search import SEARCH_MODES, Scorer, Space, config_from_params, layer_weights, run_search
+from .search import DEFAULT_MODES, SEARCH_MODES, Scorer, Space, config_from_params, layer_weights, run_search
 from .store import store
 
 MIN_PER_SPLIT = 4
@@ -66,7 +68,8 @@ class OptimizeSettings:
     judged_ordinary: int = 48
     max_kl: float = 0.1  # finalists come from below this screening cost (ordinary + collateral KL)
     max_capability_drop: float = 0.01  # a finalist may lose at most this much exact-match accuracy
-    modes: list[str] = field(default_factory=lambda: list(SEARCH_MODES))
+    modes: list[str] = field(default_factory=lambda: list(DEFAULT_MODES))  # any of SEARCH_MODES
+    direction_variants: list[str] = field(default_factory=lambda: ["mean_diff"])  # searched when more than one
     gate: bool = True  # clamp trials may also gate per prompt (steer only prompts past a projection at one layer)
     finalists: int = 3
     check_plain_recipe: bool = False  # also check the plain recipe on validation, as a reference row (benches)
@@ -104,6 +107,7 @@ class OptimizeResult:
             f"optimize: {self.trials} trials in {self.seconds:.0f} s; Pareto front of {len(self.pareto)} points; "
             f"{len(self.finalists)} finalists checked on validation splits",
             f"chosen: mode={c['mode']} scale={c['scale']:.3f} direction_layer={c['direction_layer']}"
+            + (f" direction_variant={c['direction_variant']}" if c["direction_variant"] != "mean_diff" else "")
             + (f" clamp_level={c['clamp_level']:.3f}" if c["mode"] == "clamp" else "")
             + (f" gate_layer={c['gate_layer']} gate_level={c['gate_level']:.3f}" if c.get("gate_layer") is not None
                else ""),
@@ -121,18 +125,19 @@ def optimize(loaded: LoadedModel, settings: OptimizeSettings | None = None, prog
     judge = judge or load_judge("markers")
     prompts = _prompts(settings)
     screen = screening_dtype(loaded, settings.screen_dtype)
+    variants = tuple(dict.fromkeys(settings.direction_variants))
     with parameters_as(loaded, screen):  # a mean over many prompts: screening precision is plenty, and 2.5x faster
-        directions = get_directions(loaded, SteeringConfig(mode="ablate"), source=prompts.direction_source,
-                                    progress=progress)
+        directions = _directions(loaded, variants, prompts.direction_source, progress)
     # the unmodified side of validation runs first: its duration prices every finalist's check, so the
     # search gets what is left of --timeout
     baseline = _validation_baseline(loaded, settings, prompts, judge)
     budget = _search_budget(settings, baseline, started)
 
-    space = Space(loaded.adapter.n_layers, tuple(dict.fromkeys(settings.modes)), settings.gate)
+    space = Space(loaded.adapter.n_layers, tuple(dict.fromkeys(settings.modes)), settings.gate, variants)
     with parameters_as(loaded, screen):
         scorer = _scorer(loaded, settings, prompts, baseline, directions, space)
-        searched = run_search(loaded, space, scorer, key=_study_key(loaded, settings, directions.prompt_set_hash),
+        searched = run_search(loaded, space, scorer,
+                              key=_study_key(loaded, settings, directions[variants[0]].prompt_set_hash),
                               trials=settings.trials, timeout=budget, seed=settings.seed, resume=settings.resume,
                               progress=progress)
     finalists, best = check_finalists(loaded, searched, space, directions, baseline, n=settings.finalists,
@@ -147,11 +152,18 @@ def optimize(loaded: LoadedModel, settings: OptimizeSettings | None = None, prog
 
 
 def _check(settings: OptimizeSettings) -> None:
-    bad = [m for m in settings.modes if m not in SEARCH_MODES]
-    if bad or not settings.modes:
-        raise UserError(f"optimize searches the modes {', '.join(SEARCH_MODES)} (got {', '.join(bad) or 'none'}); "
-                        "'ablate' alone keeps the result bakeable into weights (--modes ablate). Other modes are "
-                        "tuned by hand with `evaluate`.")
+    bad = [m for m in settings.modes if m not in SEARCH_MODES] or ([] if settings.modes else ["none"])
+    if bad:
+        bakeable = [m for m in SEARCH_MODES if MODES[m].bakeable]
+        raise UserError(f"optimize cannot search the mode(s) {', '.join(bad)}.{closest(bad[0], SEARCH_MODES)} It "
+                        f"searches the refusal-direction ablations of the mode table: {', '.join(SEARCH_MODES)}; "
+                        f"only {' and '.join(bakeable)} keep the result bakeable into weights (--modes "
+                        f"{','.join(bakeable)}). Other modes are tuned by hand with `evaluate`.")
+    bad = [v for v in settings.direction_variants if v not in VARIANTS] or \
+        ([] if settings.direction_variants else ["none"])
+    if bad:
+        raise UserError(f"--direction-variants: unknown variant(s) {', '.join(bad)}.{closest(bad[0], VARIANTS)} "
+                        f"Variants: {', '.join(VARIANTS)}.")
     if settings.search_size < MIN_PER_SPLIT:
         raise UserError(f"--search-size {settings.search_size} is too small; trials need at least {MIN_PER_SPLIT} "
                         "prompts of each kind.")
@@ -271,8 +283,15 @@ def _search_budget(settings: OptimizeSettings, baseline: Baseline, started: floa
     return budget
 
 
+def _directions(loaded: LoadedModel, variants: tuple[str, ...], source: str | PromptSet, progress: bool
+                ) -> dict[str, DirectionSet]:
+    """Each variant's directions, all from ``source`` (the prompts the search does not score), cached."""
+    return {variant: get_directions(loaded, SteeringConfig(mode="ablate", direction_variant=variant), source=source,
+                                    progress=progress) for variant in variants}
+
+
 def _scorer(loaded: LoadedModel, settings: OptimizeSettings, prompts: _Prompts, baseline: Baseline,
-            directions: Any, space: Space) -> Scorer:
+            directions: dict[str, DirectionSet], space: Space) -> Scorer:
     """Screening on the search prompts, formatted as validation formats them (screening reads the first
     answer token, so a thinking model's prompts end after the thinking)."""
     thinking = evaluation_thinking(loaded, baseline.settings)
@@ -283,11 +302,14 @@ def _scorer(loaded: LoadedModel, settings: OptimizeSettings, prompts: _Prompts, 
 
 
 def _study_key(loaded: LoadedModel, settings: OptimizeSettings, directions_hash: str) -> str:
-    """What makes a study resumable: the weights, the directions and every setting but the budget."""
+    """What makes a study resumable: the weights, the directions and every setting but the budget (the
+    default variant alone leaves the key as it was before variants were searched, so old studies resume)."""
+    default_variants = settings.direction_variants == ["mean_diff"]
     return stable_hash({"weights": loaded.info.weights_hash, "directions": directions_hash,
                         "settings": {k: v for k, v in asdict(settings).items() if k not in ("trials", "timeout",
                                                                                             "resume")
-                                     and not (k.startswith("thinking") and settings.thinking == "auto")}})
+                                     and not (k.startswith("thinking") and settings.thinking == "auto")
+                                     and not (k == "direction_variants" and default_variants)}})
 
 
 __all__ = ["OptimizeResult", "OptimizeSettings", "choose", "config_from_params",

@@ -15,24 +15,27 @@ from ..evaluation import Baseline
 from ..evaluation.groups import evaluate_against
 from ..models.loading import LoadedModel
 from ..steering import Steering
-from .search import Searched, Space, config_from_params
+from .search import Searched, Space
 
 
-def check_finalists(loaded: LoadedModel, searched: Searched, space: Space, directions: DirectionSet,
+def check_finalists(loaded: LoadedModel, searched: Searched, space: Space, directions: dict[str, DirectionSet],
                     baseline: Baseline, *, n: int, max_cost: float, base_refusal: float, max_capability_drop: float,
                     plain_recipe: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Every finalist's row (trial, parameters, proxies, configuration, four validated groups) and the chosen
-    one; with ``plain_recipe`` the plain recipe is checked too, as a reference row that is never chosen."""
+    one; with ``plain_recipe`` the plain recipe is checked too, as a reference row that is never chosen.
+    ``directions``: one set per direction variant searched."""
     finalists = []
     for trial in pick_finalists(searched.pareto, n, max_cost, base_refusal):
         config = space.config(trial.params, loaded)
-        checked = evaluate_against(loaded, Steering(config, directions), baseline, progress=False)
+        checked = evaluate_against(loaded, Steering(config, directions[config.direction_variant]), baseline,
+                                   progress=False)
         finalists.append({"trial": trial.number, "params": trial.params, "refusal_prob": trial.values[0],
                           "cost": trial.values[1], "config": config.to_json(), "validation": checked.to_json()})
     best = choose(finalists, max_capability_drop)
     if plain_recipe:
-        plain = config_from_params(space.plain_recipe(), space.n_layers, loaded)
-        checked = evaluate_against(loaded, Steering(plain, directions), baseline, progress=False)
+        plain = space.config(space.plain_recipe(), loaded)  # with the first variant searched
+        checked = evaluate_against(loaded, Steering(plain, directions[plain.direction_variant]), baseline,
+                                   progress=False)
         finalists.append({"trial": None, "reference": "plain recipe", "params": space.plain_recipe(),
                           "config": plain.to_json(), "validation": checked.to_json()})
     return finalists, best

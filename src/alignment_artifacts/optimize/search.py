@@ -22,14 +22,35 @@ from typing import Any
 
 import torch
 
+from ..analysis.directions import DirectionSet
 from ..cache import cache_dir
 from ..errors import UserError
 from ..evaluation import first_logits, kl_divergence, refusal_log_odds, refusal_opening_ids
 from ..models.hooks import site_hooks
 from ..models.loading import LoadedModel
-from ..steering import Steering, SteeringConfig, gate_passes
+from ..steering import MODES, Steering, SteeringConfig, gate_passes
+from ..steering.modes import ModeSpec, Param
 
-SEARCH_MODES = ("clamp", "ablate")
+DEFAULT_MODES = ("clamp", "ablate")
+# where the search stops short of a knob's allowed range (see the module docstring), and each mode's scale
+SEARCH_RANGES = {"clamp_level": (0.0, 0.8)}
+SCALES = {"clamp": (0.5, 1.3)}
+ABLATION_SCALE = (0.3, 1.2)  # beyond ~1.2 ablation flips the projection's sign, and KL on unseen prompts jumps
+
+
+def param_range(param: Param) -> tuple[float, float] | None:
+    """The range a mode's knob is searched over: the search's own, else the table's (if finite)."""
+    if param.name in SEARCH_RANGES:
+        return SEARCH_RANGES[param.name]
+    return None if param.low is None or param.high is None else (param.low, param.high)
+
+
+def searchable(spec: ModeSpec) -> bool:
+    """Ablations of the refusal direction (not the additive ones) whose knobs all have a range to search."""
+    return spec.refusal_direction and not spec.control_vector and all(param_range(p) for p in spec.params)
+
+
+SEARCH_MODES = tuple(name for name, spec in MODES.items() if searchable(spec))
 
 
 def layer_weights(n_layers: int, centre: float, width: float, floor: float) -> dict[int, float]:
@@ -38,17 +59,19 @@ def layer_weights(n_layers: int, centre: float, width: float, floor: float) -> d
 
 
 def config_from_params(params: dict[str, Any], n_layers: int, loaded: LoadedModel,
-                       default_mode: str = "ablate") -> SteeringConfig:
-    """The steering configuration a trial's parameters describe (scale names are per mode)."""
+                       default_mode: str = "ablate", default_variant: str = "mean_diff") -> SteeringConfig:
+    """The steering configuration a trial's parameters describe (scale names are per mode; the mode's
+    own knobs go by their field names)."""
     mode = params.get("mode", default_mode)
     weights = layer_weights(n_layers, params["kernel_centre"], params["kernel_width"], params["kernel_floor"])
     scale = params.get(f"{mode}_scale", params.get("scale", 1.0))
     gated = bool(params.get("gated"))
-    return SteeringConfig(mode=mode, scale=scale, direction_layer=params["direction_layer"],
-                          clamp_level=params.get("clamp_level", 0.2), layer_weights=weights,
+    knobs = {p.name: params[p.name] for p in MODES[mode].params if p.name in params}
+    return SteeringConfig(mode=mode, scale=scale, direction_layer=params["direction_layer"], layer_weights=weights,
+                          direction_variant=params.get("direction_variant", default_variant),
                           gate_layer=params["gate_layer"] if gated else None,
                           gate_level=params["gate_level"] if gated else 0.0,
-                          model_id=loaded.info.name, weights_hash=loaded.info.weights_hash)
+                          model_id=loaded.info.name, weights_hash=loaded.info.weights_hash, **knobs)
 
 
 @dataclass(frozen=True)
@@ -58,6 +81,7 @@ class Space:
     n_layers: int
     modes: tuple[str, ...]
     gate: bool
+    variants: tuple[str, ...] = ("mean_diff",)  # direction variants (a search parameter when more than one)
 
     @property
     def direction_layers(self) -> range:
@@ -73,15 +97,19 @@ class Space:
         layers = self.direction_layers
         params: dict[str, Any] = {"mode": mode,
                                   "direction_layer": trial.suggest_int("direction_layer", layers[0], layers[-1])}
-        if mode == "clamp":
-            params["clamp_scale"] = trial.suggest_float("clamp_scale", 0.5, 1.3)
-            params["clamp_level"] = trial.suggest_float("clamp_level", 0.0, 0.8)
-            if self.gate and trial.suggest_categorical("gated", [False, True]):
-                gates = self.gate_layers
-                params.update(gated=True, gate_layer=trial.suggest_int("gate_layer", gates[0], gates[-1]),
-                              gate_level=trial.suggest_float("gate_level", 0.0, 0.6))
-        else:  # beyond ~1.2 ablation flips the projection's sign, and KL on unseen prompts jumps
-            params["ablate_scale"] = trial.suggest_float("ablate_scale", 0.3, 1.2)
+        if len(self.variants) > 1:
+            params["direction_variant"] = trial.suggest_categorical("direction_variant", list(self.variants))
+        params[f"{mode}_scale"] = trial.suggest_float(f"{mode}_scale", *SCALES.get(mode, ABLATION_SCALE))
+        for param in MODES[mode].params:
+            bounds = param_range(param)
+            assert bounds is not None, param.name  # a searchable mode's knobs all have one
+            low, high = bounds
+            params[param.name] = (trial.suggest_int(param.name, int(low), int(high)) if param.integer
+                                  else trial.suggest_float(param.name, low, high))
+        if mode == "clamp" and self.gate and trial.suggest_categorical("gated", [False, True]):
+            gates = self.gate_layers
+            params.update(gated=True, gate_layer=trial.suggest_int("gate_layer", gates[0], gates[-1]),
+                          gate_level=trial.suggest_float("gate_level", 0.0, 0.6))
         params.update(kernel_centre=trial.suggest_float("kernel_centre", 0, self.n_layers - 1),
                       kernel_width=trial.suggest_float("kernel_width", 2, self.n_layers),
                       kernel_floor=trial.suggest_float("kernel_floor", 0.0, 1.0))
@@ -89,7 +117,7 @@ class Space:
 
     def config(self, params: dict[str, Any], loaded: LoadedModel) -> SteeringConfig:
         """The configuration a trial of this space describes."""
-        return config_from_params(params, self.n_layers, loaded, self.modes[0])
+        return config_from_params(params, self.n_layers, loaded, self.modes[0], self.variants[0])
 
     def plain_recipe(self) -> dict[str, Any]:
         """Full ablation at scale 1 with the direction of the layer at 60% depth, on every layer."""
@@ -98,9 +126,10 @@ class Space:
                 "kernel_width": float(n), "kernel_floor": 1.0}
 
     def seeds(self) -> list[dict[str, Any]]:
-        """Known starting points: the plain recipe (full ablation with one layer's direction), clamps
-        at three levels, which sketch the trade-off before the sampler takes over, and (with gates)
-        the level-0 clamp gated at 75% depth at two levels."""
+        """Known starting points: the plain recipe (full ablation with one layer's direction) and each
+        other ablation at scale 1, clamps at three levels, which sketch the trade-off before the sampler
+        takes over, and (with gates) the level-0 clamp gated at 75% depth at two levels; all with the
+        first direction variant, and each mode's first point with every other variant."""
         n = self.n_layers
         flat = {k: v for k, v in self.plain_recipe().items() if k not in ("mode", "ablate_scale")}
         ungated = {"gated": False} if self.gate else {}
@@ -108,9 +137,13 @@ class Space:
         if self.gate:
             clamps += [{"clamp_scale": 1.0, "clamp_level": 0.0, "gated": True, "gate_layer": round(0.75 * n),
                         "gate_level": level} for level in (0.1, 0.3)]
-        seeds = {"ablate": [{"ablate_scale": 1.0}], "clamp": clamps}
+        seeds = {mode: clamps if mode == "clamp" else [{f"{mode}_scale": 1.0}] for mode in self.modes}
         tag = lambda mode: {"mode": mode} if len(self.modes) > 1 else {}  # noqa: E731
-        return [{**tag(mode), **flat, **params} for mode in self.modes for params in seeds[mode]]
+        variant = lambda v: {"direction_variant": v} if len(self.variants) > 1 else {}  # noqa: E731
+        return ([{**tag(mode), **variant(self.variants[0]), **flat, **params}
+                 for mode in self.modes for params in seeds[mode]]
+                + [{**tag(mode), **variant(v), **flat, **seeds[mode][0]} for v in self.variants[1:]
+                   for mode in self.modes])
 
 
 @dataclass
@@ -132,10 +165,12 @@ class Scorer:
     and leaves the others bit-identical (tested in the steering tests), so a gated trial is scored
     as that: the twin on the prompts that pass, the unmodified model on the rest. The gate's
     decisions come from the unmodified model's last-token activations, captured once per group.
+    ``directions`` holds one set per direction variant, all from the same prompts and site; a
+    configuration is scored with its own variant's.
     """
 
     def __init__(self, loaded: LoadedModel, harmful: list[str], ordinary: list[str], borderline: list[str],
-                 batch_size: int, directions: Any, gate_layers: range):
+                 batch_size: int, directions: dict[str, DirectionSet], gate_layers: range):
         self.loaded, self.batch, self.directions, self.gate_layers = loaded, batch_size, directions, gate_layers
         self.texts = {"harmful": harmful, "ordinary": ordinary, "borderline": borderline}
         self.opening = refusal_opening_ids(loaded.tokenizer)
@@ -147,11 +182,12 @@ class Scorer:
         self._last: dict[str, dict[int, torch.Tensor]] = {}
 
     def score(self, config: SteeringConfig) -> Score:
+        directions = self.directions[config.direction_variant]
         rows = {name: None if config.gate_layer is None else
-                self._passing(name, config.gate_layer, config.gate_level) for name in self.texts}
+                self._passing(name, config.gate_layer, config.gate_level, directions) for name in self.texts}
         odds = self.base_odds.clone()
         kls = {name: torch.zeros(len(texts)) for name, texts in self.texts.items()}
-        with Steering(replace(config, gate_layer=None), self.directions).apply(self.loaded):
+        with Steering(replace(config, gate_layer=None), directions).apply(self.loaded):
             for name, texts in self.texts.items():
                 picked = list(range(len(texts))) if rows[name] is None else rows[name]
                 if not picked:
@@ -165,16 +201,16 @@ class Scorer:
         return Score(refusal=float(torch.sigmoid(odds).mean()), kl_ordinary=float(kls["ordinary"].mean()),
                      kl_collateral=float(collateral.mean()) if len(self.answered) else 0.0, odds=odds)
 
-    def _passing(self, name: str, layer: int, level: float) -> list[int]:
+    def _passing(self, name: str, layer: int, level: float, directions: DirectionSet) -> list[int]:
         if name not in self._last:  # the unmodified last-token activations at every candidate gate layer
-            site = self.directions.site
+            site = directions.site
             captured: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.gate_layers}
             hooks = {(site, layer): (lambda h, kept=kept: kept.append(h[:, -1].float().cpu()))
                      for layer, kept in captured.items()}
             with site_hooks(self.loaded.adapter, hooks):
                 first_logits(self.loaded, self.texts[name], self.batch, share_prefix=False)  # as a gate decides
             self._last[name] = {layer: torch.cat(kept) for layer, kept in captured.items()}
-        return gate_passes(self.directions, layer, level, self._last[name][layer]).nonzero().flatten().tolist()
+        return gate_passes(directions, layer, level, self._last[name][layer]).nonzero().flatten().tolist()
 
 
 @dataclass

@@ -26,14 +26,15 @@ class Stored:
 
 
 def store(loaded: LoadedModel, searched: Searched, finalists: list[dict[str, Any]], best: dict[str, Any],
-          directions: DirectionSet, judge_name: str, screen_dtype: str) -> Stored:
-    """Write the choice for ``--mode auto``; its directions are named relative to the cache root when they
-    are inside it, so moving the cache (or ``--cache-dir``) keeps the configuration usable."""
+          directions: dict[str, DirectionSet], judge_name: str, screen_dtype: str) -> Stored:
+    """Write the choice for ``--mode auto`` with its own variant's directions (of ``directions``, one set per
+    variant searched); they are named relative to the cache root when they are inside it, so moving the
+    cache (or ``--cache-dir``) keeps the configuration usable."""
     study = searched.study
     config = SteeringConfig.from_json(best["config"])
     config.notes = {"optimize": {"trial": best["trial"], "study": study.study_name}}
     path = config_path(loaded)
-    saved = directions.save(path.with_name(path.stem + ".directions"))
+    saved = directions[config.direction_variant].save(path.with_name(path.stem + ".directions"))
     config.source = str(Path(saved).relative_to(cache_root())) if Path(saved).is_relative_to(cache_root()) \
         else str(saved)
     plot = _plot_pareto(searched.complete, searched.pareto, finalists,
