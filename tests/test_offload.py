@@ -70,7 +70,7 @@ def test_steered_logits_equal(config, twins):
     assert relative_error(real_logits(offloaded.model, offloaded.tokenizer), expected) > 1e-3  # hooks removed
 
 
-def test_collection_equal(twins):
+def test_collection_equal(twins, cache_root):
     loaded, offloaded = twins
     prompts = PromptSet("offload-check", [Prompt(id=f"p{i}", text=t, label=i % 2) for i, t in enumerate(PROMPTS)])
     kwargs = dict(sites="resid_pre,attn_out,mlp_out", positions="last,mean,first_generated", dtype="float32",
