@@ -144,3 +144,28 @@ def test_command_line_variant_flags(cache_root, tmp_path, capsys):
     assert exit_info.value.code == 2 and "invalid choice: 'mean-diff'" in capsys.readouterr().err
     assert main([*base, "--benign-components", "0"]) == 2
     assert "--benign-components must be at least 1" in capsys.readouterr().err
+
+
+def test_command_line_method_median_and_its_clash_with_the_median_variant(cache_root, tmp_path, capsys):
+    """``analyze --method median``, which docs/steering-modes.md names: geometric-median centres in their own folder;
+    combined with ``--direction-variant median`` (per-unit medians, another thing) it is an error."""
+    from alignment_artifacts.cli import main
+
+    folder = save_tiny("llama", tmp_path / "tiny", layers=3)
+    base = ["analyze", "--model", str(folder), "--prompts", write_prompt_files(tmp_path), "--permutations", "20",
+            "--bootstrap", "20", "--folds", "2", "--json"]
+    assert main(base) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main([*base, "--method", "median"]) == 0
+    median = json.loads(capsys.readouterr().out)
+    assert plain["config"]["method"] == "mean" and median["config"]["method"] == "median"
+    assert median["output_folder"] != plain["output_folder"]  # beside the plain analysis, not over it
+    saved = [json.loads((cache_root.parent / data["output_folder"] / "directions" / "pooled" /
+                         "directions.json").read_text()) for data in (plain, median)]
+    assert saved[0]["method"] == "mean" and saved[1]["method"] == "median"
+    assert saved[0]["norms"] != saved[1]["norms"]
+    assert [r["g"] for r in median["rows"]] == [r["g"] for r in plain["rows"]]  # statistics: the mean difference's
+    assert main([*base[:-1], "--method", "median"]) == 0
+    assert "group centres: geometric medians" in capsys.readouterr().out
+    assert main([*base, "--method", "median", "--direction-variant", "median"]) == 2
+    assert "two different robust directions" in capsys.readouterr().err

@@ -137,3 +137,21 @@ def test_cli_passes_direction_variants():
     args = build_parser().parse_args(["optimize", "--modes", "ablate_weight_norm", "--direction-variants",
                                       "mean_diff,median"])
     assert (args.modes, args.direction_variants) == ("ablate_weight_norm", "mean_diff,median")
+
+
+@pytest.mark.parametrize(("flags", "settings"), [
+    (["--modes", "clamp,ablate_wieght_norm"], {"modes": ["clamp", "ablate_wieght_norm"]}),
+    (["--direction-variants", "mean-diff"], {"direction_variants": ["mean-diff"]})])
+def test_cli_refuses_a_bad_name_before_loading_the_model(cache_root, monkeypatch, capsys, flags, settings):
+    """A typo in --modes or --direction-variants costs no model load, and reads as optimize() says it."""
+    import alignment_artifacts.api
+    from alignment_artifacts.cli import main
+
+    def no_loading(*args, **kwargs):
+        pytest.fail("optimize loaded the model before checking its settings")
+
+    monkeypatch.setattr(alignment_artifacts.api, "get_model", no_loading)
+    assert main(["optimize", "--model", "smollm2-135m-instruct", *flags]) == 2
+    with pytest.raises(UserError) as raised:
+        optimize(tiny_model("llama", layers=2), OptimizeSettings(**settings), progress=False)
+    assert capsys.readouterr().err == f"error: {raised.value}\n"

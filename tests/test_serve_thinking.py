@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import random
+
 import httpx
 import pytest
 
 from alignment_artifacts.errors import UserError
 from alignment_artifacts.models import GenerationConfig, format_chat, generate
+from alignment_artifacts.models.thinking import split_thinking
 from alignment_artifacts.serve import ServerLimits, ServerThread, create_app
+from alignment_artifacts.serve.reasoning import ThinkingStream
 from alignment_artifacts.serve.schemas import ChatCompletionRequest
 from alignment_artifacts.steering import SteeringConfig
-from test_thinking import tiny_thinker
+from test_thinking import taught_thinker, tiny_thinker
 from tiny_models import save_tiny, tiny_model
 
 LIMITS = ServerLimits(max_tokens=32, default_max_tokens=8, max_prompt_tokens=250)
@@ -83,3 +88,67 @@ def test_thinking_on_for_a_model_that_cannot_think_fails_at_start(cache_root, tm
     folder = save_tiny("llama", tmp_path / "tiny", layers=2)
     assert main(["serve", "--model", str(folder), "--mode", "none", "--thinking", "on", "--port", "1"]) == 2
     assert "--thinking on: this model's chat template has no thinking switch" in capsys.readouterr().err
+
+
+def chat(url, stream=False, **extra):
+    """(message or the joined deltas, the keys the deltas carried) of one chat completion."""
+    response = httpx.post(url + "/v1/chat/completions", json={**body(**extra), "stream": stream}, timeout=120)
+    assert response.status_code == 200, response.text
+    if not stream:
+        return response.json()["choices"][0]["message"], None
+    deltas = [json.loads(line[6:])["choices"][0]["delta"] for line in response.text.splitlines()
+              if line.startswith("data: {")]
+    joined = {key: "".join(d.get(key, "") for d in deltas) for key in ("role", "content", "reasoning_content")}
+    return joined, set().union(*deltas)
+
+
+def test_a_thinking_answer_comes_split_into_reasoning_content_and_content(cache_root):
+    """As vLLM returns it: the <think> block in reasoning_content, the answer in content, streamed or not;
+    a request that switches thinking off gets its text in content, as a model that cannot think does."""
+    loaded = taught_thinker()
+    prompt = "Write a poem about bread."  # taught: <think>A poem.</think> and a short refusal
+    extra = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 32}
+    alone = generate(loaded, [prompt], GenerationConfig(max_tokens=32, thinking_budget=0)).texts[0]
+    assert split_thinking(alone) == ("A poem.", "I cannot help with that.", True)
+    with ServerThread(create_app(loaded, SteeringConfig(mode="none"), lambda config, lock: None,
+                                 limits=ServerLimits(max_tokens=32))) as running:
+        message, _ = chat(running.url, **extra)
+        streamed, keys = chat(running.url, stream=True, **extra)
+        off, _ = chat(running.url, chat_template_kwargs={"enable_thinking": False}, **extra)
+    assert message == {"role": "assistant", "content": "I cannot help with that.", "reasoning_content": "A poem."}
+    assert streamed == {**message, "role": "assistant"} and keys == {"role", "content", "reasoning_content"}
+    assert set(off) == {"role", "content"}
+
+
+def test_a_model_that_does_not_think_answers_in_content_as_before():
+    plain_model = tiny_model("llama", layers=2)
+    alone = generate(plain_model, [PROMPT], GenerationConfig(max_tokens=6)).texts[0]
+    with ServerThread(app_for(plain_model)) as running:
+        message, _ = chat(running.url)
+        streamed, keys = chat(running.url, stream=True)
+    assert message == {"role": "assistant", "content": alone}
+    assert streamed["content"] == alone and keys == {"role", "content"}
+
+
+TEXTS = ["<think>\nLet me see.\n</think>\n\nThe answer.", "<think>Still thinking about <b", "Just an answer </thin",
+         "\n<think></think>\n\nOnly <think> in the answer.", ""]
+
+
+@pytest.mark.parametrize(("text", "opened"), [*((t, False) for t in TEXTS), *((t, True) for t in TEXTS),
+                                              ("thinking that the prompt opened</think>\nanswer", True)])
+def test_streamed_parts_add_up_to_the_split_of_the_whole_text(text, opened):
+    expected = split_thinking(text, opened)
+    for seed in range(5):  # chunks of random sizes, a tag often cut between two of them
+        stream, rng, rest, parts = ThinkingStream(opened), random.Random(seed), text, []
+        while rest:
+            size = rng.randint(1, 4)
+            parts.append(stream.feed(rest[:size]))
+            rest = rest[size:]
+        parts.append(stream.feed("", final=True))
+        assert ("".join(t for t, _ in parts), "".join(a for _, a in parts)) == expected[:2]
+
+
+def test_a_late_close_tag_cannot_take_back_answer_text_already_sent():
+    stream = ThinkingStream(opened=False)
+    parts = [stream.feed(chunk) for chunk in ("An answer", " then </think>", " more")] + [stream.feed("", True)]
+    assert "".join(t for t, _ in parts) == "" and "".join(a for _, a in parts) == "An answer then </think> more"

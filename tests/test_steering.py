@@ -299,6 +299,37 @@ def test_gate_decides_anew_for_a_one_token_prompt_after_a_longer_batch():
         assert (steered_single > 0) == (not first_passes)
 
 
+def test_a_held_gate_keeps_the_given_decisions_and_runs_no_decision_pass():
+    """``Gate.hold`` (the server keeps each row's decision): held, each row is steered as told, whatever its
+    prompt would decide, through the runner and direct calls alike, and no pass decides; released, prefills decide."""
+    from alignment_artifacts.models.generation import prefill
+    from alignment_artifacts.models.hooks import attached_passes
+
+    loaded, directions, level, passing = _gate_setup()
+    text = format_chat(loaded.tokenizer, PROMPTS[int(passing.nonzero()[0])])  # a prompt the gate lets through
+    ids = loaded.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids.repeat(2, 1)
+    config = SteeringConfig(mode="always", scale=3.0, gate_layer=2, gate_level=level)
+    plain = loaded.model(input_ids=ids).logits[:, -1]
+    with apply_steering(loaded, replace(config, gate_layer=None), directions):
+        steered = loaded.model(input_ids=ids).logits[:, -1]
+    passes = []  # rows of every pass through layer 0: a decision pass adds one
+    with apply_steering(loaded, config, directions), \
+            site_hooks(loaded.adapter, {("resid_pre", 0): lambda h: passes.append(h.shape[0])}):
+        gate = attached_passes(loaded.model)
+        assert isinstance(gate, Gate)
+        gate.hold(torch.tensor([False, True]))
+        held = [prefill(loaded.model, ids, torch.ones_like(ids)).logits[:, -1],
+                loaded.model(input_ids=ids).logits[:, -1]]
+        held_passes = len(passes)
+        gate.hold(None)
+        decided = prefill(loaded.model, ids, torch.ones_like(ids)).logits[:, -1]
+    assert held_passes == 2 and passes[2:] == [2, 2]
+    assert not torch.allclose(plain, steered)
+    for rows in held:  # row 0 held shut although its prompt passes; row 1 held open
+        torch.testing.assert_close(rows, torch.stack([plain[0], steered[1]]))
+    torch.testing.assert_close(decided, steered)
+
+
 def test_decoding_under_a_gate_without_a_prefill_is_refused():
     from alignment_artifacts.models.generation import decode_step
 

@@ -140,6 +140,9 @@ def _check_options(method: str, permutation_statistic: str, n_permutations: int,
         raise UserError(f"benign_components must be at least 1 (got {variant.benign_components}).")
     if method not in ("mean", "median"):
         raise UserError(f"Unknown direction method '{method}'. Use 'mean' or 'median'.")
+    if method == "median" and variant.name == "median":
+        raise UserError("Method 'median' (the geometric median of each group) and the direction variant 'median' "
+                        "(the difference of per-unit medians) are two different robust directions; use one of them.")
     if permutation_statistic not in ("in_sample", "heldout"):
         raise UserError(f"Unknown permutation statistic '{permutation_statistic}'. Use 'in_sample' or "
                         "'heldout'.")

@@ -155,6 +155,10 @@ def _add_analysis(p: argparse.ArgumentParser) -> None:
     p.add_argument("--permutations", type=int, default=1000, help="permutation-test resamples (default 1000)")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for CIs (default 2000)")
     p.add_argument("--folds", type=int, default=5, help="pair-aware cross-validation folds (default 5)")
+    p.add_argument("--method", default="mean", choices=["mean", "median"],
+                   help="group centres of the saved directions and cosines: mean, or median (the geometric median "
+                        "of each group, robust to outlying prompts; the statistics stay the mean difference's; not "
+                        "--direction-variant median, the per-unit medians, and not combined with it) (default mean)")
     add_direction_variant(p)
 
 
@@ -169,7 +173,7 @@ def _analysis(args: argparse.Namespace) -> tuple[Any, Any, Any]:
                                 thinking=args.thinking)
     result = analyze(store, site=args.site, position=args.position, n_permutations=args.permutations,
                      n_bootstrap=args.bootstrap, folds=args.folds, seed=args.seed, progress=not args.json,
-                     variant=variant, benign_components=benign_components)
+                     method=args.method, variant=variant, benign_components=benign_components)
     return loaded, store, result
 
 
@@ -180,6 +184,7 @@ def _analysis_folder(args: argparse.Namespace, store: Any) -> Path:
         return Path(args.out)
     variant, k = direction_variant(args)  # a variant's analysis goes beside the plain one, not over it
     suffix = "" if variant == "mean_diff" else f"-{variant}" + (f"{k}" if variant == "benign_subspace" else "")
+    suffix += "-geometric-median" if args.method == "median" else ""
     return cache_dir("analysis", store.manifest["key"] + suffix)
 
 
@@ -201,9 +206,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     variant = "" if config["direction_variant"] == "mean_diff" else (
         f"direction variant: {config['direction_variant']} (statistics of the {config['statistics_variant']} "
         "direction)\n")
+    method = "" if config["method"] == "mean" else "group centres: geometric medians (statistics of the means)\n"
     text = (f"analysis of {loaded.info.name} on {store.manifest['prompt_set_name']} ({len(store.prompts)} prompts) "
-            f"in {data['seconds']:.1f} s\n{variant}recommended layers: {recommended}\nresults: {folder}/results.json, "
-            f"{folder}/results.csv, figures in {folder}/figures")
+            f"in {data['seconds']:.1f} s\n{variant}{method}recommended layers: {recommended}\nresults: "
+            f"{folder}/results.json, {folder}/results.csv, figures in {folder}/figures")
     emit(args, data, text)
     return 0
 

@@ -241,9 +241,8 @@ def add_optimize(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
-    from ..optimize import OptimizeSettings, optimize
+    from ..optimize import OptimizeSettings, check_settings, optimize
 
-    loaded = load(args)
     settings = OptimizeSettings(trials=args.trials, timeout=args.timeout, resume=args.resume, seed=args.seed,
                                 harmful=args.harmful, harmless=args.harmless, max_kl=args.max_kl,
                                 direction_prompts=args.direction_prompts, search_size=args.search_size,
@@ -255,6 +254,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
                                 n_capability=args.n_capability, judged_borderline=args.judged_borderline,
                                 judged_ordinary=args.judged_ordinary,
                                 thinking_budget=args.thinking_budget)
+    check_settings(settings)  # a misspelt mode or variant fails now, not after the model has loaded
+    loaded = load(args)
     result = optimize(loaded, settings, progress=not args.json, judge=judge(args, loaded))
     emit(args, result.to_json(), result.summary())
     return 0

@@ -120,7 +120,7 @@ def optimize(loaded: LoadedModel, settings: OptimizeSettings | None = None, prog
              judge: Judge | None = None) -> OptimizeResult:
     """Search steering settings, check finalists on held-out prompts, store the choice for ``auto``."""
     settings = settings or OptimizeSettings()
-    _check(settings)
+    check_settings(settings)
     started = time.perf_counter()
     judge = judge or load_judge("markers")
     prompts = _prompts(settings)
@@ -151,7 +151,8 @@ def optimize(loaded: LoadedModel, settings: OptimizeSettings | None = None, prog
                           stored_at=str(stored.path), plot=stored.plot)
 
 
-def _check(settings: OptimizeSettings) -> None:
+def check_settings(settings: OptimizeSettings) -> None:
+    """Refuse bad settings before anything costly (the command line calls it before loading the model)."""
     bad = [m for m in settings.modes if m not in SEARCH_MODES] or ([] if settings.modes else ["none"])
     if bad:
         bakeable = [m for m in SEARCH_MODES if MODES[m].bakeable]
@@ -312,5 +313,5 @@ def _study_key(loaded: LoadedModel, settings: OptimizeSettings, directions_hash:
                                      and not (k == "direction_variants" and default_variants)}})
 
 
-__all__ = ["OptimizeResult", "OptimizeSettings", "choose", "config_from_params",
+__all__ = ["OptimizeResult", "OptimizeSettings", "check_settings", "choose", "config_from_params",
            "layer_weights", "optimize", "pick_finalists", "search_and_direction_sets", "split"]

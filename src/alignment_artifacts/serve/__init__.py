@@ -3,7 +3,8 @@
 Read top to bottom: ``schemas`` (what a request may say, limits, errors), ``jobs`` (one request as
 the engine sees it), ``batch`` (rows decoding together, steering confined to its rows),
 ``engine`` (the worker that owns the model and batches requests), ``guard`` (checks before
-routing) and ``app`` (routes, streaming, deadlines, starting the server).
+routing), ``reasoning`` (a thinking answer split into ``content`` and ``reasoning_content``) and
+``app`` (routes, streaming, deadlines, starting the server).
 """
 
 from .app import ServerThread, create_app, is_loopback, serve

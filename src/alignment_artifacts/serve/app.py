@@ -28,12 +28,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import UserError
 from ..models.chat import format_chat
-from ..models.thinking import SWITCH, thinking_format
+from ..models.thinking import SWITCH, ThinkingFormat, thinking_format
 from ..resolve import resolve_config
 from ..steering import SteeringConfig
 from .engine import Engine
 from .guard import Guard
 from .jobs import Event, Job, Result
+from .reasoning import ChatChunks, chat_message
 from .schemas import (
     LOOPBACK_HOSTS,
     PER_ROW,
@@ -85,15 +86,20 @@ class Server:
                    prompt_param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
                    max_tokens_given=max_tokens is not None)
 
-    def chat_render(self, body: ChatCompletionRequest) -> Callable[[Any], str]:
-        """The prompt text of a chat request, rendered with the server's thinking switch or the request's."""
-        prompt, system, history = chat_parts(body.messages)
+    def chat_thinking(self, body: ChatCompletionRequest) -> ThinkingFormat:
+        """A chat request's thinking: the server's switch (``--thinking``), or the request's."""
         mode = thinking_request(body.chat_template_kwargs)
         try:
-            kwargs = (self.thinking if mode is None else thinking_format(self.engine.loaded.tokenizer, mode)).kwargs
+            return self.thinking if mode is None else thinking_format(self.engine.loaded.tokenizer, mode)
         except UserError as exc:
             raise ApiError(f"chat_template_kwargs.{SWITCH}={str(mode == 'on').lower()}: {exc}",
                            param=f"chat_template_kwargs.{SWITCH}") from exc
+
+    def chat_render(self, body: ChatCompletionRequest, thinking: ThinkingFormat | None = None
+                    ) -> Callable[[Any], str]:
+        """The prompt text of a chat request, rendered with its thinking (default: ``chat_thinking``'s)."""
+        prompt, system, history = chat_parts(body.messages)
+        kwargs = (thinking or self.chat_thinking(body)).kwargs
         return lambda tokenizer: format_chat(tokenizer, prompt, system, history, template_kwargs=kwargs)
 
     async def events(self, job: Job, request: Request | None = None) -> AsyncGenerator[Event, None]:
@@ -247,23 +253,16 @@ def create_app(loaded: Any, default_config: SteeringConfig, directions_for: Dire
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
-        job = server.job(body, body.max_completion_tokens or body.max_tokens, server.chat_render(body))
+        thinking = server.chat_thinking(body)  # thinking: the answer's <think> block goes to reasoning_content
+        job = server.job(body, body.max_completion_tokens or body.max_tokens, server.chat_render(body, thinking))
         if not body.stream:
             result = await server.complete(job, request)
-            message = {"role": "assistant", "content": result.text}
+            message = chat_message(result.text, thinking)
             return JSONResponse(_response(server, job, result, "chat.completion", {"message": message}))
         events = await server.stream(job)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
                 "created": int(time.time()), "model": server.model_id}
-        started = [False]
-
-        def choice(text: str, finish: str | None) -> dict[str, Any]:
-            delta: dict[str, Any] = {} if finish else {"content": text}
-            if not started[0]:
-                delta["role"], started[0] = "assistant", True
-            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-
-        return _event_stream(events, head, choice, body.stream_options)
+        return _event_stream(events, head, ChatChunks(thinking), body.stream_options)
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
