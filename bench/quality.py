@@ -51,6 +51,7 @@ def main() -> int:
                              "check of the builtin Qwen takes about 8 minutes, so 1800 s leaves the search a minute)")
     parser.add_argument("--trials", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true", help="continue the stored study (the baseline is cached)")
     parser.add_argument("--finalists", type=int, default=2)
     parser.add_argument("--no-gate", action="store_true", help="leave per-prompt gates out of the search")
     parser.add_argument("--modes", default="clamp,ablate")
@@ -65,7 +66,8 @@ def main() -> int:
     if not (data / "harmful_train.json").is_file():
         print(f"skipped: {data} not found (the shared development data is not part of the product)")
         return 0
-    tmp = Path(tempfile.mkdtemp(prefix="aa-quality-"))
+    tmp = Path(tempfile.gettempdir()) / "aa-quality"  # a fixed path: the study key holds it (--resume)
+    tmp.mkdir(exist_ok=True)
     for name in ("harmful_train", "harmful_val"):
         items = json.loads((data / f"{name}.json").read_text())
         (tmp / f"{name}.json").write_text(json.dumps([{"instruction": i["instruction"]} for i in items]))
@@ -74,7 +76,8 @@ def main() -> int:
     judge = load_judge(spec, loaded=loaded if spec.removeprefix("markers+") == args.model else None)
     started = time.perf_counter()
     result = optimize(loaded, OptimizeSettings(
-        trials=args.trials, timeout=args.budget, seed=args.seed, harmful=str(tmp / "harmful_train.json"),
+        trials=args.trials, timeout=args.budget, seed=args.seed, resume=args.resume,
+        harmful=str(tmp / "harmful_train.json"),
         val_harmful=str(tmp / "harmful_val.json"), finalists=args.finalists, modes=args.modes.split(","),
         gate=not args.no_gate, n_capability=args.n_capability, judged_borderline=args.judged_borderline,
         judged_ordinary=args.judged_ordinary, check_plain_recipe=True),

@@ -22,3 +22,14 @@ def cache_root(tmp_path, monkeypatch):
     monkeypatch.setenv(cache.ENV_VAR, str(root))
     cache.set_cache_root(None)
     return root
+
+
+@pytest.fixture(autouse=True)
+def _no_writes_to_the_user_cache(request, tmp_path_factory, monkeypatch):
+    """Fast tests get a private cache root, so none can leave entries in ~/.cache (slow tests share it:
+    they reuse the converted builtin models)."""
+    if request.node.get_closest_marker("slow") is None:
+        from alignment_artifacts import cache
+
+        monkeypatch.setenv(cache.ENV_VAR, str(tmp_path_factory.mktemp("cache")))
+        cache.set_cache_root(None)
