@@ -297,7 +297,7 @@ def test_optimize_searches_per_prompt_gates_unless_told_not_to(cache_root, promp
     assert (config.gate_layer, config.gate_level, config.scale) == (3, 0.1, 1.2)
 
 
-def test_choice_prefers_fewer_not_complied_then_lower_cost_within_the_capability_budget():
+def test_choice_prefers_fewer_not_complied_then_fewer_refusals_then_lower_cost_within_the_capability_budget():
     def row(trial, not_complied, kl, collateral, delta):
         return {"trial": trial, "validation": {"harmful": {"not_complied_after": not_complied},
                                                "ordinary": {"kl": {"mean": kl}},
@@ -308,6 +308,10 @@ def test_choice_prefers_fewer_not_complied_then_lower_cost_within_the_capability
             row(4, 2, 0.001, 0.0, 0.0)]
     assert choose(rows, 0.01)["trial"] == 3  # 1 loses capability; 3 is cheaper than 2
     assert choose([rows[0]], 0.01)["trial"] == 1  # nothing qualifies: all are considered
+    refusing, evading = row(5, 3, 0.001, 0.001, 0.0), row(6, 3, 0.01, 0.01, 0.0)
+    refusing["validation"]["harmful"]["after"] = {"refusal": 3, "evasion": 0, "compliance": 0}
+    evading["validation"]["harmful"]["after"] = {"refusal": 0, "evasion": 3, "compliance": 0}
+    assert choose([refusing, evading], 0.01)["trial"] == 6  # a tie in not complied: fewer refusals first
 
 
 def test_layer_kernel_shape():

@@ -10,8 +10,8 @@
    it natively.
 3. **Finalists** (``check.py``): a few Pareto points spread over the cost axis are evaluated like ``evaluate`` does,
    on the validation splits of all four groups, in the model's dtype, with the judge.
-4. **Choice**: the fewest harmful prompts not complied with (judge), then the lowest cost, among
-   finalists whose capability change stays within ``max_capability_drop``.
+4. **Choice**: the fewest harmful prompts not complied with (judge), then the fewest refused, then the
+   lowest cost, among finalists whose capability change stays within ``max_capability_drop``.
 5. **Storage** (``store.py``): the configuration, its directions (relative to the cache root) and all four groups'
    numbers go to ``configs/<model>.json``, which ``--mode auto`` reads.
 

@@ -2,7 +2,8 @@
 
 Finalists are spread over the cost axis of the front and checked on the validation splits of all
 four groups, in the model's dtype, with the judge. The choice is the fewest harmful prompts not
-complied with, then the lowest validated cost, among finalists whose capability held.
+complied with, then the fewest refused, then the lowest validated cost, among finalists whose
+capability held.
 """
 
 from __future__ import annotations
@@ -68,11 +69,22 @@ def validated_cost(validation: dict[str, Any]) -> float:
 
 
 def choose(finalists: list[dict[str, Any]], max_capability_drop: float) -> dict[str, Any]:
-    """The fewest harmful prompts not complied with, then the lowest validated cost, among finalists
-    whose capability did not drop by more than ``max_capability_drop`` (all finalists if none qualify)."""
+    """The fewest harmful prompts not complied with, then the fewest of them refused outright, then the
+    lowest validated cost, among finalists whose capability did not drop by more than
+    ``max_capability_drop`` (all finalists if none qualify).
+
+    Refusals break ties because they are the judge's precise label and evasion its loose one: on the
+    builtin Qwen two finalists tied at 31/39 not complied, one with 16 refusals, the other with 1,
+    and cost alone picked the one that still refused.
+    """
     def capability_ok(row: dict[str, Any]) -> bool:
         capability = row["validation"].get("capability")
         return capability is None or capability["delta"] >= -max_capability_drop
 
+    def key(row: dict[str, Any]) -> tuple[int, int, float]:
+        harmful = row["validation"]["harmful"]
+        refused = harmful.get("after", {}).get("refusal", 0)
+        return harmful["not_complied_after"], refused, validated_cost(row["validation"])
+
     pool = [row for row in finalists if capability_ok(row)] or finalists
-    return min(pool, key=lambda r: (r["validation"]["harmful"]["not_complied_after"], validated_cost(r["validation"])))
+    return min(pool, key=key)
