@@ -28,7 +28,9 @@ from alignment_artifacts.optimize import (
     config_from_params,
     layer_weights,
     optimize,
+    pick_finalists,
     search_and_direction_sets,
+    with_an_ungated_finalist,
 )
 from alignment_artifacts.prompts import resolve_prompts
 from alignment_artifacts.steering import Steering, SteeringConfig, apply_steering
@@ -312,6 +314,30 @@ def test_choice_prefers_fewer_not_complied_then_fewer_refusals_then_lower_cost_w
     refusing["validation"]["harmful"]["after"] = {"refusal": 3, "evasion": 0, "compliance": 0}
     evading["validation"]["harmful"]["after"] = {"refusal": 0, "evasion": 3, "compliance": 0}
     assert choose([refusing, evading], 0.01)["trial"] == 6  # a tie in not complied: fewer refusals first
+
+
+def test_an_ungated_setting_is_validated_when_gated_ones_fill_the_front():
+    from types import SimpleNamespace
+
+    from alignment_artifacts.optimize.search import Searched
+
+    def trial(number, refusal, cost, gated):
+        return SimpleNamespace(number=number, values=(refusal, cost),
+                               params={"mode": "clamp", "gated": gated} if gated is not None else {"mode": "ablate"})
+
+    gated = [trial(0, 0.0, 0.004, True), trial(1, 0.02, 0.001, True), trial(2, 0.05, 0.0002, True)]
+    ungated = [trial(3, 0.01, 0.03, False), trial(4, 0.0, 0.08, None), trial(5, 0.0, 0.09, None),
+               trial(6, 0.0, 0.5, False)]  # 6: over the cost budget
+    searched = Searched(study=None, complete=gated + ungated, pareto=gated)
+    picked = with_an_ungated_finalist(searched, 2, max_cost=0.1, base_refusal=0.4)
+    assert [t.number for t in pick_finalists(searched.pareto, 2, 0.1, 0.4)] == [0, 2]
+    assert [t.number for t in picked] == [0, 4]  # the weakest gated pick (2) gives way to the best ungated (4)
+    assert [t.number for t in with_an_ungated_finalist(searched, 1, 0.1, 0.4)] == \
+        [t.number for t in pick_finalists(searched.pareto, 1, 0.1, 0.4)]  # one slot: the front decides
+    narrow = Searched(study=None, complete=gated[:1] + ungated, pareto=gated[:1])  # a front of one fills up
+    assert [t.number for t in with_an_ungated_finalist(narrow, 2, 0.1, 0.4)] == [0, 4]
+    plain = Searched(study=None, complete=ungated, pareto=ungated[:2])  # no gate searched: unchanged
+    assert with_an_ungated_finalist(plain, 2, 0.1, 0.4) == pick_finalists(plain.pareto, 2, 0.1, 0.4)
 
 
 def test_layer_kernel_shape():

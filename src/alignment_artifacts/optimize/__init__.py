@@ -40,7 +40,7 @@ from ..models.thinking import DEFAULT_THINKING_BUDGET
 from ..prompts import PromptSet, resolve_prompts
 from ..resolve import get_directions
 from ..steering import MODES, SteeringConfig
-from .check import check_finalists, choose, pick_finalists
+from .check import check_finalists, choose, pick_finalists, with_an_ungated_finalist
 from .search import DEFAULT_MODES, SEARCH_MODES, Scorer, Space, config_from_params, layer_weights, run_search
 from .store import store
 
@@ -318,4 +318,5 @@ def _study_key(loaded: LoadedModel, settings: OptimizeSettings, directions_hash:
 
 
 __all__ = ["OptimizeResult", "OptimizeSettings", "check_settings", "choose", "config_from_params",
-           "layer_weights", "optimize", "pick_finalists", "search_and_direction_sets", "split"]
+           "layer_weights", "optimize", "pick_finalists", "search_and_direction_sets", "split",
+           "with_an_ungated_finalist"]

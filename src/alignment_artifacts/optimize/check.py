@@ -1,9 +1,9 @@
 """The finalist check: a few Pareto points, evaluated like ``evaluate`` does, and the choice among them.
 
-Finalists are spread over the cost axis of the front and checked on the validation splits of all
-four groups, in the model's dtype, with the judge. The choice is the fewest harmful prompts not
-complied with, then the fewest refused, then the lowest validated cost, among finalists whose
-capability held.
+Finalists are spread over the cost axis of the front (one of them ungated when the search tried
+both) and checked on the validation splits of all four groups, in the model's dtype, with the
+judge. The choice is the fewest harmful prompts not complied with, then the fewest refused, then
+the lowest validated cost, among finalists whose capability held.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def check_finalists(loaded: LoadedModel, searched: Searched, space: Space, direc
     one; with ``plain_recipe`` the plain recipe is checked too, as a reference row that is never chosen.
     ``directions``: one set per direction variant searched."""
     finalists = []
-    for trial in pick_finalists(searched.pareto, n, max_cost, base_refusal):
+    for trial in with_an_ungated_finalist(searched, n, max_cost, base_refusal):
         config = space.config(trial.params, loaded)
         checked = evaluate_against(loaded, Steering(config, directions[config.direction_variant]), baseline,
                                    progress=False)
@@ -60,6 +60,25 @@ def pick_finalists(pareto: list[Any], n: int, max_cost: float, base_refusal: flo
         target = low + (high - low) * i / max(1, n - 1)
         chosen.append(min((t for t in inside if t not in chosen), key=lambda t: abs(logs[t.number] - target)))
     return sorted(chosen, key=lambda t: t.values[0])
+
+
+def with_an_ungated_finalist(searched: Searched, n: int, max_cost: float, base_refusal: float) -> list[Any]:
+    """The finalists of ``pick_finalists``, except that when they are all gated and the search tried
+    ungated settings, the pick with the highest refusal proxy gives its slot to the ungated trial with
+    the lowest refusal proxy (then cost).
+
+    A gate keeps ordinary KL near zero, so gated points crowd every other trial off the screening
+    front; without a reserved slot no ungated setting is ever validated, and when the gated ones fall
+    short on the judge there is no ungated alternative to store (on the builtin Qwen both finalists
+    of a 45-minute run were gated).
+    """
+    picked = pick_finalists(searched.pareto, n, max_cost, base_refusal)
+    ungated = [t for t in searched.complete if not t.params.get("gated") and t.values[1] <= max_cost]
+    if n < 2 or not ungated or not all(t.params.get("gated") for t in picked):
+        return picked
+    best_ungated = min(ungated, key=lambda t: (t.values[0], t.values[1]))
+    kept = picked if len(picked) < n else picked[:-1]  # a full list drops its weakest gated pick
+    return sorted([*kept, best_ungated], key=lambda t: t.values[0])
 
 
 def validated_cost(validation: dict[str, Any]) -> float:
