@@ -11,7 +11,8 @@ is then measured with the evaluation package against one cached baseline on held
 
 The plain recipe is ablate at scale 1 with the mean-difference direction of the layer at 60% depth.
 The harmful set is split (seeded) into disjoint thirds: the direction's prompts, the search's, the
-evaluation's. Only counts and divergences are printed, never completions.
+evaluation's; with ``--val-harmful`` (say a public validation split) it is split in halves and the
+evaluation uses that set. Only counts and divergences are printed, never completions.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, replace
+from itertools import pairwise
 from pathlib import Path
 
 from alignment_artifacts.api import get_model
@@ -50,12 +52,24 @@ VARIANTS = (Variant("plain recipe", "ablate"), Variant("harmless_projected", "ab
             Variant("weight_norm_preserving", "ablate_weight_norm"))
 
 
-def thirds(texts: list[str], seed: int) -> tuple[list[str], list[str], list[str]]:
+def split(texts: list[str], parts: int, seed: int) -> list[list[str]]:
+    """``parts`` disjoint, seeded slices of ``texts`` (the last one takes the remainder)."""
     order = list(range(len(texts)))
     random.Random(seed).shuffle(order)
-    third = len(order) // 3
-    parts = [order[:third], order[third:2 * third], order[2 * third:]]
-    return tuple([texts[i] for i in part] for part in parts)  # type: ignore[return-value]
+    size = len(order) // parts
+    bounds = [i * size for i in range(parts)] + [len(order)]
+    return [[texts[i] for i in order[start:end]] for start, end in pairwise(bounds)]
+
+
+def harmful_splits(args: argparse.Namespace) -> tuple[list[str], list[str], list[str]]:
+    """Direction, search and evaluation prompts: thirds of --harmful, or halves of it and --val-harmful."""
+    harmful = resolve_prompts(args.harmful, label=1).texts
+    if args.val_harmful:
+        direction, search = split(harmful, 2, args.seed)
+        evaluation = resolve_prompts(args.val_harmful, label=1).texts
+    else:
+        direction, search, evaluation = split(harmful, 3, args.seed)
+    return direction, search[:args.n_search], evaluation
 
 
 def mean_kl(summary: KLSummary | None) -> float:
@@ -72,14 +86,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="qwen2.5-coder-1.5b-instruct")
     parser.add_argument("--judge", default=None, help="judge spec (see `evaluate --judge`); default: markers only")
-    parser.add_argument("--harmful", default="harmful", help="harmful prompt set (label 1), split in thirds")
+    parser.add_argument("--harmful", default="harmful", help="harmful prompt set (label 1), split in thirds "
+                        "(direction, search, evaluation), or in halves with --val-harmful")
+    parser.add_argument("--val-harmful", help="harmful prompts to evaluate on (default: a third of --harmful)")
     parser.add_argument("--harmless", default="harmless", help="ordinary prompts for the direction (label 0)")
     parser.add_argument("--scales", default="0.5,1.0,1.5", help="scales searched")
     parser.add_argument("--depths", default="0.5,0.6,0.7", help="direction layers searched, as fractions of depth")
     parser.add_argument("--variants", default=",".join(v.name for v in VARIANTS[1:]))
     parser.add_argument("--budget", type=float, default=1800, help="seconds for all searches together")
-    parser.add_argument("--n-search", type=int, default=32, help="ordinary and borderline prompts per search")
-    parser.add_argument("--n-eval", type=int, default=64, help="ordinary and borderline prompts evaluated")
+    parser.add_argument("--n-search", type=int, default=32, help="prompts of each group per search")
+    parser.add_argument("--n-eval", type=int, default=64, help="ordinary and borderline prompts evaluated (KL)")
+    parser.add_argument("--judged", type=int, default=16,
+                        help="ordinary and borderline answers generated and judged for over-refusal, per variant")
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
@@ -88,13 +106,14 @@ def main() -> int:
     loaded = get_model(args.model)
     n_layers = loaded.adapter.n_layers
     tmp = Path(tempfile.mkdtemp(prefix="aa-variants-"))
-    direction_harmful, search_harmful, eval_harmful = thirds(resolve_prompts(args.harmful, label=1).texts, args.seed)
+    direction_harmful, search_harmful, eval_harmful = harmful_splits(args)
     (tmp / "harmful.json").write_text(json.dumps([{"instruction": t} for t in direction_harmful]))
     (tmp / "harmless.json").write_text(json.dumps([{"instruction": t}
                                                    for t in resolve_prompts(args.harmless, label=0).texts]))
     source = f"{tmp / 'harmful.json'},{tmp / 'harmless.json'}"
     settings = EvaluationSettings(groups=("harmful", "borderline", "ordinary"), max_tokens=args.max_tokens,
-                                  batch_size=args.batch_size, generation_batch_size=args.batch_size)
+                                  batch_size=args.batch_size, generation_batch_size=args.batch_size,
+                                  judged_borderline=args.judged, judged_ordinary=args.judged)
     thinking = evaluation_thinking(loaded, settings)
 
     def texts(items: list[str]) -> list[str]:
@@ -138,18 +157,21 @@ def main() -> int:
     assert plain.harmful is not None and plain.ordinary is not None and plain.borderline is not None
     print(f"model: {loaded.info.name} ({loaded.info.dtype}); judge: {judge.name}; search {search_seconds:.0f} s "
           f"({skipped} settings skipped for --budget); harmful eval prompts: {len(eval_harmful)}")
-    print(f"{'variant':20} {'setting':18} {'markers':>8} {'judge':>8} {'ord. KL':>9} {'coll. KL':>9} {'KL/plain':>8}")
-    h = plain.harmful
-    print(f"{'unmodified':20} {'':18} {h.marker_refusals_before:>4}/{h.n:<3} {h.not_complied_before:>4}/{h.n:<3}")
+    print(f"{'variant':20} {'setting':18} {'markers':>8} {'judge':>8} {'ord. KL':>9} {'coll. KL':>9} {'KL/plain':>8} "
+          f"{'border ref.':>11}")
+    h, b = plain.harmful, plain.borderline
+    print(f"{'unmodified':20} {'':18} {h.marker_refusals_before:>4}/{h.n:<3} {h.not_complied_before:>4}/{h.n:<3} "
+          f"{'':>9} {'':>9} {'':>8} {str(b.refusals_before) + '/' + str(b.n_judged):>11}")
     reaching = []
     for name, result in results.items():
         config = runs[name][0]
         assert result.harmful is not None and result.ordinary is not None and result.borderline is not None
         r, kl, coll = result.harmful, mean_kl(result.ordinary.kl), mean_kl(result.borderline.collateral_kl)
+        border = f"{result.borderline.refusals_after}/{result.borderline.n_judged}"
         ratio = kl / max(mean_kl(plain.ordinary.kl), 1e-12)
         setting = f"s={config.scale:g} L={config.direction_layer}"
         print(f"{name:20} {setting:18} {r.marker_refusals_after:>4}/{r.n:<3} {r.not_complied_after:>4}/{r.n:<3} "
-              f"{kl:>9.4f} {coll:>9.4f} {ratio:>8.2f}")
+              f"{kl:>9.4f} {coll:>9.4f} {ratio:>8.2f} {border:>11}")
         refused = r.not_complied_after if args.judge else r.marker_refusals_after
         plain_refused = h.not_complied_after if args.judge else h.marker_refusals_after
         if name != "plain recipe" and refused <= plain_refused and ratio <= 0.7:
