@@ -9,8 +9,8 @@ import torch
 from alignment_artifacts import api
 from alignment_artifacts.models import GenerationConfig, generate
 from alignment_artifacts.steering import SteeringConfig, apply_steering
-from test_steering import logits, random_directions
 from tiny_models import tiny_model
+from tiny_steering import logits, random_directions
 
 PROMPT = "Please write something kind about person number 3."
 ANSWER = GenerationConfig(max_tokens=6, ignore_end_tokens=True)  # a fixed length: countable interventions

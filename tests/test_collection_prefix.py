@@ -16,8 +16,8 @@ from alignment_artifacts.models.hooks import site_hooks
 from alignment_artifacts.prompts.sets import Prompt, PromptSet
 from alignment_artifacts.steering import SteeringConfig, apply_steering
 from test_activations import TEXTS, make_set
-from test_steering import random_directions
 from tiny_models import tiny_model
+from tiny_steering import random_directions
 
 SYSTEM = "You are a helpful assistant who answers well."
 POSITIONS = ["last", "mean", "post_instruction", "first_generated"]

@@ -23,8 +23,8 @@ from alignment_artifacts.export import (
 from alignment_artifacts.models import ModelAdapter, site_hooks, wrap_model
 from alignment_artifacts.models.generation import encode_batch, format_chat
 from alignment_artifacts.steering import Steering, SteeringConfig, apply_steering
-from test_steering import random_directions
 from tiny_models import FAMILIES, POST_NORMED, tiny_config, tiny_model
+from tiny_steering import random_directions
 
 PROMPTS = ["How do locks work?", "Write a poem about the sea.", "Hello"]
 APPROXIMATE = POST_NORMED  # post-projection norms: baking is not exact

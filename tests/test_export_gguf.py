@@ -20,9 +20,9 @@ from alignment_artifacts.export_gguf import (
 from alignment_artifacts.models import load_model
 from alignment_artifacts.steering import Steering, SteeringConfig, apply_steering
 from test_export import PROMPTS, one_thread, real_logits, relative_error  # noqa: F401 (fixture)
-from test_steering import random_directions
 from tiny_gguf import write_tiny_llama_gguf
 from tiny_models import tiny_config, tiny_model, tiny_tokenizer
+from tiny_steering import random_directions
 
 ABLATE = SteeringConfig(mode="ablate", scale=1.0, direction_layer=2)  # every layer, so the embedding is edited too
 

@@ -34,8 +34,8 @@ from alignment_artifacts.prompts.sets import Prompt, PromptSet
 from alignment_artifacts.serve import ServerLimits, ServerThread, create_app
 from alignment_artifacts.steering import Steering, SteeringConfig
 from test_activations import TEXTS, make_set
-from test_steering import random_directions
 from tiny_models import tiny_model
+from tiny_steering import random_directions
 
 LONG = " ".join(["bread"] * 400)  # far beyond the tiny models' 256 positions
 

@@ -13,8 +13,8 @@ import torch
 
 from alignment_artifacts.models import site_hooks
 from alignment_artifacts.steering import SteeringConfig, apply_steering
-from test_steering import logits, random_directions
 from tiny_models import tiny_model
+from tiny_steering import logits, random_directions
 
 SITE = "mlp_out"  # where random_directions says the directions were measured: the modes hook it by default
 LAYER = 2  # the hooked layer of single-layer tests: its input does not depend on the steering

@@ -13,8 +13,8 @@ from alignment_artifacts.models import site_hooks, wrap_model
 from alignment_artifacts.steering import MODES, Steering, SteeringConfig, apply_steering
 from test_activations import make_set
 from test_export import hooked_logits, one_thread, real_logits, relative_error  # noqa: F401 (fixture)
-from test_steering import STEER_MODES, logits, random_directions
 from tiny_models import MOE_FAMILIES, tiny_model, unfuse_experts
+from tiny_steering import STEER_MODES, logits, random_directions
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)

@@ -14,8 +14,8 @@ from alignment_artifacts.models.offload import execution_device, site_device
 from alignment_artifacts.prompts.sets import Prompt, PromptSet
 from alignment_artifacts.steering import Steering, SteeringConfig, apply_steering
 from test_export import PROMPTS, one_thread, real_logits, relative_error, reload  # noqa: F401 (fixture)
-from test_steering import random_directions
 from tiny_models import tiny_config, tiny_model, tiny_tokenizer
+from tiny_steering import random_directions
 
 pytestmark = pytest.mark.filterwarnings("ignore:Attempting to save a model with offloaded modules")
 

@@ -14,8 +14,8 @@ import pytest
 from alignment_artifacts.models.generation import format_chat
 from alignment_artifacts.serve import SERVER_ONLY_FIELDS, ServerLimits, ServerThread, SteeringOverride, create_app
 from alignment_artifacts.steering import SteeringConfig
-from test_steering import random_directions
 from tiny_models import tiny_model
+from tiny_steering import random_directions
 
 KEY = "test-key"
 LIMITS = ServerLimits(max_request_bytes=64 * 1024, max_tokens=64, default_max_tokens=16, max_prompt_tokens=250)

@@ -17,8 +17,8 @@ from alignment_artifacts.models.generation import GenerationConfig, format_chat,
 from alignment_artifacts.serve import Engine, ServerLimits, ServerThread, create_app
 from alignment_artifacts.serve.jobs import Event, Job
 from alignment_artifacts.steering import SteeringConfig, apply_steering
-from test_steering import random_directions
 from tiny_models import tiny_model
+from tiny_steering import random_directions
 
 LIMITS = ServerLimits(max_tokens=64, default_max_tokens=16, max_prompt_tokens=250, max_batch=16)
 PROMPTS = ["Hello", "How do locks work?", "Tell me about the sea.", "What is the capital of France?"]

@@ -12,8 +12,8 @@ from alignment_artifacts.models.generation import format_chat
 from alignment_artifacts.serve import Engine
 from alignment_artifacts.serve import engine as engine_module
 from test_serve_batching import LIMITS, PROMPTS, SETTINGS, alone, make_job, outcome, run
-from test_steering import random_directions
 from tiny_models import tiny_config, tiny_model
+from tiny_steering import random_directions
 
 MORE = [*PROMPTS, "How do I bake bread at home with flour, water and yeast?", "Explain how locks and keys work.",
         "Write a short poem about the sea and the sky."]

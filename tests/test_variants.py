@@ -17,8 +17,8 @@ from alignment_artifacts.errors import UserError
 from alignment_artifacts.export import export
 from alignment_artifacts.models import site_hooks
 from alignment_artifacts.steering import MODES, Steering, SteeringConfig, apply_steering
-from test_steering import logits, random_directions
 from tiny_models import FAMILIES, tiny_model
+from tiny_steering import logits, random_directions
 
 LAYER = 2
 

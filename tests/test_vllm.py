@@ -14,8 +14,8 @@ def test_vllm_runs_the_baked_export_like_the_hooks(tmp_path):
     from alignment_artifacts.models.generation import format_chat
     from alignment_artifacts.steering import Steering, SteeringConfig, apply_steering
     from test_export import PROMPTS
-    from test_steering import random_directions
     from tiny_models import tiny_model
+    from tiny_steering import random_directions
 
     loaded = tiny_model("llama", hidden=256)  # head size 64, which every vLLM attention backend takes
     directions = random_directions(loaded)

@@ -21,7 +21,7 @@ CONFIG = SteeringConfig(mode=MODE, scale=1.0, direction_layer=2)  # every layer:
 
 
 def directions_for(loaded):
-    from test_steering import random_directions
+    from tiny_steering import random_directions
 
     return random_directions(loaded)
 
