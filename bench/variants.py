@@ -1,7 +1,8 @@
 """Direction and ablation variants on one yardstick: which is worth it against the plain recipe?
 
 Each variant (a direction variant with ``ablate``, or an ablation variant of the mode table with the
-plain difference of means) gets a short search over a few scales and direction layers, scored by
+plain difference of means) gets a short search over a few scales and direction layers (an equal
+share of --budget each, the settings nearest the plain recipe first), scored by
 optimize's ``Scorer`` (first-token proxies on search prompts). Its best setting (lowest ordinary KL
 among those whose refusal proxy is no higher than the plain recipe's; else the lowest refusal proxy)
 is then measured with the evaluation package against one cached baseline on held-out prompts:
@@ -93,7 +94,8 @@ def main() -> int:
     parser.add_argument("--scales", default="0.5,1.0,1.5", help="scales searched")
     parser.add_argument("--depths", default="0.5,0.6,0.7", help="direction layers searched, as fractions of depth")
     parser.add_argument("--variants", default=",".join(v.name for v in VARIANTS[1:]))
-    parser.add_argument("--budget", type=float, default=1800, help="seconds for all searches together")
+    parser.add_argument("--budget", type=float, default=1800,
+                        help="seconds for all searches together, shared equally among the variants")
     parser.add_argument("--n-search", type=int, default=32, help="prompts of each group per search")
     parser.add_argument("--n-eval", type=int, default=64, help="ordinary and borderline prompts evaluated (KL)")
     parser.add_argument("--judged", type=int, default=16,
@@ -129,20 +131,27 @@ def main() -> int:
     plain_score = scorer.score(plain_config)
     scales = [float(s) for s in args.scales.split(",")]
     depths = sorted({max(0, min(n_layers - 1, round(float(f) * n_layers))) for f in args.depths.split(",")})
+    # Settings nearest the plain recipe first, so a variant cut short by its share of --budget has
+    # still tried the ones most likely to matter; each variant gets an equal share.
+    settings_order = sorted(((s, layer) for s in scales for layer in depths),
+                            key=lambda sl: (abs(sl[0] - 1.0), abs(sl[1] - plain_config.direction_layer)))
     started, best, skipped = time.perf_counter(), {}, 0
     for variant in chosen:
+        variant_started = time.perf_counter()
         base = replace(plain_config, mode=variant.mode, direction_variant=variant.direction_variant)
         variant_directions = get_directions(loaded, base, progress=False)
         scorer.directions = {base.direction_variant: variant_directions}
         scores = []
-        for scale in scales:
-            for layer in depths:
-                if time.perf_counter() - started > args.budget and scores:
-                    skipped += 1
-                    continue
-                config = replace(base, scale=scale, direction_layer=layer)
-                scores.append((config, scorer.score(config)))
+        for scale, layer in settings_order:
+            if time.perf_counter() - variant_started > args.budget / len(chosen) and scores:
+                skipped += 1
+                continue
+            config = replace(base, scale=scale, direction_layer=layer)
+            scores.append((config, scorer.score(config)))
         best[variant.name] = (pick(scores, plain_score)[0], variant_directions)
+        chosen_config = best[variant.name][0]
+        print(f"searched {variant.name}: {len(scores)} settings in {time.perf_counter() - variant_started:.0f} s, "
+              f"picked s={chosen_config.scale:g} L={chosen_config.direction_layer}", file=sys.stderr, flush=True)
     search_seconds = time.perf_counter() - started
 
     judge = load_judge(args.judge or "markers")
@@ -151,8 +160,11 @@ def main() -> int:
                                           if p.label == 0][:args.n_eval],
         ordinary=resolve_prompts("ordinary:val", label=0).texts[:args.n_eval], capability=[]), settings, judge)
     runs = {"plain recipe": (plain_config, directions), **best}
-    results = {name: evaluate_against(loaded, Steering(config, dirs), baseline, progress=sys.stderr.isatty())
-               for name, (config, dirs) in runs.items()}
+    results = {}
+    for name, (config, dirs) in runs.items():
+        evaluated = time.perf_counter()
+        results[name] = evaluate_against(loaded, Steering(config, dirs), baseline, progress=sys.stderr.isatty())
+        print(f"evaluated {name} in {time.perf_counter() - evaluated:.0f} s", file=sys.stderr, flush=True)
     plain = results["plain recipe"]
     assert plain.harmful is not None and plain.ordinary is not None and plain.borderline is not None
     print(f"model: {loaded.info.name} ({loaded.info.dtype}); judge: {judge.name}; search {search_seconds:.0f} s "
