@@ -14,6 +14,10 @@ The plain recipe is ablate at scale 1 with the mean-difference direction of the 
 The harmful set is split (seeded) into disjoint thirds: the direction's prompts, the search's, the
 evaluation's; with ``--val-harmful`` (say a public validation split) it is split in halves and the
 evaluation uses that set. Only counts and divergences are printed, never completions.
+
+The run takes hours on a CPU: each finished search and evaluation is kept (counts and divergences
+only) in a folder under the temp directory named by the model and the arguments, and a rerun with the
+same arguments resumes from there.
 """
 
 from __future__ import annotations
@@ -27,12 +31,17 @@ import time
 from dataclasses import dataclass, replace
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
+from alignment_artifacts.analysis.directions import DirectionSet
 from alignment_artifacts.api import get_model
+from alignment_artifacts.cache import atomic_write_json, stable_hash
 from alignment_artifacts.evaluation import Baseline, EvaluationSettings, GroupSets
 from alignment_artifacts.evaluation.groups import answer_texts, evaluate_against, evaluation_thinking
 from alignment_artifacts.evaluation.metrics import KLSummary
+from alignment_artifacts.evaluation.results import result_from_json
 from alignment_artifacts.judge import load_judge
+from alignment_artifacts.models.loading import LoadedModel
 from alignment_artifacts.optimize.search import Score, Scorer
 from alignment_artifacts.prompts import resolve_prompts
 from alignment_artifacts.resolve import default_direction_layer, get_directions
@@ -83,6 +92,51 @@ def pick(scores: list[tuple[SteeringConfig, Score]], plain: Score) -> tuple[Stee
     return min(enough, key=lambda cs: cs[1].kl_ordinary) if enough else min(scores, key=lambda cs: cs[1].refusal)
 
 
+def search(loaded: LoadedModel, args: argparse.Namespace, settings: EvaluationSettings, plain_config: SteeringConfig,
+           directions: DirectionSet, search_harmful: list[str], variants: list[Variant], state: dict[str, Any],
+           state_path: Path) -> None:
+    """Each variant's best setting by the search proxies, kept in ``state`` (saved) as each finishes;
+    variants already there are not searched again."""
+    pending = [v for v in variants if v.name not in state["picks"]]
+    if not pending:
+        return
+    thinking = evaluation_thinking(loaded, settings)
+
+    def texts(items: list[str]) -> list[str]:
+        return answer_texts(loaded, thinking, items, None)
+
+    n_layers = loaded.adapter.n_layers
+    ordinary_train = resolve_prompts("ordinary:train", label=0).texts[:args.n_search]
+    borderline_train = [p.text for p in resolve_prompts("borderline:train").prompts if p.label == 0][:args.n_search]
+    scorer = Scorer(loaded, texts(search_harmful), texts(ordinary_train), texts(borderline_train), args.batch_size,
+                    {plain_config.direction_variant: directions}, range(0))
+    plain_score = scorer.score(plain_config)
+    scales = [float(s) for s in args.scales.split(",")]
+    depths = sorted({max(0, min(n_layers - 1, round(float(f) * n_layers))) for f in args.depths.split(",")})
+    # Settings nearest the plain recipe first, so a variant cut short by its share of --budget has
+    # still tried the ones most likely to matter; each variant gets an equal share.
+    settings_order = sorted(((s, layer) for s in scales for layer in depths),
+                            key=lambda sl: (abs(sl[0] - 1.0), abs(sl[1] - plain_config.direction_layer)))
+    for variant in pending:
+        started = time.perf_counter()
+        base = replace(plain_config, mode=variant.mode, direction_variant=variant.direction_variant)
+        scorer.directions = {base.direction_variant: get_directions(loaded, base, progress=False)}
+        scores = []
+        for scale, layer in settings_order:
+            if time.perf_counter() - started > args.budget / len(variants) and scores:
+                state["skipped"] += 1
+                continue
+            config = replace(base, scale=scale, direction_layer=layer)
+            scores.append((config, scorer.score(config)))
+        picked = pick(scores, plain_score)[0]
+        seconds = time.perf_counter() - started
+        state["picks"][variant.name] = picked.to_json()
+        state["search_seconds"] += seconds
+        atomic_write_json(state_path, state)
+        print(f"searched {variant.name}: {len(scores)} settings in {seconds:.0f} s, "
+              f"picked s={picked.scale:g} L={picked.direction_layer}", file=sys.stderr, flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="qwen2.5-coder-1.5b-instruct")
@@ -107,7 +161,17 @@ def main() -> int:
     chosen = [v for v in VARIANTS[1:] if v.name in args.variants.split(",")]
     loaded = get_model(args.model)
     n_layers = loaded.adapter.n_layers
-    tmp = Path(tempfile.mkdtemp(prefix="aa-variants-"))
+    # A fixed folder per model and arguments: the direction prompts' files keep their paths (cache
+    # keys) and each finished search and evaluation is kept there, so a rerun resumes (the job takes hours)
+    key = stable_hash({**vars(args), "weights": loaded.info.weights_hash})
+    tmp = Path(tempfile.gettempdir()) / f"aa-variants-{key}"
+    tmp.mkdir(exist_ok=True)
+    state_path = tmp / "progress.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {"picks": {}, "results": {},
+                                                                               "search_seconds": 0.0, "skipped": 0}
+    if state["picks"] or state["results"]:
+        print(f"resuming from {state_path}: {len(state['picks'])} searches, {len(state['results'])} evaluations",
+              file=sys.stderr)
     direction_harmful, search_harmful, eval_harmful = harmful_splits(args)
     (tmp / "harmful.json").write_text(json.dumps([{"instruction": t} for t in direction_harmful]))
     (tmp / "harmless.json").write_text(json.dumps([{"instruction": t}
@@ -116,55 +180,29 @@ def main() -> int:
     settings = EvaluationSettings(groups=("harmful", "borderline", "ordinary"), max_tokens=args.max_tokens,
                                   batch_size=args.batch_size, generation_batch_size=args.batch_size,
                                   judged_borderline=args.judged, judged_ordinary=args.judged)
-    thinking = evaluation_thinking(loaded, settings)
-
-    def texts(items: list[str]) -> list[str]:
-        return answer_texts(loaded, thinking, items, None)
-
-    ordinary_train = resolve_prompts("ordinary:train", label=0).texts[:args.n_search]
-    borderline_train = [p.text for p in resolve_prompts("borderline:train").prompts if p.label == 0][:args.n_search]
     plain_config = SteeringConfig(mode="ablate", scale=1.0, source=source,
                                   direction_layer=default_direction_layer(n_layers))
     directions = get_directions(loaded, plain_config, progress=False)
-    scorer = Scorer(loaded, texts(search_harmful), texts(ordinary_train), texts(borderline_train), args.batch_size,
-                    {plain_config.direction_variant: directions}, range(0))
-    plain_score = scorer.score(plain_config)
-    scales = [float(s) for s in args.scales.split(",")]
-    depths = sorted({max(0, min(n_layers - 1, round(float(f) * n_layers))) for f in args.depths.split(",")})
-    # Settings nearest the plain recipe first, so a variant cut short by its share of --budget has
-    # still tried the ones most likely to matter; each variant gets an equal share.
-    settings_order = sorted(((s, layer) for s in scales for layer in depths),
-                            key=lambda sl: (abs(sl[0] - 1.0), abs(sl[1] - plain_config.direction_layer)))
-    started, best, skipped = time.perf_counter(), {}, 0
-    for variant in chosen:
-        variant_started = time.perf_counter()
-        base = replace(plain_config, mode=variant.mode, direction_variant=variant.direction_variant)
-        variant_directions = get_directions(loaded, base, progress=False)
-        scorer.directions = {base.direction_variant: variant_directions}
-        scores = []
-        for scale, layer in settings_order:
-            if time.perf_counter() - variant_started > args.budget / len(chosen) and scores:
-                skipped += 1
-                continue
-            config = replace(base, scale=scale, direction_layer=layer)
-            scores.append((config, scorer.score(config)))
-        best[variant.name] = (pick(scores, plain_score)[0], variant_directions)
-        chosen_config = best[variant.name][0]
-        print(f"searched {variant.name}: {len(scores)} settings in {time.perf_counter() - variant_started:.0f} s, "
-              f"picked s={chosen_config.scale:g} L={chosen_config.direction_layer}", file=sys.stderr, flush=True)
-    search_seconds = time.perf_counter() - started
+    search(loaded, args, settings, plain_config, directions, search_harmful, chosen, state, state_path)
 
+    judge = load_judge(args.judge or "markers")
     judge = load_judge(args.judge or "markers")
     baseline = Baseline(loaded, GroupSets(
         harmful=eval_harmful, borderline=[p.text for p in resolve_prompts("borderline:val").prompts
                                           if p.label == 0][:args.n_eval],
         ordinary=resolve_prompts("ordinary:val", label=0).texts[:args.n_eval], capability=[]), settings, judge)
-    runs = {"plain recipe": (plain_config, directions), **best}
-    results = {}
-    for name, (config, dirs) in runs.items():
+    runs = {"plain recipe": plain_config, **{v.name: SteeringConfig.from_json(state["picks"][v.name]) for v in chosen}}
+    for name, config in runs.items():
+        if name in state["results"]:
+            continue
         evaluated = time.perf_counter()
-        results[name] = evaluate_against(loaded, Steering(config, dirs), baseline, progress=sys.stderr.isatty())
+        result = evaluate_against(loaded, Steering(config, get_directions(loaded, config, progress=False)), baseline,
+                                  progress=sys.stderr.isatty())
+        state["results"][name] = result.to_json()
+        atomic_write_json(state_path, state)
         print(f"evaluated {name} in {time.perf_counter() - evaluated:.0f} s", file=sys.stderr, flush=True)
+    results = {name: result_from_json(state["results"][name]) for name in runs}
+    search_seconds, skipped = state["search_seconds"], state["skipped"]
     plain = results["plain recipe"]
     assert plain.harmful is not None and plain.ordinary is not None and plain.borderline is not None
     print(f"model: {loaded.info.name} ({loaded.info.dtype}); judge: {judge.name}; search {search_seconds:.0f} s "
@@ -176,7 +214,7 @@ def main() -> int:
           f"{'':>9} {'':>9} {'':>8} {str(b.refusals_before) + '/' + str(b.n_judged):>11}")
     reaching = []
     for name, result in results.items():
-        config = runs[name][0]
+        config = runs[name]
         assert result.harmful is not None and result.ordinary is not None and result.borderline is not None
         r, kl, coll = result.harmful, mean_kl(result.ordinary.kl), mean_kl(result.borderline.collateral_kl)
         border = f"{result.borderline.refusals_after}/{result.borderline.n_judged}"
