@@ -72,7 +72,7 @@ def main() -> int:
     with steering.apply(loaded):
         answers = generate_answers(loaded, chat_texts(loaded, prompts, None), args.max_tokens, args.batch_size).texts
     spec = args.judge or f"markers+{args.model}"
-    judge = load_judge(spec, loaded=loaded if spec.removeprefix("markers+") == args.model else None)
+    judge = load_judge(spec, reuse=loaded)
     verdicts = judge.judge(prompts, answers)
     items = [{"id": f"audit-{i:03d}", "prompt": p, "answer": a, "label": None, "judge_label": v.label,
               "judge_confidence": round(v.confidence, 4)}

@@ -73,7 +73,7 @@ def main() -> int:
         (tmp / f"{name}.json").write_text(json.dumps([{"instruction": i["instruction"]} for i in items]))
     loaded = get_model(args.model)
     spec = args.judge or f"markers+{args.model}"
-    judge = load_judge(spec, loaded=loaded if spec.removeprefix("markers+") == args.model else None)
+    judge = load_judge(spec, reuse=loaded)
     started = time.perf_counter()
     result = optimize(loaded, OptimizeSettings(
         trials=args.trials, timeout=args.budget, seed=args.seed, resume=args.resume,

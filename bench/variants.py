@@ -185,8 +185,7 @@ def main() -> int:
     directions = get_directions(loaded, plain_config, progress=False)
     search(loaded, args, settings, plain_config, directions, search_harmful, chosen, state, state_path)
 
-    judge = load_judge(args.judge or "markers")
-    judge = load_judge(args.judge or "markers")
+    judge = load_judge(args.judge or "markers", reuse=loaded)
     baseline = Baseline(loaded, GroupSets(
         harmful=eval_harmful, borderline=[p.text for p in resolve_prompts("borderline:val").prompts
                                           if p.label == 0][:args.n_eval],

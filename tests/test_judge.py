@@ -139,7 +139,14 @@ def test_tokenizer_without_single_token_labels(loaded):
         vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     bad = dataclasses.replace(loaded, tokenizer=PreTrainedTokenizerFast(tokenizer_object=tok))
     with pytest.raises(UserError, match=r"single token.*--judge-url"):
-        load_judge("tiny", loaded=bad)
+        load_judge(bad.info.name, reuse=bad)
+
+
+def test_a_judge_reuses_only_the_model_its_spec_names(loaded):
+    cascade = load_judge(f"markers+{loaded.info.name}", reuse=loaded)
+    assert cascade.second.loaded is loaded and cascade.name == f"markers+model:{loaded.info.name}"
+    with pytest.raises(UserError, match="Unknown judge 'tiny'"):  # another name never judges with the model at hand
+        load_judge("tiny", reuse=loaded)
 
 
 def test_unknown_judge_and_conflicting_options():

@@ -9,8 +9,9 @@ import torch
 
 from alignment_artifacts import cli
 from alignment_artifacts.errors import UserError
-from alignment_artifacts.models import GenerationConfig, builtin, generate, load_model
+from alignment_artifacts.models import GenerationConfig, builtin, generate, load_model, loaded_from
 from alignment_artifacts.models.loading import resolve_device
+from tiny_gguf import write_tiny_llama_gguf
 from tiny_models import tiny_model
 
 
@@ -30,6 +31,28 @@ def test_load_local_folder_matches_saved_model(tiny_folder, cache_root):
     assert again.info.weights_hash == loaded.info.weights_hash
     ids = loaded.tokenizer(["Hello world"], return_tensors="pt")["input_ids"]
     assert torch.equal(loaded.model(input_ids=ids).logits, again.model(input_ids=ids).logits)
+
+
+def test_loaded_from_names_only_the_model_a_spec_loads(tiny_folder, tmp_path, cache_root, monkeypatch):
+    """A judge reuses the evaluated model only when its spec would load that model: reusing another is a
+    silently wrong judge."""
+    folder = load_model(str(tiny_folder), device="cpu")
+    monkeypatch.chdir(tiny_folder.parent)
+    assert loaded_from(str(tiny_folder), folder) and loaded_from("tiny-qwen2/", folder)
+    wrapped = tiny_model("qwen2", layers=2)  # named tiny-qwen2, like the folder in the working directory
+    assert not loaded_from("tiny-qwen2", wrapped)  # the spec loads the folder, not the object at hand
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert loaded_from("tiny-qwen2", wrapped) and not loaded_from("tiny-llama", wrapped)
+    other = tmp_path / "copy"
+    other.mkdir()
+    for file in tiny_folder.iterdir():
+        (other / file.name).write_bytes(file.read_bytes())
+    assert not loaded_from(str(other), folder) and not loaded_from(folder.info.name + "x", folder)
+    path = write_tiny_llama_gguf(tiny_model("llama"), tmp_path / "tiny.gguf")
+    from_gguf = load_model(str(path), device="cpu", dtype="float32")
+    assert loaded_from(str(path), from_gguf) and not loaded_from(str(tiny_folder), from_gguf)
+    assert not loaded_from(str(path), folder) and not loaded_from(from_gguf.info.name, from_gguf)
 
 
 def test_bad_model_specs(tmp_path, cache_root):

@@ -237,10 +237,8 @@ def add_judge(p: argparse.ArgumentParser) -> None:
 
 
 def judge(args: argparse.Namespace, loaded: LoadedModel | None = None, batch_size: int = 16) -> Judge:
-    """The judge the flags name; a model judge that is ``loaded`` reuses it (never under steering)."""
+    """The judge the flags name; a judge model that is ``loaded`` reuses it (never under steering)."""
     from ..judge import load_judge
 
-    model = (args.judge or "").removeprefix("markers+")
-    same = loaded is not None and model in (args.model, loaded.info.name)
-    return load_judge(args.judge, url=args.judge_url, model_name=args.judge_model, loaded=loaded if same else None,
+    return load_judge(args.judge, url=args.judge_url, model_name=args.judge_model, reuse=loaded,
                       device=args.device, dtype=args.dtype, batch_size=batch_size)

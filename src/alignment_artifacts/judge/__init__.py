@@ -20,20 +20,21 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def load_judge(spec: str | None = None, *, url: str | None = None, model_name: str | None = None,
-               loaded: Any = None, device: str = "auto", dtype: str = "auto", batch_size: int = 16) -> Judge:
+               reuse: Any = None, device: str = "auto", dtype: str = "auto", batch_size: int = 16) -> Judge:
     """The judge ``spec`` names: "markers" (default), a model (builtin, folder, GGUF, hub id), or ``url``.
 
-    ``loaded``: judge with this already-loaded model instead of loading ``spec`` again (a caller
-    that evaluates the model ``spec`` names passes it; no steering hooks may be active while it judges).
+    ``reuse``: a model the caller already holds (usually the one it evaluates). It judges when ``spec``
+    names it, rather than a second copy in memory; any other spec loads its own model. No steering
+    hooks may be active while a reused model judges.
     """
-    from ..models import BUILTINS
+    from ..models import BUILTINS, loaded_from
 
     if spec is not None and spec.startswith("markers+"):
         second = spec.removeprefix("markers+")
         if not second:
             raise UserError("--judge markers+ needs a second judge after the '+', e.g. "
                             "markers+qwen2.5-coder-1.5b-instruct (or --judge markers+endpoint with --judge-url).")
-        return CascadeJudge(load_judge(second, url=url, model_name=model_name, loaded=loaded, device=device,
+        return CascadeJudge(load_judge(second, url=url, model_name=model_name, reuse=reuse, device=device,
                                        dtype=dtype, batch_size=batch_size))
     if url is not None:
         if spec not in (None, "markers", "endpoint"):
@@ -47,8 +48,8 @@ def load_judge(spec: str | None = None, *, url: str | None = None, model_name: s
         return MarkersJudge()
     from .lm import ModelJudge
 
-    if loaded is not None:
-        return ModelJudge(loaded, batch_size)
+    if reuse is not None and loaded_from(spec, reuse):
+        return ModelJudge(reuse, batch_size)
     if spec in BUILTINS or Path(spec).expanduser().exists() or _HUB_ID.match(spec):
         from ..models import load_model
 

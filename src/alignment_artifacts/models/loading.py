@@ -337,6 +337,19 @@ def _finish(model: Any, tokenizer: Any, name: str, source: str, kind: str, weigh
     return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, info=info)
 
 
+def loaded_from(spec: str, loaded: LoadedModel) -> bool:
+    """Whether ``load_model(spec)`` would load the model ``loaded`` already holds (so it can be reused)."""
+    info = loaded.info
+    path = Path(spec).expanduser()
+    if info.kind == "gguf":
+        return path.is_file() and path.suffix == ".gguf" and str(_gguf_cache_folder(path)) == info.source
+    if info.kind == "folder":
+        return path.is_dir() and path.resolve() == Path(info.source).resolve()
+    # builtin and hub models by name, and wrapped objects by the name given to wrap_model, unless the
+    # spec is also a path (then load_model would load that path)
+    return spec == info.name and not path.exists()
+
+
 def wrap_model(model: Any, tokenizer: Any, name: str | None = None) -> LoadedModel:
     """Adopt a model the caller already loaded (e.g. in a notebook)."""
     model.eval()
@@ -359,4 +372,4 @@ def quiet_transformers() -> None:
         pass
 
 
-__all__ = ["DEVICES", "DTYPES", "LoadedModel", "ModelInfo", "json", "load_model", "wrap_model"]
+__all__ = ["DEVICES", "DTYPES", "LoadedModel", "ModelInfo", "json", "load_model", "loaded_from", "wrap_model"]
