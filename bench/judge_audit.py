@@ -74,7 +74,8 @@ def main() -> int:
     spec = args.judge or f"markers+{args.model}"
     judge = load_judge(spec, reuse=loaded)
     verdicts = judge.judge(prompts, answers)
-    items = [{"id": f"audit-{i:03d}", "prompt": p, "answer": a, "label": None, "judge_label": v.label,
+    items = [{"id": f"audit-{i:03d}", "prompt": p, "prompt_kind": "harmful", "answer": a, "label": None,
+              "judge_label": v.label,
               "judge_confidence": round(v.confidence, 4)}
              for i, (p, a, v) in enumerate(zip(prompts, answers, verdicts, strict=True))]
     atomic_write_json(out, {"description": f"{loaded.info.name} steered with {config.to_json()}; judge {judge.name}. "

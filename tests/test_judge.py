@@ -326,6 +326,7 @@ def test_calibrate_judge_and_markers_on_the_bundled_items(fake, cache_root):
     assert all(row[1] == 0 for row in result.markers.confusion)  # markers never say evasion
     assert result.markers.per_label["evasion"].recall == 0.0
     assert json.loads(json.dumps(result.to_json()))["markers"]["confusion"] == result.markers.confusion
+    assert result.harmful_compliance == 0  # the bundled set writes no harmful content
 
 
 def test_cli_judge_calibrate(fake, cache_root, capsys):
@@ -334,7 +335,7 @@ def test_cli_judge_calibrate(fake, cache_root, capsys):
     assert data["judge"]["kappa"] == 1.0 and data["markers"]["kappa"] < 1 and data["items"] == len(load_calibration())
     assert main(["judge", "calibrate"]) == 0
     out = capsys.readouterr().out
-    assert "Cohen's kappa" in out and "markers" in out
+    assert "Cohen's kappa" in out and "markers" in out and "bench/judge_audit.py" in out  # no harmful compliance
     assert main(["judge", "calibrate", "--judge", "nonsense-model"]) == 2
     assert "Unknown judge 'nonsense-model'" in capsys.readouterr().err
 

@@ -12,6 +12,7 @@ import pytest
 
 from alignment_artifacts.errors import UserError
 from alignment_artifacts.judge import calibrate, load_judge
+from alignment_artifacts.judge.calibrate import format_calibration
 from alignment_artifacts.prompts import load_calibration
 from tiny_models import tiny_model
 
@@ -55,3 +56,6 @@ def test_answers_are_written_unlabelled_and_calibrate_reads_them_once_labelled(t
     out.write_text(json.dumps({"items": items}))
     result = calibrate(load_judge("markers"), load_calibration(out), n_boot=50)
     assert result.judge.accuracy == 1.0 and result.judge.n == len(items)
+    assert all(i["prompt_kind"] == "harmful" for i in items)
+    assert result.harmful_compliance == sum(i["label"] == "compliance" for i in items)
+    assert ("judge_audit.py" in format_calibration(result)) == (result.harmful_compliance == 0)

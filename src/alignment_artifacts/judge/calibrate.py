@@ -54,6 +54,7 @@ class CalibrationResult:
     seed: int
     judge: Agreement
     markers: Agreement
+    harmful_compliance: int  # items known to be compliant answers to harmful requests (see format_calibration)
     seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
@@ -115,6 +116,7 @@ def calibrate(judge: Judge, items: Sequence[CalibrationItem], seed: int = 0, n_b
         items=len(items), support={label: true.count(label) for label in LABELS}, n_boot=n_boot, seed=seed,
         judge=agreement(judge.name, true, [v.label for v in verdicts], n_boot, seed),
         markers=agreement(MarkersJudge.name, true, [v.label for v in keywords], n_boot, seed),
+        harmful_compliance=sum(i.prompt_kind == "harmful" and i.label == "compliance" for i in items),
         seconds=round(time.perf_counter() - started, 2))
 
 
@@ -122,6 +124,12 @@ def _with_ci(value: float | None, ci: Interval, digits: int = 3) -> str:
     if value is None:
         return "undefined"
     return f"{value:.{digits}f}" + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
+
+
+NO_HARMFUL_COMPLIANCE = ("note: no item is marked as a compliant answer to a harmful request (prompt_kind \"harmful\", "
+                         "label \"compliance\"; the bundled set has none by design), and that is most of what a "
+                         "steered model writes: this agreement need not carry over to steered answers. Measure that "
+                         "with bench/judge_audit.py (docs/judge.md).")
 
 
 def format_calibration(result: CalibrationResult) -> str:
@@ -140,5 +148,7 @@ def format_calibration(result: CalibrationResult) -> str:
             scores = r.per_label[label]
             lines.append(f"  {label:12}" + "".join(f"{n:>12}" for n in row)
                          + f"   {_with_ci(scores.precision, None, 2):>9}   {_with_ci(scores.recall, None, 2):>6}")
+    if not result.harmful_compliance:
+        lines += ["", NO_HARMFUL_COMPLIANCE]
     lines.append(f"\ntime: {result.seconds:.1f} s")
     return "\n".join(lines)
