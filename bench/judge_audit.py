@@ -6,6 +6,7 @@ model's answers, which is what `optimize` and the benches count. This script wri
 for hand labelling; `judge calibrate` then scores any judge against your labels:
 
     python bench/judge_audit.py --out /tmp/audit.json              # plain recipe: ablate, scale 1
+    python bench/judge_audit.py --out /tmp/audit.json --config CONFIG.json   # e.g. what optimize stored
     # fill each item's "label" with refusal, evasion or compliance (the judge's is in "judge_label")
     alignment-artifacts judge calibrate --items /tmp/audit.json --judge markers+qwen2.5-coder-1.5b-instruct
 
@@ -41,6 +42,17 @@ def inside_repository(path: Path) -> bool:
     return path.resolve().is_relative_to(root)
 
 
+def plain_recipe(args: argparse.Namespace, n_layers: int) -> SteeringConfig:
+    """--mode and --scale with a direction from --direction-harmful against the bundled harmless set."""
+    tmp = Path(tempfile.mkdtemp(prefix="aa-audit-"))
+    for name, spec, label in (("harmful", args.direction_harmful, 1), ("harmless", "harmless", 0)):
+        texts = resolve_prompts(spec, label=label).texts
+        (tmp / f"{name}.json").write_text(json.dumps([{"instruction": t} for t in texts]))
+    layer = default_direction_layer(n_layers) if args.direction_layer is None else args.direction_layer
+    return SteeringConfig(mode=args.mode, scale=args.scale, direction_layer=layer,
+                          source=f"{tmp / 'harmful.json'},{tmp / 'harmless.json'}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="JSON file to write, outside the repository")
@@ -52,6 +64,10 @@ def main() -> int:
     parser.add_argument("--mode", default="ablate")
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--direction-layer", type=int, default=None, help="default: the layer at 60%% depth")
+    parser.add_argument("--config", default=None,
+                        help="audit this steering configuration JSON instead (from optimize or export --format "
+                             "vectors; its own direction source): the judge is only trustworthy on the answers "
+                             "of the steering you use it on")
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args()
@@ -59,15 +75,10 @@ def main() -> int:
     if inside_repository(out):
         parser.error(f"{out} is inside the repository; write the answers elsewhere (e.g. /tmp) so they cannot be "
                      "committed")
+    stored = SteeringConfig.load(args.config) if args.config else None  # a bad file fails before the model loads
     prompts = resolve_prompts(args.harmful, label=1).texts
     loaded = get_model(args.model)
-    tmp = Path(tempfile.mkdtemp(prefix="aa-audit-"))
-    for name, spec, label in (("harmful", args.direction_harmful, 1), ("harmless", "harmless", 0)):
-        texts = resolve_prompts(spec, label=label).texts
-        (tmp / f"{name}.json").write_text(json.dumps([{"instruction": t} for t in texts]))
-    layer = default_direction_layer(loaded.adapter.n_layers) if args.direction_layer is None else args.direction_layer
-    config = SteeringConfig(mode=args.mode, scale=args.scale, direction_layer=layer,
-                            source=f"{tmp / 'harmful.json'},{tmp / 'harmless.json'}")
+    config = stored or plain_recipe(args, loaded.adapter.n_layers)
     steering = resolve_steering(loaded, config, progress=sys.stderr.isatty())
     with steering.apply(loaded):
         answers = generate_answers(loaded, chat_texts(loaded, prompts, None), args.max_tokens, args.batch_size).texts
