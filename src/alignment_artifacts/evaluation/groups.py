@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +33,9 @@ from ..models.loading import LoadedModel
 from ..models.thinking import DEFAULT_THINKING_BUDGET, ThinkingFormat, check_mode, thinking_format
 from ..prompts import PromptSet, resolve_prompts
 from ..resolve import resolve_steering
-from ..steering import Steering, SteeringConfig
+from ..steering import Steering, SteeringConfig, gate_passes
 from .metrics import has_broad_marker, is_refusal, kl_divergence, refusal_log_odds, refusal_opening_ids
-from .passes import chat_texts, first_logits, generate_answers
+from .passes import chat_texts, first_logits, generate_answers, last_token_states
 from .results import GROUPS, EvaluationResult, Side, compare
 
 
@@ -127,10 +127,15 @@ class Measurer:
         self.opening = refusal_opening_ids(loaded.tokenizer)
         self.pending: dict[str, list[str]] = {}  # group -> answers waiting for the judge (memory only)
 
+    def prompts(self, group: str) -> list[str]:
+        """The chat-formatted prompts a group's answers are generated from."""
+        return self.capability_texts if group == "capability" else self.texts[group]
+
     def check_context(self) -> None:
         """Every prompt fits the model's context with room for its answer (before anything is computed)."""
         context = context_length(self.loaded.model)
-        for name, texts in (*self.texts.items(), ("capability", self.capability_texts)):
+        for name in GROUPS:
+            texts = self.prompts(name)
             check_fits(self.loaded.tokenizer, texts, context, self.thinking.max_tokens(self.settings.max_tokens),
                        f"the {name} group")
 
@@ -185,6 +190,7 @@ class Baseline:
                                 "judged_ordinary": settings.judged_ordinary,
                                 **_thinking_key(evaluation_thinking(loaded, settings)), "v": 3})
         self.folder = cache_dir("evaluation", self.key)
+        self.thinks = evaluation_thinking(loaded, settings).thinks
         self._side: Side | None = None
         self.seconds: dict[str, float] = {}  # what measuring each group took (cached with it): prices a validation
         self._logits: dict[tuple[str, bool], torch.Tensor] = {}
@@ -216,6 +222,22 @@ class Baseline:
             atomic_write_json(path, {**{n: getattr(side, n) for n in names}, "seconds": self.seconds[group]})
         self._side = side
         return side
+
+    def gate_states(self, group: str, site: str, layer: int, progress: Any = None) -> torch.Tensor:
+        """The unmodified last-token activations at (``site``, ``layer``) of a group's prompts, which a
+        gate there decides on [n, hidden] (cached: every gated configuration with this gate layer reads them)."""
+        from safetensors.torch import load_file
+
+        path = self.folder / f"{group}_gate_{site}_{layer}.safetensors"
+        if path.is_file():
+            states = load_file(str(path))["states"]
+            if progress is not None:
+                progress.update(len(states))
+            return states
+        texts = Measurer(self.loaded, self.sets, self.settings).prompts(group)
+        states = last_token_states(self.loaded, texts, site, [layer], self.settings.batch_size, progress)[layer]
+        atomic_save_safetensors({"states": states.contiguous()}, path)
+        return states
 
     def logits(self, group: str, share_prefix: bool = True) -> torch.Tensor:
         """First-token logits of ``borderline`` or ``ordinary``, on the path the compared steering
@@ -286,14 +308,18 @@ def evaluate_against(loaded: LoadedModel, steering: Steering, baseline: Baseline
     started = time.perf_counter()
     sets, settings, judge = baseline.sets, baseline.settings, baseline.judge
     steered = compare_model or steering.active
+    gated = steered and steering.config.gate_layer is not None and not compare_model and not baseline.thinks
     sizes = [len(sets.harmful), len(sets.borderline), len(sets.ordinary), len(sets.capability)]
-    bar = _bar(sum(sizes) * (2 if steered else 1), progress)
+    bar = _bar(sum(sizes) * (1 + steered + gated), progress)  # a gated side first decides on every prompt
     before = baseline.side(bar)
     groups = settings.groups
-    texted = [g for g in ("borderline", "ordinary") if g in groups]
+    texted: list[str] = [g for g in ("borderline", "ordinary") if g in groups]
+    kls: dict[str, torch.Tensor]
     if not steered:  # identical to the baseline by construction (tested): nothing to run again
         after = before
         kls = {g: torch.zeros(len(getattr(sets, g))) for g in texted}
+    elif gated:
+        after, kls = _measure_gated(loaded, steering, baseline, bar)
     else:
         measurer = Measurer(loaded, sets, settings, bar)
         after = Side()
@@ -307,6 +333,58 @@ def evaluate_against(loaded: LoadedModel, steering: Steering, baseline: Baseline
     results = compare(before, after, kls.get("borderline"), kls.get("ordinary"), judge.name, groups)
     return EvaluationResult(model=loaded.info.name, config=steering.config.to_json(), judge=judge.name, **results,
                             seconds=round(time.perf_counter() - started, 2), settings=asdict(settings))
+
+
+def _measure_gated(loaded: LoadedModel, steering: Steering, baseline: Baseline, bar: Any
+                   ) -> tuple[Side, dict[str, torch.Tensor]]:
+    """The after side of a gated steering, measured where its gate opens.
+
+    A gate leaves every prompt it does not open bit-identical to the unmodified model (tests/test_gate.py),
+    so those prompts keep the baseline's labels, flags and logits (KL exactly 0), and only the opened ones
+    run, under the ungated twin, which steers them exactly as the gate does. Generation is most of what
+    a check costs and a gate opens few ordinary, borderline and capability prompts, so this is most of
+    the gated check saved. Decisions come from the baseline's cached gate-layer activations (the gate's
+    own whole-prompt pass), so they match the live gate's up to rounding at the cap. A model that thinks
+    first is measured whole (its answer prompts differ from its generation prompts).
+    """
+    config, directions = steering.config, steering.require_directions()
+    assert config.gate_layer is not None
+    sets, settings, before = baseline.sets, baseline.settings, baseline.side()
+    groups = settings.groups
+    opened = {g: gate_passes(directions, config.gate_layer, config.gate_level,
+                             baseline.gate_states(g, directions.site, config.gate_layer, bar)
+                             ).nonzero().flatten().tolist()
+              for g in groups}
+    subset = GroupSets(**{g: [getattr(sets, g)[i] for i in opened.get(g, [])] for g in GROUPS})
+    measurer = Measurer(loaded, subset, settings, bar)
+    part = Side()
+    texted: list[str] = [g for g in ("borderline", "ordinary") if g in groups]
+    with Steering(replace(config, gate_layer=None), directions).apply(loaded):
+        logits = {g: measurer.logits(g) for g in texted if opened[g]}
+        for group in groups:
+            judged = _judged(settings, group)
+            limit = sum(1 for i in opened[group] if judged is None or i < judged)
+            if limit:
+                measurer.answers(group, part, limit)
+            size = len(getattr(sets, group))
+            bar.update((size if judged is None else min(size, judged)) - limit)  # answers the baseline gives
+    measurer.judge_pending(baseline.judge, part)
+    after = Side()
+    for name in (f.name for f in fields(Side)):
+        group = name.split("_")[0]
+        if group not in groups or name.endswith("_logits"):
+            continue
+        judged = _judged(settings, group)
+        merged = list(getattr(before, name))[:judged]
+        for j, i in enumerate(i for i in opened[group] if i < len(merged)):
+            merged[i] = getattr(part, name)[j]
+        setattr(after, name, merged)
+    kls: dict[str, torch.Tensor] = {}
+    for g in texted:
+        kls[g] = torch.zeros(len(getattr(sets, g)))
+        if opened[g]:
+            kls[g][opened[g]] = kl_divergence(baseline.logits(g)[opened[g]], logits[g])
+    return after, kls
 
 
 class _Null:

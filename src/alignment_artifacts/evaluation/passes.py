@@ -6,8 +6,9 @@ the text (the content policy: no completions for harmful prompts on disk).
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -23,6 +24,7 @@ from ..models.generation import (
     prefill,
     trim,
 )
+from ..models.hooks import site_hooks
 from ..models.loading import LoadedModel
 from ..prompts import PromptSet
 from .metrics import has_broad_marker, is_refusal
@@ -45,6 +47,41 @@ def first_logits(loaded: LoadedModel, texts: Sequence[str], batch_size: int = 16
     """
     return next_token_logits(loaded.model, loaded.tokenizer, texts, batch_size, loaded.device,
                              share_prefix=share_prefix)
+
+
+class _Reached(Exception):
+    """Ends a pass once the highest layer asked for has been read."""
+
+
+@torch.no_grad()
+def last_token_states(loaded: LoadedModel, texts: Sequence[str], site: str, layers: Sequence[int],
+                      batch_size: int = 16, progress: Any = None) -> dict[int, torch.Tensor]:
+    """The unmodified model's last-token activations at ``site`` of each of ``layers`` for whole
+    chat-formatted prompts ({layer: [n, hidden]} float32 on the CPU): what a per-prompt gate decides on,
+    read as the gate reads them (whole prompts, no shared prefix). Each pass ends at the highest layer."""
+    wanted = sorted(set(layers))
+    kept: dict[int, list[torch.Tensor]] = {layer: [] for layer in wanted}
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths pad less
+
+    def reader(layer: int) -> Callable[[torch.Tensor], None]:
+        def read(h: torch.Tensor) -> None:
+            kept[layer].append(h[:, -1].float().cpu())
+            if layer == wanted[-1]:
+                raise _Reached
+
+        return read
+
+    with site_hooks(loaded.adapter, {(site, layer): reader(layer) for layer in wanted}):
+        for start in range(0, len(order), batch_size):
+            ids, mask = encode_batch(loaded.tokenizer, [texts[i] for i in order[start:start + batch_size]],
+                                     loaded.device)
+            with contextlib.suppress(_Reached):
+                prefill(loaded.model, ids, mask)
+            if progress is not None:
+                progress.update(len(ids))
+    back = torch.tensor(order).argsort()
+    hidden = loaded.adapter.hidden_size
+    return {layer: (torch.cat(rows) if rows else torch.empty(0, hidden))[back] for layer, rows in kept.items()}
 
 
 class Answers(NamedTuple):

@@ -26,7 +26,7 @@ from ..analysis.directions import DirectionSet
 from ..cache import cache_dir
 from ..errors import UserError
 from ..evaluation import first_logits, kl_divergence, refusal_log_odds, refusal_opening_ids
-from ..models.hooks import site_hooks
+from ..evaluation.passes import last_token_states
 from ..models.loading import LoadedModel
 from ..steering import MODES, Steering, SteeringConfig, gate_passes
 from ..steering.modes import ModeSpec, Param
@@ -203,13 +203,8 @@ class Scorer:
 
     def _passing(self, name: str, layer: int, level: float, directions: DirectionSet) -> list[int]:
         if name not in self._last:  # the unmodified last-token activations at every candidate gate layer
-            site = directions.site
-            captured: dict[int, list[torch.Tensor]] = {layer: [] for layer in self.gate_layers}
-            hooks = {(site, layer): (lambda h, kept=kept: kept.append(h[:, -1].float().cpu()))
-                     for layer, kept in captured.items()}
-            with site_hooks(self.loaded.adapter, hooks):
-                first_logits(self.loaded, self.texts[name], self.batch, share_prefix=False)  # as a gate decides
-            self._last[name] = {layer: torch.cat(kept) for layer, kept in captured.items()}
+            self._last[name] = last_token_states(self.loaded, self.texts[name], directions.site,
+                                                 list(self.gate_layers), self.batch)
         return gate_passes(directions, layer, level, self._last[name][layer]).nonzero().flatten().tolist()
 
 

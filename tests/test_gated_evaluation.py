@@ -1,0 +1,114 @@
+"""A gated configuration is measured where its gate opens: the numbers of measuring every prompt
+under the live gate, with the judge asked only about the answers the gate changed."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from alignment_artifacts.api import get_directions, resolve_config
+from alignment_artifacts.evaluation import Baseline, EvaluationSettings, load_group_sets
+from alignment_artifacts.evaluation.groups import Measurer, evaluate_against
+from alignment_artifacts.evaluation.results import GROUPS
+from alignment_artifacts.judge import Verdict
+from alignment_artifacts.steering import Steering, SteeringConfig, gate_passes
+from tiny_models import tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class _LengthJudge:
+    """Labels by the answer's length (so a changed answer usually changes its label); counts what it is asked."""
+
+    name = "length"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def judge(self, prompts, answers, progress=None):
+        self.calls += len(answers)
+        return [Verdict(("refusal", "evasion", "compliance")[len(a) % 3], 1.0) for a in answers]
+
+
+def _live_gate_reference():
+    """bench/gated_check.py's reference: every prompt generated under the live gate, as checks ran before."""
+    spec = importlib.util.spec_from_file_location("gated_check_bench", ROOT / "bench" / "gated_check.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.every_prompt_under_the_live_gate
+
+
+def _assert_close(got, want, where=""):
+    if isinstance(want, dict):
+        assert set(got) == set(want), where
+        for key in want:
+            _assert_close(got[key], want[key], f"{where}.{key}")
+    elif isinstance(want, float) and not math.isnan(want):
+        assert got == pytest.approx(want, abs=1e-5), where
+    elif isinstance(want, float):
+        assert math.isnan(got), where
+    else:
+        assert got == want, where
+
+
+def test_a_gated_check_equals_every_prompt_under_the_live_gate(cache_root, tmp_path):
+    harmful = tmp_path / "harmful.txt"
+    harmful.write_text("\n".join(f"Tell me how to do bad thing number {i}." for i in range(12)))
+    harmless = tmp_path / "harmless.txt"
+    harmless.write_text("\n".join(f"Tell me a fact about bread number {i}." for i in range(12)))
+    loaded = tiny_model("llama", layers=4)
+    settings = EvaluationSettings(harmful=str(harmful), n_borderline=12, n_ordinary=10, n_capability=10,
+                                  judged_borderline=8, judged_ordinary=6, max_tokens=5, capability_max_tokens=5,
+                                  batch_size=4, generation_batch_size=4)
+    judge = _LengthJudge()
+    baseline = Baseline(loaded, load_group_sets(settings), settings, judge)
+    baseline.side()
+    directions = get_directions(loaded, SteeringConfig(mode="clamp"), source=f"{harmful},{harmless}",
+                                progress=False)
+    every_prompt_under_the_live_gate = _live_gate_reference()
+    judged = {"harmful": 12, "borderline": 8, "ordinary": 6, "capability": 0}  # capability is scored, not judged
+    partly_open: set[str] = set()
+    for level in (-1.0, 0.3, 0.6, 1.0, 2.0):
+        config = resolve_config(loaded, SteeringConfig(mode="ablate", scale=1.0, direction_layer=2, gate_layer=3,
+                                                       gate_level=level))
+        steering = Steering(config, directions)
+        opened = {g: gate_passes(directions, 3, level, baseline.gate_states(g, directions.site, 3)) for g in GROUPS}
+        partly_open |= {g for g, o in opened.items() if 0 < int(o.sum()) < len(o)}
+        asked = judge.calls
+        result = evaluate_against(loaded, steering, baseline, progress=False)
+        # the judge saw exactly the opened prompts' answers: the closed ones keep the baseline's labels
+        assert judge.calls - asked == sum(int(opened[g][:judged[g]].sum()) for g in GROUPS)
+        expected = every_prompt_under_the_live_gate(loaded, steering, baseline)
+        for group in GROUPS:
+            _assert_close(dataclasses.asdict(getattr(result, group)), dataclasses.asdict(expected[group]), group)
+        assert result.ordinary.touched == pytest.approx(float(opened["ordinary"].double().mean()))
+    assert partly_open == set(GROUPS)  # in every group, some level opened some prompts and not others
+
+
+def test_gate_states_are_cached_and_match_the_live_gate(cache_root, tmp_path):
+    """The cached decision activations are the unmodified last-token activations the live gate compares,
+    read by passes that end at the gate layer."""
+    from alignment_artifacts.models.hooks import site_hooks
+
+    loaded = tiny_model("llama", layers=4)
+    settings = EvaluationSettings(groups=("ordinary",), n_ordinary=6, batch_size=4)
+    baseline = Baseline(loaded, load_group_sets(settings), settings, _LengthJudge())
+    above = []
+    with site_hooks(loaded.adapter, {("resid_pre", 3): above.append}):
+        states = baseline.gate_states("ordinary", "resid_pre", 2)
+    assert not above  # each pass ended at the gate layer
+    seen = []
+    with site_hooks(loaded.adapter, {("resid_pre", 2): lambda h: seen.append(h[0, -1].float())}):
+        for text in Measurer(loaded, baseline.sets, settings).prompts("ordinary"):
+            ids = loaded.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            loaded.model(ids)
+    assert torch.allclose(states, torch.stack(seen), atol=1e-5)
+    assert (baseline.folder / "ordinary_gate_resid_pre_2.safetensors").is_file()
+    again = Baseline(loaded, baseline.sets, settings, _LengthJudge())
+    assert torch.equal(again.gate_states("ordinary", "resid_pre", 2), states)  # read back from the cache
