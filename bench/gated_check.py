@@ -19,8 +19,9 @@ from typing import Any
 
 from alignment_artifacts.api import get_directions, get_model, resolve_config
 from alignment_artifacts.evaluation import Baseline, EvaluationSettings, kl_divergence, load_group_sets
-from alignment_artifacts.evaluation.groups import Measurer, evaluate_against
+from alignment_artifacts.evaluation.groups import evaluate_against
 from alignment_artifacts.evaluation.results import GROUPS, Side, compare
+from alignment_artifacts.evaluation.sides import Measurer
 from alignment_artifacts.judge import load_judge
 from alignment_artifacts.steering import Steering, SteeringConfig, gate_passes
 
@@ -86,17 +87,17 @@ def main() -> None:
     reference_s = time.perf_counter() - started
 
     assert config.gate_layer is not None
-    print(f"model: {loaded.info.name}; {args.mode} scale {args.scale}, gate layer {config.gate_layer} level "
-          f"{args.gate_level}; judge {baseline.judge.name}")
-    for group in GROUPS:
-        opened = gate_passes(directions, config.gate_layer, args.gate_level,
-                             baseline.gate_states(group, directions.site, config.gate_layer))
-        print(f"  {group:10} gate opened {int(opened.sum()):>3}/{len(opened)}")
+    print(f"model: {loaded.info.name}")
+    print(f"configuration: {args.mode} scale {args.scale}, gate layer {config.gate_layer} level {args.gate_level}; "
+          f"judge {baseline.judge.name}")
+    opened = {g: gate_passes(directions, config.gate_layer, args.gate_level,
+                             baseline.gate_states(g, directions.site, config.gate_layer)) for g in GROUPS}
+    print("gate opened: " + ", ".join(f"{g} {int(o.sum())}/{len(o)}" for g, o in opened.items()))
+    print(f"seconds where the gate opens: {shortcut_s:.1f}")
+    print(f"seconds every prompt under the live gate: {reference_s:.1f}")
+    print(f"live gate / where it opens: {reference_s / shortcut_s:.2f}")
     difference = max(largest_difference(asdict(getattr(shortcut, g)), asdict(reference[g])) for g in GROUPS)
-    print(f"where the gate opens: {shortcut_s:.1f} s; every prompt under the live gate: {reference_s:.1f} s; "
-          f"ratio {reference_s / shortcut_s:.2f}x")
     print(f"largest difference between the two results' numbers: {difference:.2e}")
-
 
 if __name__ == "__main__":
     main()

@@ -37,9 +37,10 @@ from alignment_artifacts.analysis.directions import DirectionSet
 from alignment_artifacts.api import get_model
 from alignment_artifacts.cache import atomic_write_json, stable_hash
 from alignment_artifacts.evaluation import Baseline, EvaluationSettings, GroupSets
-from alignment_artifacts.evaluation.groups import answer_texts, evaluate_against, evaluation_thinking
+from alignment_artifacts.evaluation.groups import evaluate_against
 from alignment_artifacts.evaluation.metrics import KLSummary
 from alignment_artifacts.evaluation.results import result_from_json
+from alignment_artifacts.evaluation.sides import answer_texts, evaluation_thinking
 from alignment_artifacts.judge import load_judge
 from alignment_artifacts.models.loading import LoadedModel
 from alignment_artifacts.optimize.search import Score, Scorer

@@ -13,8 +13,9 @@ import torch
 
 from alignment_artifacts.api import get_directions, resolve_config
 from alignment_artifacts.evaluation import Baseline, EvaluationSettings, load_group_sets
-from alignment_artifacts.evaluation.groups import Measurer, evaluate_against
+from alignment_artifacts.evaluation.groups import evaluate_against
 from alignment_artifacts.evaluation.results import GROUPS
+from alignment_artifacts.evaluation.sides import Measurer
 from alignment_artifacts.judge import Verdict
 from alignment_artifacts.steering import Steering, SteeringConfig, gate_passes
 from tiny_models import tiny_model
@@ -112,3 +113,17 @@ def test_gate_states_are_cached_and_match_the_live_gate(cache_root, tmp_path):
     assert (baseline.folder / "ordinary_gate_resid_pre_2.safetensors").is_file()
     again = Baseline(loaded, baseline.sets, settings, _LengthJudge())
     assert torch.equal(again.gate_states("ordinary", "resid_pre", 2), states)  # read back from the cache
+
+
+def test_a_gate_on_a_mode_that_edits_the_weights_is_refused_not_measured_as_its_twin(cache_root, tmp_path):
+    """Its ungated twin would run, but the gated configuration cannot: the shortcut must not hide that."""
+    from alignment_artifacts.errors import UserError
+    from tiny_steering import random_directions
+
+    loaded = tiny_model("llama", layers=4)
+    settings = EvaluationSettings(groups=("ordinary",), n_ordinary=4, judged_ordinary=2, max_tokens=2, batch_size=4)
+    baseline = Baseline(loaded, load_group_sets(settings), settings, _LengthJudge())
+    steering = Steering(SteeringConfig(mode="ablate_weight_norm", scale=1.0, gate_layer=2, gate_level=0.5),
+                        random_directions(loaded))
+    with pytest.raises(UserError, match="gated per prompt"):
+        evaluate_against(loaded, steering, baseline, progress=False)

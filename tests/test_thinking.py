@@ -13,7 +13,7 @@ import torch
 from alignment_artifacts.activations import collect_activations, encode_prompt
 from alignment_artifacts.errors import UserError
 from alignment_artifacts.evaluation import EvaluationSettings, evaluate
-from alignment_artifacts.evaluation.groups import GroupSets, Measurer
+from alignment_artifacts.evaluation.sides import GroupSets, Measurer
 from alignment_artifacts.models import GenerationConfig, format_chat, generate
 from alignment_artifacts.models.generation import encode_batch, generate_ids, stop_token_ids, trim
 from alignment_artifacts.models.thinking import (

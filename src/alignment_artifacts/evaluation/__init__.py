@@ -1,7 +1,7 @@
-"""Evaluation: yardsticks (metrics), model passes (passes), the four groups (groups), served models
-(remote), output (report)."""
+"""Evaluation: yardsticks (metrics), model passes (passes), settings, prompt sets and the two sides
+compared (sides), the four groups' comparison (groups), served models (remote), output (report)."""
 
-from .groups import GROUPS, Baseline, EvaluationResult, EvaluationSettings, GroupSets, evaluate, load_group_sets
+from .groups import GROUPS, EvaluationResult, evaluate
 from .metrics import (
     BROAD_MARKERS,
     REFUSAL_MARKERS,
@@ -16,6 +16,7 @@ from .metrics import (
 from .passes import answer_perplexity, chat_texts, first_logits, generate_answers, generated_refusals
 from .remote import EndpointSettings, evaluate_endpoint
 from .report import format_table, plot_evaluation
+from .sides import Baseline, EvaluationSettings, GroupSets, load_group_sets
 
 __all__ = [
     "BROAD_MARKERS",

@@ -34,9 +34,10 @@ from ..endpoint import EndpointError, HttpSettings, api_key_from_env, base_url, 
 from ..errors import UserError
 from ..judge import Judge
 from ..models.loading import LoadedModel
-from .groups import Baseline, EvaluationSettings, GroupSets, _bar, load_group_sets
+from .groups import _bar
 from .metrics import has_broad_marker, is_refusal
 from .results import EvaluationResult, Side, compare
+from .sides import Baseline, EvaluationSettings, GroupSets, load_group_sets
 
 Top = list[tuple[str, float]]  # the first answer token's alternatives: (token text, log-prob)
 KL_UNAVAILABLE = "KL needs log-probs from the endpoint"

@@ -33,7 +33,7 @@ from ..cache import stable_hash
 from ..capability import capability_tasks
 from ..errors import UserError, closest
 from ..evaluation import GROUPS, Baseline, EvaluationSettings, GroupSets
-from ..evaluation.groups import answer_texts, evaluation_thinking
+from ..evaluation.sides import answer_texts, evaluation_thinking
 from ..judge import Judge, load_judge
 from ..models.loading import LoadedModel, parameters_as, screening_dtype
 from ..models.thinking import DEFAULT_THINKING_BUDGET

@@ -1,0 +1,266 @@
+"""The building blocks of an evaluation: its settings, its prompt sets, and the two sides it compares.
+
+``Measurer`` runs a model (steered or not) over the groups and judges its answers; ``Baseline`` is
+the unmodified side, computed once per model, prompt sets and judge and cached group by group
+(labels, flags, logits and gate-layer activations only; never an answer's text), so an interrupted
+run resumes. ``groups.py`` compares a steered side with it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..cache import atomic_save_safetensors, atomic_write_json, cache_dir, stable_hash
+from ..capability import CapabilityTask, capability_tasks, is_correct
+from ..errors import UserError
+from ..judge import Judge
+from ..models.chat import check_fits, context_length
+from ..models.loading import LoadedModel
+from ..models.thinking import DEFAULT_THINKING_BUDGET, ThinkingFormat, check_mode, thinking_format
+from ..prompts import PromptSet, resolve_prompts
+from .metrics import has_broad_marker, is_refusal, refusal_log_odds, refusal_opening_ids
+from .passes import chat_texts, first_logits, generate_answers, last_token_states
+from .results import GROUPS, Side
+
+
+@dataclass
+class EvaluationSettings:
+    harmful: str = "harmful"
+    borderline: str = "borderline:val"  # its label-0 prompts (safe ones that sound sensitive) are evaluated
+    ordinary: str = "ordinary:val"
+    n_harmful: int | None = None
+    n_borderline: int | None = None
+    n_ordinary: int | None = None
+    n_capability: int = 300
+    capability_seed: int = 0  # optimize tunes on another seed's tasks
+    groups: tuple[str, ...] = GROUPS
+    # answers generated and judged for over-refusal (None: all); KL is always measured on every prompt.
+    # optimize's checks judge fewer: generation, not the first-token KL, is what a check costs
+    judged_borderline: int | None = None
+    judged_ordinary: int | None = None
+    max_tokens: int = 48
+    capability_max_tokens: int = 48
+    batch_size: int = 16
+    generation_batch_size: int = 32  # decoding is memory-bound on CPUs: wide batches cost little more per step
+    system: str | None = None
+    thinking: str = "auto"  # reasoning models: auto (the template's default), on, off (models/thinking.py)
+    thinking_budget: int = DEFAULT_THINKING_BUDGET  # tokens added to max_tokens when the model thinks first
+
+    def validate(self) -> None:
+        check_mode(self.thinking)
+        unknown = [g for g in self.groups if g not in GROUPS]
+        if unknown or not self.groups:
+            raise UserError(f"Unknown evaluation group(s) {unknown or '(none)'}; choose from {', '.join(GROUPS)}.")
+        for name in ("n_harmful", "n_borderline", "n_ordinary", "n_capability"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1 (got {value}).")
+
+
+@dataclass
+class GroupSets:
+    """The prompts of every group, as plain user messages (chat formatting happens per model)."""
+
+    harmful: list[str]
+    borderline: list[str]
+    ordinary: list[str]
+    capability: list[CapabilityTask]
+
+    def hashes(self) -> dict[str, str]:
+        return {"harmful": stable_hash(self.harmful), "borderline": stable_hash(self.borderline),
+                "ordinary": stable_hash(self.ordinary),
+                "capability": stable_hash([asdict(t) for t in self.capability])}
+
+
+def _texts(spec: str, label: int, n: int | None, keep_label: int | None = None) -> list[str]:
+    prompt_set: PromptSet = resolve_prompts(spec, label=label)
+    texts = [p.text for p in prompt_set.prompts if keep_label is None or p.label == keep_label]
+    if not texts:
+        which = "" if keep_label is None else f"label-{keep_label} "
+        raise UserError(f"The prompt set '{spec}' has no {which}prompts to evaluate.")
+    return texts[:n] if n is not None else texts
+
+
+def load_group_sets(settings: EvaluationSettings) -> GroupSets:
+    wanted = set(settings.groups)
+    return GroupSets(
+        harmful=_texts(settings.harmful, 1, settings.n_harmful) if "harmful" in wanted else [],
+        borderline=_texts(settings.borderline, 0, settings.n_borderline, keep_label=0) if "borderline" in wanted
+        else [],
+        ordinary=_texts(settings.ordinary, 0, settings.n_ordinary) if "ordinary" in wanted else [],
+        capability=capability_tasks(settings.n_capability, settings.capability_seed) if "capability" in wanted
+        else [])
+
+
+class Measurer:
+    """Runs one model (as it is now: steered or not) over the groups and judges its answers.
+
+    Generation happens inside whatever steering context the caller holds; judging happens after
+    the caller leaves it (``judge_pending``), because a model judge may be the evaluated model.
+    """
+
+    def __init__(self, loaded: LoadedModel, sets: GroupSets, settings: EvaluationSettings, progress: Any = None):
+        self.loaded, self.sets, self.settings, self.progress = loaded, sets, settings, progress
+        self.thinking = evaluation_thinking(loaded, settings)
+        self.texts = {name: chat_texts(loaded, getattr(sets, name), settings.system, self.thinking.kwargs)
+                      for name in ("harmful", "borderline", "ordinary")}
+        self.answer_texts = {name: answer_texts(loaded, self.thinking, getattr(sets, name), settings.system)
+                             for name in ("harmful", "borderline", "ordinary")}
+        self.capability_texts = chat_texts(loaded, [t.prompt for t in sets.capability], settings.system,
+                                           self.thinking.kwargs)
+        self.opening = refusal_opening_ids(loaded.tokenizer)
+        self.pending: dict[str, list[str]] = {}  # group -> answers waiting for the judge (memory only)
+
+    def prompts(self, group: str) -> list[str]:
+        """The chat-formatted prompts a group's answers are generated from."""
+        return self.capability_texts if group == "capability" else self.texts[group]
+
+    def check_context(self) -> None:
+        """Every prompt fits the model's context with room for its answer (before anything is computed)."""
+        context = context_length(self.loaded.model)
+        for name in GROUPS:
+            texts = self.prompts(name)
+            check_fits(self.loaded.tokenizer, texts, context, self.thinking.max_tokens(self.settings.max_tokens),
+                       f"the {name} group")
+
+    def answers(self, group: str, side: Side, limit: int | None = None) -> None:
+        """Generate one group's answers (and the proxy and markers that need no judge); ``limit``:
+        only the first prompts of a text group."""
+        s, thinking = self.settings, self.thinking
+        if group == "capability":
+            answers = generate_answers(self.loaded, self.capability_texts,
+                                       thinking.max_tokens(s.capability_max_tokens), s.generation_batch_size,
+                                       self.progress)
+            side.capability_correct = [is_correct(t, thinking.split(a).answer)
+                                       for t, a in zip(self.sets.capability, answers.texts)]
+            return
+        answers = generate_answers(self.loaded, self.texts[group][:limit], thinking.max_tokens(s.max_tokens),
+                                   s.generation_batch_size, self.progress)
+        parts = [thinking.split(a) for a in answers.texts]
+        replies = [p.answer for p in parts]  # markers and the judge see the answer, never the thinking
+        if group in ("harmful", "borderline"):
+            setattr(side, f"{group}_thinking_refusals", [bool(p.thinking) and is_refusal(p.thinking) for p in parts])
+            setattr(side, f"{group}_unfinished", [not p.finished for p in parts])
+        if group == "harmful":
+            side.harmful_markers = [is_refusal(a) for a in replies]
+            side.harmful_broad = [has_broad_marker(a) for a in replies]
+            first = (first_logits(self.loaded, self.answer_texts[group][:limit], s.batch_size) if thinking.thinks
+                     else answers.first_logits)  # the first answer token's logits, not <think>'s
+            side.harmful_odds = refusal_log_odds(first, self.opening).tolist()
+        self.pending[group] = replies
+
+    def logits(self, group: str) -> torch.Tensor:
+        """First-answer-token logits under the caller's steering (which says whether prompts share a
+        prefix); a reasoning model's prompt closes an empty thinking block first."""
+        return first_logits(self.loaded, self.answer_texts[group], self.settings.batch_size)
+
+    def judge_pending(self, judge: Judge, side: Side) -> None:
+        for group, answers in self.pending.items():
+            verdicts = judge.judge(getattr(self.sets, group)[:len(answers)], answers)
+            setattr(side, f"{group}_labels", [v.label for v in verdicts])
+        self.pending.clear()
+
+
+class Baseline:
+    """The unmodified model's side of every comparison, cached on disk group by group."""
+
+    def __init__(self, loaded: LoadedModel, sets: GroupSets, settings: EvaluationSettings, judge: Judge):
+        """``loaded`` is the reference model: the evaluated one, or the base model of an export."""
+        self.loaded, self.sets, self.settings, self.judge = loaded, sets, settings, judge
+        Measurer(loaded, sets, settings).check_context()
+        self.key = stable_hash({"weights": loaded.info.weights_hash, "dtype": loaded.info.dtype,
+                                "sets": sets.hashes(), "tokens": settings.max_tokens,
+                                "capability_tokens": settings.capability_max_tokens, "system": settings.system,
+                                "judged_ordinary": settings.judged_ordinary,
+                                **_thinking_key(evaluation_thinking(loaded, settings)), "v": 3})
+        self.folder = cache_dir("evaluation", self.key)
+        self.thinks = evaluation_thinking(loaded, settings).thinks
+        self._side: Side | None = None
+        self.seconds: dict[str, float] = {}  # what measuring each group took (cached with it): prices a validation
+        self._logits: dict[tuple[str, bool], torch.Tensor] = {}
+
+    def _path(self, group: str) -> Path:
+        judged = group != "capability"
+        suffix = f"-{stable_hash(self.judge.name, 8)}" if judged else ""
+        return self.folder / f"{group}{suffix}.json"
+
+    def side(self, progress: Any = None) -> Side:
+        """Labels and flags of every group, from the cache or computed (and cached) now."""
+        if self._side is not None:
+            return self._side
+        side = Side()
+        measurer = Measurer(self.loaded, self.sets, self.settings, progress)
+        for group in self.settings.groups:
+            path = self._path(group)
+            if path.is_file():
+                stored = json.loads(path.read_text())
+                self.seconds[group] = stored.pop("seconds", 0.0)
+                for name, value in stored.items():
+                    setattr(side, name, value)
+                continue
+            started = time.perf_counter()
+            measurer.answers(group, side, self.settings.judged_ordinary if group == "ordinary" else None)
+            measurer.judge_pending(self.judge, side)
+            self.seconds[group] = time.perf_counter() - started
+            names = [n for n in vars(side) if n.startswith(group) and not n.endswith("_logits")]
+            atomic_write_json(path, {**{n: getattr(side, n) for n in names}, "seconds": self.seconds[group]})
+        self._side = side
+        return side
+
+    def gate_states(self, group: str, site: str, layer: int, progress: Any = None) -> torch.Tensor:
+        """The unmodified last-token activations at (``site``, ``layer``) of a group's prompts, which a
+        gate there decides on [n, hidden] (cached: every gated configuration with this gate layer reads them)."""
+        from safetensors.torch import load_file
+
+        path = self.folder / f"{group}_gate_{site}_{layer}.safetensors"
+        if path.is_file():
+            states = load_file(str(path))["states"]
+            if progress is not None:
+                progress.update(len(states))
+            return states
+        texts = Measurer(self.loaded, self.sets, self.settings).prompts(group)
+        states = last_token_states(self.loaded, texts, site, [layer], self.settings.batch_size, progress)[layer]
+        atomic_save_safetensors({"states": states.contiguous()}, path)
+        return states
+
+    def logits(self, group: str, share_prefix: bool = True) -> torch.Tensor:
+        """First-token logits of ``borderline`` or ``ordinary``, on the path the compared steering
+        takes (``share_prefix``: its ``allows_prefix_sharing``)."""
+        from safetensors.torch import load_file
+
+        key = (group, share_prefix)
+        if key not in self._logits:
+            path = self.folder / f"{group}_logits{'' if share_prefix else '_whole'}.safetensors"
+            if path.is_file():
+                self._logits[key] = load_file(str(path))["logits"]
+            else:
+                texts = answer_texts(self.loaded, evaluation_thinking(self.loaded, self.settings),
+                                     getattr(self.sets, group), self.settings.system)
+                logits = first_logits(self.loaded, texts, self.settings.batch_size, share_prefix)
+                atomic_save_safetensors({"logits": logits}, path)
+                self._logits[key] = logits
+        return self._logits[key]
+
+
+def evaluation_thinking(loaded: LoadedModel, settings: EvaluationSettings) -> ThinkingFormat:
+    return thinking_format(loaded.tokenizer, settings.thinking, settings.thinking_budget)
+
+
+def answer_texts(loaded: LoadedModel, thinking: ThinkingFormat, texts: PromptSet | list[str], system: str | None
+                 ) -> list[str]:
+    """Prompts whose first generated token is an answer token, for first-token KL and refusal scores:
+    a reasoning model's thinking block closed empty where its template can (``--thinking off``'s prompt)."""
+    return chat_texts(loaded, texts, system, thinking.answer_kwargs if thinking.thinks else thinking.kwargs)
+
+
+def _thinking_key(thinking: ThinkingFormat) -> dict[str, Any]:
+    """What the thinking choice adds to the baseline's cache key (nothing for a model that never thinks)."""
+    if thinking.mode == "auto" and not thinking.thinks:
+        return {}
+    return {"thinking": [thinking.mode, thinking.budget if thinking.thinks else 0]}
