@@ -34,6 +34,7 @@ from alignment_artifacts.optimize import (
 )
 from alignment_artifacts.prompts import resolve_prompts
 from alignment_artifacts.steering import Steering, SteeringConfig, apply_steering
+from length_judge import LengthJudge
 from tiny_models import tiny_model
 
 
@@ -109,21 +110,6 @@ def test_evaluate_cli_json_has_the_four_groups(cache_root, prompt_files, capsys,
     assert "Unknown evaluation group(s) ['typo']" in capsys.readouterr().err
 
 
-class _CountingJudge:
-    """Labels by a fixed rule of the answer's length, and counts what it was asked."""
-
-    name = "counting"
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def judge(self, prompts, answers, progress=None):
-        from alignment_artifacts.judge import Verdict
-
-        self.calls += len(answers)
-        return [Verdict(("refusal", "evasion", "compliance")[len(a) % 3], 1.0) for a in answers]
-
-
 def test_collateral_kl_of_a_gate_counts_only_the_prompts_it_lets_through(cache_root, prompt_files):
     """A gate that steers some borderline prompts: the collateral KL sees exactly those, among the
     prompts the unmodified model answers, and the touched fraction is the share it let through."""
@@ -135,7 +121,7 @@ def test_collateral_kl_of_a_gate_counts_only_the_prompts_it_lets_through(cache_r
     harmful, harmless = prompt_files
     settings = EvaluationSettings(harmful=harmful, groups=("borderline", "ordinary"), n_borderline=16,
                                   n_ordinary=8, max_tokens=3, batch_size=4, generation_batch_size=4)
-    judge = _CountingJudge()
+    judge = LengthJudge()
     baseline = Baseline(loaded, load_group_sets(settings), settings, judge)
     directions = get_directions(loaded, SteeringConfig(mode="clamp"), source=f"{harmful},{harmless}",
                                 progress=False)

@@ -16,24 +16,11 @@ from alignment_artifacts.evaluation import Baseline, EvaluationSettings, load_gr
 from alignment_artifacts.evaluation.groups import evaluate_against
 from alignment_artifacts.evaluation.results import GROUPS
 from alignment_artifacts.evaluation.sides import Measurer
-from alignment_artifacts.judge import Verdict
 from alignment_artifacts.steering import Steering, SteeringConfig, gate_passes
+from length_judge import LengthJudge
 from tiny_models import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class _LengthJudge:
-    """Labels by the answer's length (so a changed answer usually changes its label); counts what it is asked."""
-
-    name = "length"
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def judge(self, prompts, answers, progress=None):
-        self.calls += len(answers)
-        return [Verdict(("refusal", "evasion", "compliance")[len(a) % 3], 1.0) for a in answers]
 
 
 def _live_gate_reference():
@@ -67,7 +54,7 @@ def test_a_gated_check_equals_every_prompt_under_the_live_gate(cache_root, tmp_p
     settings = EvaluationSettings(harmful=str(harmful), n_borderline=12, n_ordinary=10, n_capability=10,
                                   judged_borderline=8, judged_ordinary=6, max_tokens=5, capability_max_tokens=5,
                                   batch_size=4, generation_batch_size=4)
-    judge = _LengthJudge()
+    judge = LengthJudge()
     baseline = Baseline(loaded, load_group_sets(settings), settings, judge)
     baseline.side()
     directions = get_directions(loaded, SteeringConfig(mode="clamp"), source=f"{harmful},{harmless}",
@@ -99,7 +86,7 @@ def test_gate_states_are_cached_and_match_the_live_gate(cache_root, tmp_path):
 
     loaded = tiny_model("llama", layers=4)
     settings = EvaluationSettings(groups=("ordinary",), n_ordinary=6, batch_size=4)
-    baseline = Baseline(loaded, load_group_sets(settings), settings, _LengthJudge())
+    baseline = Baseline(loaded, load_group_sets(settings), settings, LengthJudge())
     above = []
     with site_hooks(loaded.adapter, {("resid_pre", 3): above.append}):
         states = baseline.gate_states("ordinary", "resid_pre", 2)
@@ -111,7 +98,7 @@ def test_gate_states_are_cached_and_match_the_live_gate(cache_root, tmp_path):
             loaded.model(ids)
     assert torch.allclose(states, torch.stack(seen), atol=1e-5)
     assert (baseline.folder / "ordinary_gate_resid_pre_2.safetensors").is_file()
-    again = Baseline(loaded, baseline.sets, settings, _LengthJudge())
+    again = Baseline(loaded, baseline.sets, settings, LengthJudge())
     assert torch.equal(again.gate_states("ordinary", "resid_pre", 2), states)  # read back from the cache
 
 
@@ -122,7 +109,7 @@ def test_a_gate_on_a_mode_that_edits_the_weights_is_refused_not_measured_as_its_
 
     loaded = tiny_model("llama", layers=4)
     settings = EvaluationSettings(groups=("ordinary",), n_ordinary=4, judged_ordinary=2, max_tokens=2, batch_size=4)
-    baseline = Baseline(loaded, load_group_sets(settings), settings, _LengthJudge())
+    baseline = Baseline(loaded, load_group_sets(settings), settings, LengthJudge())
     steering = Steering(SteeringConfig(mode="ablate_weight_norm", scale=1.0, gate_layer=2, gate_level=0.5),
                         random_directions(loaded))
     with pytest.raises(UserError, match="gated per prompt"):
