@@ -18,31 +18,17 @@ from dataclasses import asdict
 from typing import Any
 
 from alignment_artifacts.api import get_directions, get_model, resolve_config
-from alignment_artifacts.evaluation import Baseline, EvaluationSettings, kl_divergence, load_group_sets
-from alignment_artifacts.evaluation.groups import evaluate_against
-from alignment_artifacts.evaluation.results import GROUPS, Side, compare
-from alignment_artifacts.evaluation.sides import Measurer
+from alignment_artifacts.evaluation import Baseline, EvaluationSettings, load_group_sets
+from alignment_artifacts.evaluation.groups import evaluate_against, measure_every_prompt
+from alignment_artifacts.evaluation.results import GROUPS, compare
 from alignment_artifacts.judge import load_judge
 from alignment_artifacts.steering import Steering, SteeringConfig, gate_passes
-
-
-def every_prompt_under_the_live_gate(loaded: Any, steering: Steering, baseline: Baseline) -> dict[str, Any]:
-    settings = baseline.settings
-    measurer, after = Measurer(loaded, baseline.sets, settings), Side()
-    with steering.apply(loaded):
-        logits = {g: measurer.logits(g) for g in ("borderline", "ordinary")}
-        for group in GROUPS:
-            measurer.answers(group, after, {"borderline": settings.judged_borderline,
-                                            "ordinary": settings.judged_ordinary}.get(group))
-    measurer.judge_pending(baseline.judge, after)
-    kls = {g: kl_divergence(baseline.logits(g, share_prefix=False), logits[g]) for g in logits}
-    return compare(baseline.side(), after, kls["borderline"], kls["ordinary"], baseline.judge.name, GROUPS)
 
 
 def largest_difference(a: Any, b: Any) -> float:
     if isinstance(a, dict):
         return max((largest_difference(a[k], b[k]) for k in a), default=0.0)
-    if isinstance(a, (int, float)) and not isinstance(a, bool) and a is not None and b is not None:
+    if isinstance(a, (int, float)) and not isinstance(a, bool) and b is not None:
         both_nan = isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b)
         return 0.0 if both_nan else abs(float(a) - float(b))
     return 0.0 if a == b else math.inf
@@ -83,7 +69,8 @@ def main() -> None:
     shortcut = evaluate_against(loaded, steering, baseline, progress=False)
     shortcut_s = time.perf_counter() - started
     started = time.perf_counter()
-    reference = every_prompt_under_the_live_gate(loaded, steering, baseline)
+    after, kls = measure_every_prompt(loaded, steering, baseline)  # as every gated check ran before
+    reference = compare(baseline.side(), after, kls["borderline"], kls["ordinary"], baseline.judge.name, GROUPS)
     reference_s = time.perf_counter() - started
 
     assert config.gate_layer is not None

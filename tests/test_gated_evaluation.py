@@ -4,32 +4,19 @@ under the live gate, with the judge asked only about the answers the gate change
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 from alignment_artifacts.api import get_directions, resolve_config
 from alignment_artifacts.evaluation import Baseline, EvaluationSettings, load_group_sets
-from alignment_artifacts.evaluation.groups import evaluate_against
-from alignment_artifacts.evaluation.results import GROUPS
+from alignment_artifacts.evaluation.groups import evaluate_against, measure_every_prompt
+from alignment_artifacts.evaluation.results import GROUPS, compare
 from alignment_artifacts.evaluation.sides import Measurer
 from alignment_artifacts.steering import Steering, SteeringConfig, gate_passes
 from length_judge import LengthJudge
 from tiny_models import tiny_model
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _live_gate_reference():
-    """bench/gated_check.py's reference: every prompt generated under the live gate, as checks ran before."""
-    spec = importlib.util.spec_from_file_location("gated_check_bench", ROOT / "bench" / "gated_check.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.every_prompt_under_the_live_gate
 
 
 def _assert_close(got, want, where=""):
@@ -59,7 +46,6 @@ def test_a_gated_check_equals_every_prompt_under_the_live_gate(cache_root, tmp_p
     baseline.side()
     directions = get_directions(loaded, SteeringConfig(mode="clamp"), source=f"{harmful},{harmless}",
                                 progress=False)
-    every_prompt_under_the_live_gate = _live_gate_reference()
     judged = {"harmful": 12, "borderline": 8, "ordinary": 6, "capability": 0}  # capability is scored, not judged
     partly_open: set[str] = set()
     for level in (-1.0, 0.3, 0.6, 1.0, 2.0):
@@ -72,7 +58,8 @@ def test_a_gated_check_equals_every_prompt_under_the_live_gate(cache_root, tmp_p
         result = evaluate_against(loaded, steering, baseline, progress=False)
         # the judge saw exactly the opened prompts' answers: the closed ones keep the baseline's labels
         assert judge.calls - asked == sum(int(opened[g][:judged[g]].sum()) for g in GROUPS)
-        expected = every_prompt_under_the_live_gate(loaded, steering, baseline)
+        after, kls = measure_every_prompt(loaded, steering, baseline)  # the live gate on every prompt
+        expected = compare(baseline.side(), after, kls["borderline"], kls["ordinary"], judge.name, GROUPS)
         for group in GROUPS:
             _assert_close(dataclasses.asdict(getattr(result, group)), dataclasses.asdict(expected[group]), group)
         assert result.ordinary.touched == pytest.approx(float(opened["ordinary"].double().mean()))

@@ -76,18 +76,26 @@ def evaluate_against(loaded: LoadedModel, steering: Steering, baseline: Baseline
     elif gated:
         after, kls = _measure_gated(loaded, steering, baseline, bar)
     else:
-        measurer = Measurer(loaded, sets, settings, bar)
-        after = Side()
-        with steering.apply(loaded):
-            logits = {g: measurer.logits(g) for g in texted}
-            for group in groups:
-                measurer.answers(group, after, _judged(settings, group))
-        measurer.judge_pending(judge, after)
-        kls = {g: kl_divergence(baseline.logits(g, steering.allows_prefix_sharing), logits[g]) for g in texted}
+        after, kls = measure_every_prompt(loaded, steering, baseline, bar)
     bar.close()
     results = compare(before, after, kls.get("borderline"), kls.get("ordinary"), judge.name, groups)
     return EvaluationResult(model=loaded.info.name, config=steering.config.to_json(), judge=judge.name, **results,
                             seconds=round(time.perf_counter() - started, 2), settings=asdict(settings))
+
+
+def measure_every_prompt(loaded: LoadedModel, steering: Steering, baseline: Baseline, progress: Any = None
+                         ) -> tuple[Side, dict[str, torch.Tensor]]:
+    """The after side with every prompt run under ``steering`` (a gate, if any, decides live), and the
+    per-prompt first-token KLs of the borderline and ordinary groups."""
+    sets, settings = baseline.sets, baseline.settings
+    texted = [g for g in ("borderline", "ordinary") if g in settings.groups]
+    measurer, after = Measurer(loaded, sets, settings, progress), Side()
+    with steering.apply(loaded):
+        logits = {g: measurer.logits(g) for g in texted}
+        for group in settings.groups:
+            measurer.answers(group, after, _judged(settings, group))
+    measurer.judge_pending(baseline.judge, after)
+    return after, {g: kl_divergence(baseline.logits(g, steering.allows_prefix_sharing), logits[g]) for g in texted}
 
 
 def _measure_gated(loaded: LoadedModel, steering: Steering, baseline: Baseline, bar: Any

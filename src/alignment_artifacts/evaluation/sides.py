@@ -174,13 +174,14 @@ class Baseline:
         """``loaded`` is the reference model: the evaluated one, or the base model of an export."""
         self.loaded, self.sets, self.settings, self.judge = loaded, sets, settings, judge
         Measurer(loaded, sets, settings).check_context()
+        thinking = evaluation_thinking(loaded, settings)
         self.key = stable_hash({"weights": loaded.info.weights_hash, "dtype": loaded.info.dtype,
                                 "sets": sets.hashes(), "tokens": settings.max_tokens,
                                 "capability_tokens": settings.capability_max_tokens, "system": settings.system,
                                 "judged_ordinary": settings.judged_ordinary,
-                                **_thinking_key(evaluation_thinking(loaded, settings)), "v": 3})
+                                **_thinking_key(thinking), "v": 3})
         self.folder = cache_dir("evaluation", self.key)
-        self.thinks = evaluation_thinking(loaded, settings).thinks
+        self.thinks = thinking.thinks  # its answer prompts differ from its generation prompts
         self._side: Side | None = None
         self.seconds: dict[str, float] = {}  # what measuring each group took (cached with it): prices a validation
         self._logits: dict[tuple[str, bool], torch.Tensor] = {}
