@@ -22,10 +22,12 @@ from ..models.generation import (
     next_token_logits,
     output_cache,
     prefill,
+    shared_prefix,
     trim,
 )
 from ..models.hooks import site_hooks
 from ..models.loading import LoadedModel
+from ..models.prefix import pad_after_prefix
 from ..prompts import PromptSet
 from .metrics import has_broad_marker, is_refusal
 
@@ -96,22 +98,26 @@ class Answers(NamedTuple):
 def generate_answers(loaded: LoadedModel, texts: Sequence[str], max_tokens: int, batch_size: int = 16,
                      progress: Any = None) -> Answers:
     """Greedy answers in the order of ``texts``; batches group prompts of similar length, which
-    saves most of the left padding's prefill (rows are independent: batched equals unbatched)."""
+    saves most of the left padding's prefill (rows are independent: batched equals unbatched), and
+    continue the prompts' shared prefix (the chat template's system turn), run once."""
     stops = stop_token_ids(loaded.model, loaded.tokenizer)
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    rows = [loaded.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    prefix = shared_prefix(loaded.model, rows, loaded.device)
+    order = sorted(range(len(texts)), key=lambda i: len(rows[i]))
     answers: list[str] = [""] * len(texts)
     ids_out: list[list[int]] = [[] for _ in texts]
     firsts: list[torch.Tensor | None] = [None] * len(texts)
     config = GenerationConfig(max_tokens=max_tokens)
+    pad_id = loaded.tokenizer.pad_token_id or 0
     for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
-        ids, mask = encode_batch(loaded.tokenizer, [texts[i] for i in rows], loaded.device)
-        gen, alive, first = generate_ids(loaded.model, ids, mask, config, stops,
-                                         pad_id=loaded.tokenizer.pad_token_id or 0)
-        for i, row, logits in zip(rows, trim(gen, alive, stops), first.cpu()):
+        batch = order[start:start + batch_size]
+        ids, mask = pad_after_prefix([rows[i] for i in batch], prefix.length, pad_id, loaded.device)
+        gen, alive, first = generate_ids(loaded.model, ids, mask, config, stops, pad_id=pad_id,
+                                         cache=prefix.cache_for(len(batch)))
+        for i, row, logits in zip(batch, trim(gen, alive, stops), first.cpu()):
             answers[i], ids_out[i], firsts[i] = loaded.tokenizer.decode(row, skip_special_tokens=True), row, logits
         if progress is not None:
-            progress.update(len(rows))
+            progress.update(len(batch))
     return Answers(answers, ids_out, torch.stack([f for f in firsts if f is not None]) if texts else torch.empty(0))
 
 

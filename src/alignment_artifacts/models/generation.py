@@ -150,6 +150,9 @@ def generate_ids(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
     """Decode up to ``max_tokens``; returns (generated ids [B, T], done-mask per step [B, T], first logits).
 
     ``cache`` holds tokens before ``input_ids`` (a ``SharedPrefix``'s), which ``attention_mask`` covers too.
+    Rows that finished leave the running batch (``droppable``), so a batch whose answers differ in length
+    costs what its rows need rather than its longest row times its width; ``on_step`` and the outputs
+    still cover every row (finished ones padded).
     """
     config.validate()
     generator = None
@@ -158,6 +161,7 @@ def generate_ids(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
     batch = input_ids.shape[0]
     stops = torch.tensor(list(stop_ids) or [-1], device=input_ids.device)
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    running = torch.arange(batch, device=input_ids.device)  # the batch rows the model still runs, in order
     seen = input_ids
     output = prefill(model, input_ids, attention_mask, cache=cache)
     logits = output.logits[:, -1, :].float()
@@ -167,7 +171,8 @@ def generate_ids(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
     alive: list[torch.Tensor] = []
     for step in range(config.max_tokens):
         scored = apply_repetition_penalty(logits, seen, config.repetition_penalty)
-        token = sample(scored, config, generator)
+        token = torch.full((batch,), pad_id, dtype=torch.long, device=input_ids.device)
+        token[running] = sample(scored, config, generator)
         token = torch.where(finished, torch.full_like(token, pad_id), token)
         alive.append(~finished)
         steps.append(token)
@@ -177,14 +182,38 @@ def generate_ids(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
             finished = finished | torch.isin(token, stops)
             if step + 1 == config.max_tokens or bool(finished.all()):
                 break
+            left = ~finished[running]
+            if _worth_dropping(left) and droppable(cache):
+                kept = left.nonzero().flatten()
+                running, seen, attention_mask = running[kept], seen[kept], attention_mask[kept]
+                cache.batch_select_indices(kept)
+                passes = attached_passes(model)
+                if passes is not None:
+                    passes.keep(kept)
         elif step + 1 == config.max_tokens:
             break
-        seen = torch.cat([seen, token[:, None]], dim=1)
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
-        output = decode_step(model, token[:, None], attention_mask, cache)
+        now = token[running]
+        seen = torch.cat([seen, now[:, None]], dim=1)
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(running), 1)], dim=1)
+        output = decode_step(model, now[:, None], attention_mask, cache)
         cache = output_cache(output)
         logits = output.logits[:, -1, :].float()
     return torch.stack(steps, 1), torch.stack(alive, 1), first_logits
+
+
+def _worth_dropping(left: torch.Tensor) -> bool:
+    """Drop finished rows once they are an eighth of the running batch: copying the cache costs far
+    less than a step, but not nothing."""
+    done = int((~left).sum())
+    return done > 0 and done * 8 >= len(left)
+
+
+def droppable(cache: Any) -> bool:
+    """Whether rows can leave ``cache`` by batch index: attention caches only (a recurrent layer's state
+    is another shape, and some caches cannot select)."""
+    layers = getattr(cache, "layers", None) or []
+    return bool(layers) and all(type(layer).__name__ in ("DynamicLayer", "DynamicSlidingWindowLayer")
+                                for layer in layers) and hasattr(cache, "batch_select_indices")
 
 
 def trim(ids: torch.Tensor, alive: torch.Tensor, stop_ids: Sequence[int], keep_stop: bool = False) -> list[list[int]]:

@@ -25,9 +25,10 @@ class Passes(Protocol):
 
     The toolkit's runner (``generation.prefill`` / ``decode_step``) states every pass it runs:
     ``prefill(run_unmodified)`` around a pass that starts prompts, where ``run_unmodified`` runs the
-    same pass without a cache (to decide before any layer is steered), and ``decode()`` around a
-    step that continues them. ``allows_prefix_sharing``: may a prompt pass reuse a prefix computed
-    once for all prompts? (Not when a position's treatment depends on later tokens.)
+    same pass without a cache (to decide before any layer is steered), ``decode()`` around a
+    step that continues them, and ``keep(rows)`` when finished rows leave the batch between steps.
+    ``allows_prefix_sharing``: may a prompt pass reuse a prefix computed once for all prompts?
+    (Not when a position's treatment depends on later tokens.)
     """
 
     allows_prefix_sharing: bool
@@ -35,6 +36,8 @@ class Passes(Protocol):
     def prefill(self, run_unmodified: Callable[[], Any]) -> contextlib.AbstractContextManager[None]: ...
 
     def decode(self) -> contextlib.AbstractContextManager[None]: ...
+
+    def keep(self, rows: torch.Tensor) -> None: ...
 
 
 _PASSES = "_alignment_artifacts_passes"

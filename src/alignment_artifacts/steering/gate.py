@@ -4,7 +4,8 @@ A gate steers only the prompts whose last token projects above a cap on the gate
 direction, at the directions' site, for the whole answer. To steer every hooked layer of those
 prompts (the layers below the gate too), the decision must exist before the real pass: so each
 prefill first runs the unmodified model up to the gate layer (a truncated pass, ended by an
-exception there) over the same inputs, and decides per row. Decoding steps keep the decision.
+exception there) over the same inputs, and decides per row. Decoding steps keep the decision (of
+the rows still running: the runner drops finished rows and says which it kept, ``keep``).
 A caller whose rows join and leave a running batch (the server) keeps each row's decision
 itself and hands the gate those of the coming pass (``hold``): then no pass decides.
 
@@ -85,6 +86,13 @@ class Gate:
             yield
         finally:
             self.phase = None
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Finished rows left the batch: later passes continue ``rows`` (indices into it, in order)."""
+        if self.open is not None:
+            self.open = self.open[rows.to(self.open.device)]
+        if self.held is not None:
+            self.held = self.held[rows.to(self.held.device)]
 
     def hold(self, decided: torch.Tensor | None) -> None:
         """From now on every pass keeps ``decided`` (one per row the gate's hooks see, in order: rows
