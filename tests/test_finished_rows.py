@@ -3,6 +3,8 @@ would be alone (tiny random models, with and without steering, with a per-prompt
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 import torch
 
@@ -116,3 +118,72 @@ def test_evaluation_answers_continue_the_shared_prefix_and_equal_answers_alone()
     assert together.ids == [a.ids[0] for a in alone] and together.texts == [a.texts[0] for a in alone]
     torch.testing.assert_close(together.first_logits, torch.cat([a.first_logits for a in alone]),
                                rtol=1e-4, atol=1e-4)
+
+
+def _queued(loaded, texts, stops, width):
+    """Answers from ``generate_queued`` and its passes as (prefill?, rows) in order."""
+    from alignment_artifacts.models.generation import generate_queued
+
+    passes = []
+    handle = loaded.model.register_forward_pre_hook(
+        lambda m, args, kwargs: passes.append((kwargs["input_ids"].shape[1] > 1, kwargs["input_ids"].shape[0])),
+        with_kwargs=True)
+    try:
+        rows = [loaded.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        ids, first = generate_queued(loaded.model, rows, STEPS, stops, width, 0, "cpu")
+    finally:
+        handle.remove()
+    return ids, first, passes
+
+
+def _greedy_free_run(loaded, texts):
+    ids, mask = encode_batch(loaded.tokenizer, texts, "cpu")
+    return generate_ids(loaded.model, ids, mask, GenerationConfig(max_tokens=STEPS))[0]
+
+
+@pytest.mark.parametrize("steered", [False, True])
+def test_queued_prompts_join_as_rows_finish_and_answers_equal_answers_alone(steered):
+    loaded = tiny_model("llama")
+    joined = _queued_equals_alone(loaded, steered)
+    assert joined  # a prefill of new prompts, then a step of them with rows already running
+
+
+def test_queued_prompts_wait_for_a_sliding_window_cache_to_empty():
+    """A sliding-window layer keeps its last tokens, not one column per position: rows leave it, none join."""
+    assert not _queued_equals_alone(tiny_model("olmo3"), steered=False)
+
+
+def _queued_equals_alone(loaded, steered):
+    directions = random_directions(loaded)
+    texts = [format_chat(loaded.tokenizer, p) for p in LONGER]
+    steering = SteeringConfig(mode="ablate" if steered else "none", scale=1.0, direction_layer=2)
+    with apply_steering(loaded, steering, directions):
+        stops = _staggered_stops(_greedy_free_run(loaded, texts))
+        ids, first, passes = _queued(loaded, texts, stops, width=3)
+        alone = [_queued(loaded, [t], stops, width=3) for t in texts]
+    assert ids == [a[0][0] for a in alone]
+    torch.testing.assert_close(first, torch.cat([a[1] for a in alone]), rtol=1e-4, atol=1e-4)
+    assert len({len(row) for row in ids}) > 1
+    assert max(width for _, width in passes) <= 3
+    return any(prefill and not after_prefill and width_after > width
+               for (prefill, width), (after_prefill, width_after) in pairwise(passes))
+
+
+def test_queued_prompts_under_a_gate_wait_for_the_running_batch_and_keep_their_decisions():
+    loaded = tiny_model("qwen2")
+    directions = random_directions(loaded)
+    directions.site = "resid_pre"
+    texts = [format_chat(loaded.tokenizer, p) for p in LONGER]
+    u = directions.unit(2)
+    directions.negative_mean[2], directions.positive_mean[2] = -3 * u, 3 * u
+    gated = SteeringConfig(mode="always", scale=3.0, gate_layer=2, gate_level=0.5)
+    stops = _staggered_stops(_greedy_free_run(loaded, texts))
+    plain = _queued(loaded, texts, stops, width=3)[0]
+    with apply_steering(loaded, gated, directions):
+        ids, _, passes = _queued(loaded, texts, stops, width=3)
+        alone = [_queued(loaded, [t], stops, width=3)[0][0] for t in texts]
+    assert ids == alone
+    assert 0 < sum(a != b for a, b in zip(ids, plain)) < len(texts)  # the gate steered some prompts only
+    prefills = [i for i, (prefill, _) in enumerate(passes) if prefill]
+    decision_passes = len(prefills) // 2  # each prefill under a gate runs its decision pass first
+    assert decision_passes == -(-len(texts) // 3)  # static batches of 3: no prompt joined a running batch

@@ -13,21 +13,18 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ..models import GenerationConfig
 from ..models.chat import format_chat, stop_token_ids
 from ..models.generation import (
     decode_step,
     encode_batch,
-    generate_ids,
+    generate_queued,
     next_token_logits,
     output_cache,
     prefill,
     shared_prefix,
-    trim,
 )
 from ..models.hooks import site_hooks
 from ..models.loading import LoadedModel
-from ..models.prefix import pad_after_prefix
 from ..prompts import PromptSet
 from .metrics import has_broad_marker, is_refusal
 
@@ -97,28 +94,15 @@ class Answers(NamedTuple):
 
 def generate_answers(loaded: LoadedModel, texts: Sequence[str], max_tokens: int, batch_size: int = 16,
                      progress: Any = None) -> Answers:
-    """Greedy answers in the order of ``texts``; batches group prompts of similar length, which
-    saves most of the left padding's prefill (rows are independent: batched equals unbatched), and
-    continue the prompts' shared prefix (the chat template's system turn), run once."""
+    """Greedy answers in the order of ``texts``, ``batch_size`` decoding together, each the one its
+    prompt gets alone (``generation.generate_queued``: finished rows leave, the next prompts join);
+    the prompts' shared prefix (the chat template's system turn) runs once."""
     stops = stop_token_ids(loaded.model, loaded.tokenizer)
     rows = [loaded.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     prefix = shared_prefix(loaded.model, rows, loaded.device)
-    order = sorted(range(len(texts)), key=lambda i: len(rows[i]))
-    answers: list[str] = [""] * len(texts)
-    ids_out: list[list[int]] = [[] for _ in texts]
-    firsts: list[torch.Tensor | None] = [None] * len(texts)
-    config = GenerationConfig(max_tokens=max_tokens)
-    pad_id = loaded.tokenizer.pad_token_id or 0
-    for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
-        ids, mask = pad_after_prefix([rows[i] for i in batch], prefix.length, pad_id, loaded.device)
-        gen, alive, first = generate_ids(loaded.model, ids, mask, config, stops, pad_id=pad_id,
-                                         cache=prefix.cache_for(len(batch)))
-        for i, row, logits in zip(batch, trim(gen, alive, stops), first.cpu()):
-            answers[i], ids_out[i], firsts[i] = loaded.tokenizer.decode(row, skip_special_tokens=True), row, logits
-        if progress is not None:
-            progress.update(len(batch))
-    return Answers(answers, ids_out, torch.stack([f for f in firsts if f is not None]) if texts else torch.empty(0))
+    ids, first = generate_queued(loaded.model, rows, max_tokens, stops, batch_size, loaded.tokenizer.pad_token_id or 0,
+                                 loaded.device, prefix, on_finished=None if progress is None else progress.update)
+    return Answers([loaded.tokenizer.decode(row, skip_special_tokens=True) for row in ids], ids, first)
 
 
 class Generations(NamedTuple):

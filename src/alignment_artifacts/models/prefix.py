@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 
 def common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
@@ -60,3 +61,39 @@ def pad_after_prefix(rows: Sequence[Sequence[int]], shared: int, pad_id: int, de
         ids[i, length - len(suffix):] = torch.tensor(suffix, dtype=torch.long)
         mask[i, shared + length - len(suffix):] = 1
     return ids.to(device), mask.to(device)
+
+
+def _pad_left(t: torch.Tensor, size: int, dim: int) -> torch.Tensor:
+    missing = size - t.shape[dim]
+    if missing == 0:
+        return t
+    spec = [0, 0] * (t.dim() - 1 - dim % t.dim()) + [missing, 0]
+    return F.pad(t, spec)
+
+
+def join_rows(cache: Any, mask: torch.Tensor | None, new_cache: Any, new_mask: torch.Tensor
+              ) -> tuple[Any, torch.Tensor]:
+    """Prefilled rows (``new_cache``, ``new_mask``) stacked under running ones (``cache``, ``mask``; None:
+    none yet), both left-padded to the longer length: positions come from the mask, so every row keeps
+    its own. ``cache`` is extended in place; plain growing caches only (``expandable``)."""
+    if cache is None or mask is None:
+        return new_cache, new_mask
+    length = max(mask.shape[1], new_mask.shape[1])
+    for mine, theirs in zip(cache.layers, new_cache.layers):
+        mine.keys = torch.cat([_pad_left(mine.keys, length, -2), _pad_left(theirs.keys, length, -2)])
+        mine.values = torch.cat([_pad_left(mine.values, length, -2), _pad_left(theirs.values, length, -2)])
+    return cache, torch.cat([_pad_left(mask, length, 1), _pad_left(new_mask, length, 1)])
+
+
+def keep_rows(cache: Any, mask: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Keep rows ``index`` of ``cache`` (in place) and return their mask, without the leading columns
+    no kept row uses (cut from plain caches only: a sliding-window layer holds its last tokens, not one
+    column per mask position)."""
+    cache.batch_select_indices(index)
+    mask = mask[index]
+    unused = int(mask.any(0).long().argmax())
+    if unused and expandable(cache):
+        mask = mask[:, unused:]
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys[..., unused:, :], layer.values[..., unused:, :]
+    return mask

@@ -26,11 +26,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..models.generation import apply_repetition_penalty
 from ..models.generation import sample as sample_token
-from ..models.prefix import expandable
+from ..models.prefix import expandable, join_rows, keep_rows
 from ..steering import Gate
 from .jobs import Job, TextTracker
 
@@ -125,14 +124,6 @@ def new_row(job: Job, tracker: TextTracker, group: RowSteering | None, prompt: l
     return Row(job, tracker, group, prompt, torch.tensor([prompt], device=device), generator)
 
 
-def _pad_left(t: torch.Tensor, size: int, dim: int) -> torch.Tensor:
-    missing = size - t.shape[dim]
-    if missing == 0:
-        return t
-    spec = [0, 0] * (t.dim() - 1 - dim % t.dim()) + [missing, 0]
-    return F.pad(t, spec)
-
-
 @dataclass
 class Batch:
     """The running rows with their KV cache, attention mask [rows, length] and intervention counters."""
@@ -152,11 +143,7 @@ class Batch:
             self.rows, self.cache, self.mask, self.counts = rows, cache, mask, counts
             return
         assert self.mask is not None and self.counts is not None
-        length = max(self.mask.shape[1], mask.shape[1])
-        for mine, theirs in zip(self.cache.layers, cache.layers):
-            mine.keys = torch.cat([_pad_left(mine.keys, length, -2), _pad_left(theirs.keys, length, -2)])
-            mine.values = torch.cat([_pad_left(mine.values, length, -2), _pad_left(theirs.values, length, -2)])
-        self.mask = torch.cat([_pad_left(self.mask, length, 1), _pad_left(mask, length, 1)])
+        self.cache, self.mask = join_rows(self.cache, self.mask, cache, mask)
         self.counts = torch.cat([self.counts, counts])
         self.rows = self.rows + rows
 
@@ -169,10 +156,4 @@ class Batch:
         assert self.mask is not None and self.counts is not None
         self.rows = [self.rows[i] for i in indices]
         selected = torch.tensor(indices, device=self.mask.device)
-        self.cache.batch_select_indices(selected)
-        self.mask, self.counts = self.mask[selected], self.counts[selected]
-        unused = int(self.mask.any(0).long().argmax())
-        if unused and expandable(self.cache):
-            self.mask = self.mask[:, unused:]
-            for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[..., unused:, :], layer.values[..., unused:, :]
+        self.mask, self.counts = keep_rows(self.cache, self.mask, selected), self.counts[selected]
