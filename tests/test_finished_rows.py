@@ -187,3 +187,21 @@ def test_queued_prompts_under_a_gate_wait_for_the_running_batch_and_keep_their_d
     prefills = [i for i, (prefill, _) in enumerate(passes) if prefill]
     decision_passes = len(prefills) // 2  # each prefill under a gate runs its decision pass first
     assert decision_passes == -(-len(texts) // 3)  # static batches of 3: no prompt joined a running batch
+
+
+def test_queued_rows_stay_in_a_cache_they_cannot_leave(monkeypatch):
+    """A cache without row selection keeps its finished rows (fed padding, not recorded) until all are done."""
+    from alignment_artifacts.models import generation
+
+    monkeypatch.setattr(generation, "droppable", lambda cache: False)
+    loaded = tiny_model("llama")
+    assert not _queued_equals_alone(loaded, steered=False)  # no prompt joined a running batch
+
+
+def test_queued_generation_refuses_an_empty_batch():
+    from alignment_artifacts.errors import UserError
+    from alignment_artifacts.models.generation import generate_queued
+
+    loaded = tiny_model("llama")
+    with pytest.raises(UserError, match="at least 1"):
+        generate_queued(loaded.model, [[1, 2, 3]], 4, [], 0, 0, "cpu")

@@ -179,7 +179,7 @@ class Baseline:
                                 "sets": sets.hashes(), "tokens": settings.max_tokens,
                                 "capability_tokens": settings.capability_max_tokens, "system": settings.system,
                                 "judged_ordinary": settings.judged_ordinary,
-                                **_thinking_key(thinking), "v": 3})
+                                **_thinking_key(thinking), "v": 4})
         self.folder = cache_dir("evaluation", self.key)
         self.thinks = thinking.thinks  # its answer prompts differ from its generation prompts
         self._side: Side | None = None

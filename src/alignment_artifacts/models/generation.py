@@ -234,14 +234,18 @@ def generate_queued(model: Any, rows: Sequence[Sequence[int]], max_tokens: int, 
     to the longest answer of each static batch: on a CPU a decoding step costs nearly as much for 4
     rows as for 32. Each row's answer is the one it gets alone (tested). Rows join only a plain growing
     cache and no per-prompt gate (whose decisions are per pass): otherwise the next prompts wait until
-    the running ones are done.
+    the running ones are done. A cache rows cannot leave (``droppable``) keeps them, fed padding, until
+    all of them are done.
     """
+    if width < 1:
+        raise UserError(f"The generation batch size must be at least 1 (got {width}).")
     prefix = prefix or SharedPrefix()
     queue = sorted(range(len(rows)), key=lambda i: len(rows[i]), reverse=True)  # popped from the end
     answers: list[list[int]] = [[] for _ in rows]
     firsts: list[torch.Tensor] = [torch.empty(0)] * len(rows)
     stops, joinable = set(stop_ids), attached_passes(model) is None
     running: list[int] = []
+    finished: set[int] = set()  # running rows that are done but stay in a cache they cannot leave
     cache: Any = None
     mask: torch.Tensor | None = None
     pending = torch.empty(0, dtype=torch.long, device=device)  # each running row's next token, not yet fed
@@ -271,12 +275,13 @@ def generate_queued(model: Any, rows: Sequence[Sequence[int]], max_tokens: int, 
             output = decode_step(model, pending[:, None], mask, cache)
             cache, pending, stepped = output_cache(output), output.logits[:, -1, :].argmax(-1), running
             tokens = pending
-        done = {i for i, token in zip(stepped, tokens.tolist()) if record(i, token)}
-        if done:
-            if on_finished is not None:
-                on_finished(len(done))
-            kept = [k for k, i in enumerate(running) if i not in done]
-            running = [running[k] for k in kept]
+        done = {i for i, token in zip(stepped, tokens.tolist()) if i not in finished and record(i, token)}
+        if on_finished is not None and done:
+            on_finished(len(done))
+        finished |= done
+        if finished and (droppable(cache) or finished.issuperset(running)):
+            kept = [k for k, i in enumerate(running) if i not in finished]
+            running, finished = [running[k] for k in kept], set()
             if running:
                 assert mask is not None
                 index = torch.tensor(kept, device=pending.device)

@@ -89,8 +89,8 @@ def keep_rows(cache: Any, mask: torch.Tensor, index: torch.Tensor) -> torch.Tens
     """Keep rows ``index`` of ``cache`` (in place) and return their mask, without the leading columns
     no kept row uses (cut from plain caches only: a sliding-window layer holds its last tokens, not one
     column per mask position)."""
-    cache.batch_select_indices(index)
-    mask = mask[index]
+    cache.batch_select_indices(index.cpu())  # a CPU index serves layers on any device (a split model)
+    mask = mask[index.to(mask.device)]
     unused = int(mask.any(0).long().argmax())
     if unused and expandable(cache):
         mask = mask[:, unused:]

@@ -88,7 +88,8 @@ class Gate:
             self.phase = None
 
     def keep(self, rows: torch.Tensor) -> None:
-        """Finished rows left the batch: later passes continue ``rows`` (indices into it, in order)."""
+        """Finished rows left the batch: later passes continue ``rows`` (indices into it, in order); held
+        decisions shrink with them."""
         if self.open is not None:
             self.open = self.open[rows.to(self.open.device)]
         if self.held is not None:
