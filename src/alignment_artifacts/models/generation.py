@@ -26,7 +26,15 @@ from ..errors import UserError
 from .chat import check_fits, context_length, fit_prompt, stop_token_ids
 from .chat import format_chat as format_chat  # its old home, still imported from here
 from .hooks import attached_passes, contiguous_head_input
-from .prefix import SharedPrefix, common_prefix_length, expandable, join_rows, keep_rows, pad_after_prefix
+from .prefix import (
+    SharedPrefix,
+    common_prefix_length,
+    droppable,
+    expandable,
+    join_rows,
+    keep_rows,
+    pad_after_prefix,
+)
 from .thinking import DEFAULT_THINKING_BUDGET, check_mode, thinking_format
 
 
@@ -211,14 +219,6 @@ def _worth_dropping(left: torch.Tensor) -> bool:
     less than a step, but not nothing."""
     done = int((~left).sum())
     return done > 0 and done * 8 >= len(left)
-
-
-def droppable(cache: Any) -> bool:
-    """Whether rows can leave ``cache`` by batch index: attention caches only (a recurrent layer's state
-    is another shape, and some caches cannot select)."""
-    layers = getattr(cache, "layers", None) or []
-    return bool(layers) and all(type(layer).__name__ in ("DynamicLayer", "DynamicSlidingWindowLayer")
-                                for layer in layers) and hasattr(cache, "batch_select_indices")
 
 
 @torch.no_grad()

@@ -31,6 +31,14 @@ def expandable(cache: Any) -> bool:
     return bool(layers) and all(type(layer).__name__ == "DynamicLayer" for layer in layers)
 
 
+def droppable(cache: Any) -> bool:
+    """Whether rows can leave ``cache`` by batch index: attention caches only (a recurrent layer's state
+    is another shape, and some caches cannot select)."""
+    layers = getattr(cache, "layers", None) or []
+    return bool(layers) and all(type(layer).__name__ in ("DynamicLayer", "DynamicSlidingWindowLayer")
+                                for layer in layers) and hasattr(cache, "batch_select_indices")
+
+
 @dataclass
 class SharedPrefix:
     """Tokens every prompt starts with, run once: each batch continues from a copy of their KV cache."""
