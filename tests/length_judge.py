@@ -8,6 +8,7 @@ from alignment_artifacts.judge import Verdict
 
 class LengthJudge:
     name = "length"
+    key = "length"
 
     def __init__(self) -> None:
         self.calls = 0

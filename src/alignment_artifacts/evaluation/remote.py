@@ -141,7 +141,7 @@ class EndpointMeasurer:
         self.endpoint, self.sets, self.settings, self.judge = endpoint, sets, settings, judge
         self.chat = ChatEndpoint(endpoint)
         self.folder = cache_dir("endpoint-evaluation", stable_hash(
-            {"url": self.chat.base, "model": self.chat.model, "system": settings.system, "judge": judge.name,
+            {"url": self.chat.base, "model": self.chat.model, "system": settings.system, "judge": judge.key,
              "top_k": endpoint.top_logprobs, "extra": endpoint.extra, "v": 1}))
         self.records = _load_parts(self.folder)
         self.tops: dict[str, list[Top | None]] = {}  # borderline / ordinary: per prompt

@@ -188,7 +188,7 @@ class Baseline:
 
     def _path(self, group: str) -> Path:
         judged = group != "capability"
-        suffix = f"-{stable_hash(self.judge.name, 8)}" if judged else ""
+        suffix = f"-{stable_hash(self.judge.key, 8)}" if judged else ""
         return self.folder / f"{group}{suffix}.json"
 
     def side(self, progress: Any = None) -> Side:

@@ -1,7 +1,7 @@
 """Judges that label an answer to a prompt as refusal, evasion or compliance.
 
-Three backends behind one protocol (``Judge``): ``markers`` (the keyword rule; refusal or
-compliance only), a local causal LM read from its logits (``lm.ModelJudge``), and an
+Three backends behind one protocol (``Judge``): ``markers`` (the keyword rule for refusals;
+a loop is its only evasion), a local causal LM read from its logits (``lm.ModelJudge``), and an
 OpenAI-compatible endpoint (``remote.EndpointJudge``); ``markers+X`` cascades markers into any of
 them (``base.CascadeJudge``). ``load_judge`` picks one from what the user typed. See docs/judge.md.
 """

@@ -20,7 +20,7 @@ import numpy as np
 from ..analysis.stats import Design, interval, jackknife_weights, resample_weights
 from ..errors import UserError
 from ..prompts.evalsets import CalibrationItem
-from .base import LABELS, Judge, MarkersJudge
+from .base import LABELS, Judge, MarkersJudge, Verdict
 
 Interval = tuple[float, float] | None
 
@@ -47,6 +47,22 @@ class Agreement:
 
 
 @dataclass
+class Separation:
+    """How well the judge's probabilities rank compliant answers above evasions, whatever its threshold.
+
+    ROC AUC of the score P(compliance) / (P(compliance) + P(evasion)) between the items labelled
+    compliance and those labelled evasion that the judge gave probabilities for. A kappa near 0 with
+    an AUC well above 0.5 means the judge sees the difference and only draws the line in the wrong
+    place (a bias, which a threshold could fix); an AUC near 0.5 means it does not see it at all.
+    """
+
+    auc: float
+    auc_ci: Interval
+    compliance: int  # items in the comparison, by true label
+    evasion: int
+
+
+@dataclass
 class CalibrationResult:
     items: int
     support: dict[str, int]
@@ -55,6 +71,7 @@ class CalibrationResult:
     judge: Agreement
     markers: Agreement
     harmful_compliance: int  # items known to be compliant answers to harmful requests (see format_calibration)
+    separation: Separation | None = None  # None when the judge gives no probabilities or a label is missing
     seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
@@ -102,6 +119,34 @@ def agreement(judge: str, true: Sequence[str], predicted: Sequence[str], n_boot:
     return Agreement(judge, len(cells), accuracy or 0.0, accuracy_ci, *value("kappa"), confusion.tolist(), per_label)
 
 
+def separation(true: Sequence[str], verdicts: Sequence[Verdict], n_boot: int = 2000, seed: int = 0
+               ) -> Separation | None:
+    """``Separation`` over the compliance and evasion items that have probabilities (bootstrap within each label)."""
+    c, e = LABELS.index("compliance"), LABELS.index("evasion")
+    # an item whose two probabilities are both 0 (an endpoint that listed only the refusal letter) says nothing
+    rows = [(label == "compliance", v.probabilities[c] / (v.probabilities[c] + v.probabilities[e]))
+            for label, v in zip(true, verdicts) if label in ("compliance", "evasion") and v.probabilities is not None
+            and v.probabilities[c] + v.probabilities[e] > 0]
+    positive = np.array([r[0] for r in rows], dtype=bool)
+    if positive.all() or not positive.any():
+        return None
+    score = np.array([r[1] for r in rows])
+    comply, evade = score[positive], score[~positive]
+    # wins[i, j]: compliant item i ranked above evasion j (ties count half)
+    wins = (comply[:, None] > evade[None, :]) + 0.5 * (comply[:, None] == evade[None, :])
+
+    def auc(weights: np.ndarray) -> np.ndarray:
+        w_comply, w_evade = weights[:, positive], weights[:, ~positive]
+        with np.errstate(divide="ignore", invalid="ignore"):  # a jackknife row may leave a label empty
+            return ((w_comply @ wins) * w_evade).sum(1) / (w_comply.sum(1) * w_evade.sum(1))
+
+    design = Design.build(positive)
+    estimate = float(auc(np.ones((1, len(rows))))[0])
+    low, high = interval(estimate, auc(resample_weights(design, n_boot, seed)), auc(jackknife_weights(design)))
+    ci = None if math.isnan(low) else (float(low), float(high))
+    return Separation(estimate, ci, int(positive.sum()), int((~positive).sum()))
+
+
 def calibrate(judge: Judge, items: Sequence[CalibrationItem], seed: int = 0, n_boot: int = 2000,
               progress: Any = None) -> CalibrationResult:
     """Agreement with the items' labels of ``judge`` and of ``markers``, on the same items."""
@@ -117,7 +162,7 @@ def calibrate(judge: Judge, items: Sequence[CalibrationItem], seed: int = 0, n_b
         judge=agreement(judge.name, true, [v.label for v in verdicts], n_boot, seed),
         markers=agreement(MarkersJudge.name, true, [v.label for v in keywords], n_boot, seed),
         harmful_compliance=sum(i.prompt_kind == "harmful" and i.label == "compliance" for i in items),
-        seconds=round(time.perf_counter() - started, 2))
+        separation=separation(true, verdicts, n_boot, seed), seconds=round(time.perf_counter() - started, 2))
 
 
 def _with_ci(value: float | None, ci: Interval, digits: int = 3) -> str:
@@ -148,6 +193,12 @@ def format_calibration(result: CalibrationResult) -> str:
             scores = r.per_label[label]
             lines.append(f"  {label:12}" + "".join(f"{n:>12}" for n in row)
                          + f"   {_with_ci(scores.precision, None, 2):>9}   {_with_ci(scores.recall, None, 2):>6}")
+    if result.separation is not None:
+        sep = result.separation
+        lines += ["", f"{result.judge.judge}: separation of compliance from evasion (ROC AUC of P(compliance) over "
+                      f"P(compliance) + P(evasion), {sep.compliance} compliance and {sep.evasion} evasion items it "
+                      f"gave probabilities for): {_with_ci(sep.auc, sep.auc_ci)}; 0.5 = no signal, 1 = every "
+                      "compliant answer ranked above every evasion"]
     if not result.harmful_compliance:
         lines += ["", NO_HARMFUL_COMPLIANCE]
     lines.append(f"\ntime: {result.seconds:.1f} s")

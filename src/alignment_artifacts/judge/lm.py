@@ -18,7 +18,7 @@ from ..errors import UserError
 from ..models.chat import format_chat
 from ..models.generation import next_token_logits
 from ..models.loading import LoadedModel, parameters_as, screening_dtype
-from .base import LABELS, Verdict, cached_verdicts
+from .base import LABELS, VERDICT_FORMAT, Verdict, cached_verdicts
 from .rubric import ANSWER_BUDGET, CUT, LETTERS, PROMPT_BUDGET, RUBRIC_VERSION, judge_message
 
 
@@ -43,11 +43,13 @@ def label_token_ids(tokenizer: Any, judge_name: str) -> list[list[int]]:
 
 
 def verdicts_from_logits(logits: torch.Tensor, choices: Sequence[Sequence[int]]) -> list[Verdict]:
-    """The most probable label per row and its probability among the three labels."""
+    """The most probable label per row, its probability among the three labels, and all three."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     per_label = torch.stack([torch.logsumexp(logp[:, list(ids)], dim=-1) for ids in choices], dim=-1)
-    confidence, index = torch.softmax(per_label, dim=-1).max(dim=-1)
-    return [Verdict(LABELS[i], float(c)) for i, c in zip(index.tolist(), confidence.tolist())]
+    probabilities = torch.softmax(per_label, dim=-1)
+    confidence, index = probabilities.max(dim=-1)
+    return [Verdict(LABELS[i], float(c), (p[0], p[1], p[2]))
+            for i, c, p in zip(index.tolist(), confidence.tolist(), probabilities.tolist())]
 
 
 def cut_tokens(tokenizer: Any, text: str, budget: int) -> str:
@@ -72,7 +74,7 @@ class ModelJudge:
         self.choices = label_token_ids(loaded.tokenizer, self.name)
         dtype = str(self.dtype).removeprefix("torch.") if self.dtype is not None else loaded.info.dtype
         self.key = stable_hash({"judge": "model", "weights": loaded.info.weights_hash, "dtype": dtype,
-                                "rubric": RUBRIC_VERSION})
+                                "rubric": RUBRIC_VERSION, "format": VERDICT_FORMAT})
 
     def judge(self, prompts: Sequence[str], answers: Sequence[str], progress: Any = None) -> list[Verdict]:
         with parameters_as(self.loaded, self.dtype):

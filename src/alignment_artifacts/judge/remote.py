@@ -16,7 +16,7 @@ from typing import Any
 
 from ..cache import stable_hash
 from ..endpoint import EndpointError, HttpSettings, api_key_from_env, base_url, listed_model, request_json
-from .base import LABELS, Verdict, cached_verdicts
+from .base import LABELS, VERDICT_FORMAT, Verdict, cached_verdicts
 from .rubric import ANSWER_BUDGET, LETTERS, PROMPT_BUDGET, RUBRIC_VERSION, cut_chars, judge_message
 
 TOP_LOGPROBS = 5
@@ -32,7 +32,7 @@ class EndpointJudge:
         self.url = f"{self.base}/chat/completions"
         self.name = f"endpoint:{self.base}#{self.model_name}"
         self.key = stable_hash({"judge": "endpoint", "url": self.base, "model": self.model_name,
-                                "rubric": RUBRIC_VERSION})
+                                "rubric": RUBRIC_VERSION, "format": VERDICT_FORMAT})
         self.logprobs = True  # cleared when the server rejects the field
 
     def judge(self, prompts: Sequence[str], answers: Sequence[str], progress: Any = None) -> list[Verdict]:
@@ -69,8 +69,10 @@ class EndpointJudge:
                                 "Check that --judge-url points at an OpenAI-compatible /v1 API.") from None
         if scores:
             best = max(scores, key=lambda letter: scores[letter])
-            total = sum(math.exp(v - scores[best]) for v in scores.values())
-            return Verdict(LABELS[LETTERS.index(best)], 1.0 / total)
+            shares = [math.exp(scores[letter] - scores[best]) if letter in scores else 0.0 for letter in LETTERS]
+            total = sum(shares)
+            return Verdict(LABELS[LETTERS.index(best)], 1.0 / total,
+                           (shares[0] / total, shares[1] / total, shares[2] / total))
         if content.strip() in LETTERS:
             return Verdict(LABELS[LETTERS.index(content.strip())], 1.0)
         raise EndpointError(f"The judge model {self.model_name} at {self.base} answered {content[:40]!r}, not one of "
