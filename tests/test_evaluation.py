@@ -109,6 +109,31 @@ def test_evaluate_reports_four_groups_none_exact_and_ablate_moves(cache_root, pr
     assert ablate.capability.n == 6 and ablate.capability.before == none.capability.before
 
 
+def test_all_groups_in_one_queue_give_what_each_group_gives_alone(prompt_files):
+    """Measurer.answers runs every group in one queue, with each group's own token limit."""
+    from alignment_artifacts.evaluation.results import Side
+    from alignment_artifacts.evaluation.sides import Measurer, load_group_sets
+
+    loaded = tiny_model("llama", layers=3)
+    settings = EvaluationSettings(harmful=prompt_files[0], **{**SMALL, "max_tokens": 6, "capability_max_tokens": 3})
+    sets = load_group_sets(settings)
+    limits = {"harmful": None, "borderline": 4, "ordinary": 5, "capability": None}
+    together, apart = Side(), Side()
+    measurer = Measurer(loaded, sets, settings)
+    measurer.answers(together, limits)
+    replies_together = dict(measurer.pending)
+    measurer.judge_pending(LengthJudge(), together)
+    replies_apart = {}
+    for group, limit in limits.items():
+        measurer.answers(apart, {group: limit})
+        replies_apart.update(measurer.pending)
+        measurer.judge_pending(LengthJudge(), apart)
+    assert replies_together == replies_apart
+    assert [len(replies_together[g]) for g in ("harmful", "borderline", "ordinary")] == [10, 4, 5]
+    assert max(len(loaded.tokenizer(r)["input_ids"]) for r in replies_together["ordinary"]) > 3  # limits differ
+    assert together == apart and len(together.capability_correct) == 6
+
+
 def test_evaluate_cli_json_has_the_four_groups(cache_root, prompt_files, capsys, tmp_path):
     from alignment_artifacts.cli import main
     from tiny_models import save_tiny
@@ -342,6 +367,41 @@ def test_an_ungated_setting_is_validated_when_gated_ones_fill_the_front():
     assert [t.number for t in with_an_ungated_finalist(narrow, 2, 0.1, 0.4)] == [0, 4]
     plain = Searched(study=None, complete=ungated, pareto=ungated[:2])  # no gate searched: unchanged
     assert with_an_ungated_finalist(plain, 2, 0.1, 0.4) == pick_finalists(plain.pareto, 2, 0.1, 0.4)
+
+
+def test_checks_are_priced_by_what_they_run_and_finalists_fit_the_budget():
+    """An ungated finalist costs a margin over the baseline's duration; a gated one less, by the share
+    its gate opened; the finalists checked are as many as leave the search its minimum."""
+    import time
+    from types import SimpleNamespace
+
+    from alignment_artifacts.optimize import CHECK_MARGIN, GATED_FLOOR, MIN_SEARCH, _checks_price, _search_budget
+    from alignment_artifacts.optimize.search import Searched
+
+    def trial(number, refusal, cost, gated, opened=1.0):
+        return SimpleNamespace(number=number, values=(refusal, cost), params={"mode": "clamp", "gated": gated},
+                               user_attrs={"opened": opened})
+
+    baseline = SimpleNamespace(seconds={"harmful": 100.0, "borderline": 60.0, "ordinary": 20.0, "capability": 20.0})
+    ungated = CHECK_MARGIN * 200
+
+    def gated_price(opened):
+        return ungated * (GATED_FLOOR + (1 - GATED_FLOOR) * opened)
+
+    gated = [trial(0, 0.0, 0.004, True, opened=0.2), trial(1, 0.05, 0.001, True, opened=0.0)]
+    only_gated = Searched(study=None, complete=gated, pareto=gated)
+    assert _checks_price(only_gated, baseline, 2, 0.1, 0.4) == pytest.approx(gated_price(0.2) + gated_price(0.0))
+    both = Searched(study=None, complete=[*gated, trial(2, 0.0, 0.05, False)], pareto=gated)
+    assert _checks_price(both, baseline, 2, 0.1, 0.4) == pytest.approx(gated_price(0.2) + ungated)  # 2 for 1
+    assert gated_price(0.0) < gated_price(0.2) < ungated
+    now = time.perf_counter()
+    assert _search_budget(OptimizeSettings(finalists=3, timeout=3 * ungated + 1000), baseline, now) == \
+        (pytest.approx(1000, abs=1), 3)
+    with pytest.warns(UserWarning, match="checking 2"):
+        budget, n = _search_budget(OptimizeSettings(finalists=3, timeout=2 * ungated + MIN_SEARCH + 10), baseline, now)
+    assert n == 2 and budget == pytest.approx(MIN_SEARCH + 10, abs=1)
+    with pytest.warns(UserWarning, match="searching"):  # one finalist is always checked
+        assert _search_budget(OptimizeSettings(finalists=3, timeout=ungated), baseline, now) == (MIN_SEARCH, 1)
 
 
 def test_layer_kernel_shape():

@@ -198,6 +198,22 @@ def test_queued_rows_stay_in_a_cache_they_cannot_leave(monkeypatch):
     assert not _queued_equals_alone(loaded, steered=False)  # no prompt joined a running batch
 
 
+def test_queued_rows_keep_their_own_token_limits():
+    """Prompts of several kinds share one queue, each row stopping at its own limit."""
+    from alignment_artifacts.models.generation import generate_queued
+
+    loaded = tiny_model("llama")
+    rows = [loaded.tokenizer(format_chat(loaded.tokenizer, t), add_special_tokens=False)["input_ids"] for t in LONGER]
+    limits = [2 + i % 5 for i in range(len(rows))]
+    ids, first = generate_queued(loaded.model, rows, limits, [], 3, 0, "cpu")
+    alone = [generate_queued(loaded.model, [r], n, [], 3, 0, "cpu") for r, n in zip(rows, limits)]
+    assert [len(a) for a in ids] == limits  # no stop ids: every row runs to its own limit
+    assert ids == [a[0][0] for a in alone]
+    torch.testing.assert_close(first, torch.cat([a[1] for a in alone]), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="token limits"):
+        generate_queued(loaded.model, rows, limits[:-1], [], 3, 0, "cpu")
+
+
 def test_queued_generation_refuses_an_empty_batch():
     from alignment_artifacts.errors import UserError
     from alignment_artifacts.models.generation import generate_queued

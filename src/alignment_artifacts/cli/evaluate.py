@@ -52,7 +52,8 @@ def add_evaluate(p: argparse.ArgumentParser) -> None:
                    help="generate and judge only the first N ordinary answers (over-refusal); KL uses all")
     p.add_argument("--max-tokens", type=int, default=48, help="tokens generated per answer (default 48)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per scoring batch (default 16)")
-    p.add_argument("--generation-batch-size", type=int, default=32, help="prompts per generation batch (default 32)")
+    p.add_argument("--generation-batch-size", type=int, default=128,
+                   help="prompts decoding together (default 128; lower it if memory is short)")
     add_thinking(p)
     add_judge(p)
     p.add_argument("--plot", help="write a PNG plot here")

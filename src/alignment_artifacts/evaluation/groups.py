@@ -92,8 +92,7 @@ def measure_every_prompt(loaded: LoadedModel, steering: Steering, baseline: Base
     measurer, after = Measurer(loaded, sets, settings, progress), Side()
     with steering.apply(loaded):
         logits = {g: measurer.logits(g) for g in texted}
-        for group in settings.groups:
-            measurer.answers(group, after, _judged(settings, group))
+        measurer.answers(after, {group: _judged(settings, group) for group in settings.groups})
     measurer.judge_pending(baseline.judge, after)
     return after, {g: kl_divergence(baseline.logits(g, steering.allows_prefix_sharing), logits[g]) for g in texted}
 
@@ -125,13 +124,12 @@ def _measure_gated(loaded: LoadedModel, steering: Steering, baseline: Baseline, 
     texted: list[str] = [g for g in ("borderline", "ordinary") if g in groups]
     with Steering(replace(config, gate_layer=None), directions).apply(loaded):
         logits = {g: measurer.logits(g) for g in texted if opened[g]}
+        limits = {g: sum(1 for i in opened[g] if _judged(settings, g) is None or i < _judged(settings, g))
+                  for g in groups}
         for group in groups:
-            judged = _judged(settings, group)
-            limit = sum(1 for i in opened[group] if judged is None or i < judged)
-            if limit:
-                measurer.answers(group, part, limit)
-            size = len(getattr(sets, group))
-            bar.update((size if judged is None else min(size, judged)) - limit)  # answers the baseline gives
+            size, judged = len(getattr(sets, group)), _judged(settings, group)
+            bar.update((size if judged is None else min(size, judged)) - limits[group])  # answers the baseline gives
+        measurer.answers(part, {g: limit for g, limit in limits.items() if limit})
     measurer.judge_pending(baseline.judge, part)
     after = Side()
     for name in (f.name for f in fields(Side)):

@@ -92,11 +92,12 @@ class Answers(NamedTuple):
     first_logits: torch.Tensor
 
 
-def generate_answers(loaded: LoadedModel, texts: Sequence[str], max_tokens: int, batch_size: int = 16,
-                     progress: Any = None) -> Answers:
+def generate_answers(loaded: LoadedModel, texts: Sequence[str], max_tokens: int | Sequence[int],
+                     batch_size: int = 16, progress: Any = None) -> Answers:
     """Greedy answers in the order of ``texts``, ``batch_size`` decoding together, each the one its
     prompt gets alone (``generation.generate_queued``: finished rows leave, the next prompts join);
-    the prompts' shared prefix (the chat template's system turn) runs once."""
+    the prompts' shared prefix (the chat template's system turn) runs once. ``max_tokens``: one limit,
+    or one per text."""
     stops = stop_token_ids(loaded.model, loaded.tokenizer)
     rows = [loaded.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     prefix = shared_prefix(loaded.model, rows, loaded.device)

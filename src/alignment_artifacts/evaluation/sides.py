@@ -47,7 +47,7 @@ class EvaluationSettings:
     max_tokens: int = 48
     capability_max_tokens: int = 48
     batch_size: int = 16
-    generation_batch_size: int = 32  # decoding is memory-bound on CPUs: wide batches cost little more per step
+    generation_batch_size: int = 128  # decoding is memory-bound on CPUs: wide batches cost little more per step
     system: str | None = None
     thinking: str = "auto"  # reasoning models: auto (the template's default), on, off (models/thinking.py)
     thinking_budget: int = DEFAULT_THINKING_BUDGET  # tokens added to max_tokens when the model thinks first
@@ -116,6 +116,7 @@ class Measurer:
                                            self.thinking.kwargs)
         self.opening = refusal_opening_ids(loaded.tokenizer)
         self.pending: dict[str, list[str]] = {}  # group -> answers waiting for the judge (memory only)
+        self.steps: dict[str, int] = {}  # group -> decoding steps its rows took (what its answers cost)
 
     def prompts(self, group: str) -> list[str]:
         """The chat-formatted prompts a group's answers are generated from."""
@@ -129,29 +130,46 @@ class Measurer:
             check_fits(self.loaded.tokenizer, texts, context, self.thinking.max_tokens(self.settings.max_tokens),
                        f"the {name} group")
 
-    def answers(self, group: str, side: Side, limit: int | None = None) -> None:
-        """Generate one group's answers (and the proxy and markers that need no judge); ``limit``:
-        only the first prompts of a text group."""
+    def answers(self, side: Side, limits: dict[str, int | None]) -> None:
+        """Generate the answers of the groups in ``limits`` (each: only its first prompts, or all for
+        None) in one queue, and record the proxy and markers that need no judge.
+
+        One queue keeps the batch full: per group, the tail of each group's answers decoded at a few
+        rows, and a group smaller than the batch never filled it. Each answer is the one its prompt
+        gets alone, so grouping changes no answer.
+        """
         s, thinking = self.settings, self.thinking
-        if group == "capability":
-            answers = generate_answers(self.loaded, self.capability_texts,
-                                       thinking.max_tokens(s.capability_max_tokens), s.generation_batch_size,
-                                       self.progress)
-            side.capability_correct = [is_correct(t, thinking.split(a).answer)
-                                       for t, a in zip(self.sets.capability, answers.texts)]
+        texts: list[str] = []
+        budgets: list[int] = []
+        spans: dict[str, slice] = {}
+        for group, limit in limits.items():
+            prompts = self.prompts(group)[:limit]
+            tokens = s.capability_max_tokens if group == "capability" else s.max_tokens
+            spans[group] = slice(len(texts), len(texts) + len(prompts))
+            texts += prompts
+            budgets += [thinking.max_tokens(tokens)] * len(prompts)
+        if not texts:
             return
-        answers = generate_answers(self.loaded, self.texts[group][:limit], thinking.max_tokens(s.max_tokens),
-                                   s.generation_batch_size, self.progress)
-        parts = [thinking.split(a) for a in answers.texts]
+        answers = generate_answers(self.loaded, texts, budgets, s.generation_batch_size, self.progress)
+        for group, span in spans.items():
+            self.steps[group] = sum(len(ids) + 1 for ids in answers.ids[span])
+            self._record(group, side, answers.texts[span], answers.first_logits[span], span.stop - span.start)
+
+    def _record(self, group: str, side: Side, texts: list[str], first: torch.Tensor, n: int) -> None:
+        thinking = self.thinking
+        parts = [thinking.split(a) for a in texts]
         replies = [p.answer for p in parts]  # markers and the judge see the answer, never the thinking
+        if group == "capability":
+            side.capability_correct = [is_correct(t, a) for t, a in zip(self.sets.capability, replies)]
+            return
         if group in ("harmful", "borderline"):
             setattr(side, f"{group}_thinking_refusals", [bool(p.thinking) and is_refusal(p.thinking) for p in parts])
             setattr(side, f"{group}_unfinished", [not p.finished for p in parts])
         if group == "harmful":
             side.harmful_markers = [is_refusal(a) for a in replies]
             side.harmful_broad = [has_broad_marker(a) for a in replies]
-            first = (first_logits(self.loaded, self.answer_texts[group][:limit], s.batch_size) if thinking.thinks
-                     else answers.first_logits)  # the first answer token's logits, not <think>'s
+            if thinking.thinks:  # the first answer token's logits, not <think>'s
+                first = first_logits(self.loaded, self.answer_texts[group][:n], self.settings.batch_size)
             side.harmful_odds = refusal_log_odds(first, self.opening).tolist()
         self.pending[group] = replies
 
@@ -195,22 +213,27 @@ class Baseline:
         """Labels and flags of every group, from the cache or computed (and cached) now."""
         if self._side is not None:
             return self._side
-        side = Side()
-        measurer = Measurer(self.loaded, self.sets, self.settings, progress)
+        side, missing = Side(), []
         for group in self.settings.groups:
             path = self._path(group)
-            if path.is_file():
-                stored = json.loads(path.read_text())
-                self.seconds[group] = stored.pop("seconds", 0.0)
-                for name, value in stored.items():
-                    setattr(side, name, value)
+            if not path.is_file():
+                missing.append(group)
                 continue
+            stored = json.loads(path.read_text())
+            self.seconds[group] = stored.pop("seconds", 0.0)
+            for name, value in stored.items():
+                setattr(side, name, value)
+        if missing:
             started = time.perf_counter()
-            measurer.answers(group, side, self.settings.judged_ordinary if group == "ordinary" else None)
+            measurer = Measurer(self.loaded, self.sets, self.settings, progress)
+            measurer.answers(side, {g: self.settings.judged_ordinary if g == "ordinary" else None for g in missing})
             measurer.judge_pending(self.judge, side)
-            self.seconds[group] = time.perf_counter() - started
-            names = [n for n in vars(side) if n.startswith(group) and not n.endswith("_logits")]
-            atomic_write_json(path, {**{n: getattr(side, n) for n in names}, "seconds": self.seconds[group]})
+            seconds, steps = time.perf_counter() - started, measurer.steps
+            for group in missing:  # the groups shared one queue: each is charged its share of the decoding
+                self.seconds[group] = seconds * steps[group] / max(1, sum(steps.values()))
+                names = [n for n in vars(side) if n.startswith(group) and not n.endswith("_logits")]
+                atomic_write_json(self._path(group), {**{n: getattr(side, n) for n in names},
+                                                      "seconds": self.seconds[group]})
         self._side = side
         return side
 

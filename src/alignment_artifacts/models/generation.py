@@ -222,11 +222,13 @@ def _worth_dropping(left: torch.Tensor) -> bool:
 
 
 @torch.no_grad()
-def generate_queued(model: Any, rows: Sequence[Sequence[int]], max_tokens: int, stop_ids: Sequence[int],
-                    width: int, pad_id: int, device: torch.device | str, prefix: SharedPrefix | None = None,
-                    on_finished: Callable[[int], Any] | None = None) -> tuple[list[list[int]], torch.Tensor]:
+def generate_queued(model: Any, rows: Sequence[Sequence[int]], max_tokens: int | Sequence[int],
+                    stop_ids: Sequence[int], width: int, pad_id: int, device: torch.device | str,
+                    prefix: SharedPrefix | None = None, on_finished: Callable[[int], Any] | None = None
+                    ) -> tuple[list[list[int]], torch.Tensor]:
     """Greedy answers of many prompts (token rows after ``prefix``), at most ``width`` decoding together;
     returns each row's answer ids (without the stop token) and first-token logits [n, vocab] on the CPU.
+    ``max_tokens``: one limit for every row, or one per row (so prompts of several kinds share one queue).
     ``on_finished(n)``: n more rows are done (a progress bar's ``update``).
 
     A row that finishes leaves the running batch, and once a quarter of its places are free the next
@@ -239,6 +241,9 @@ def generate_queued(model: Any, rows: Sequence[Sequence[int]], max_tokens: int, 
     """
     if width < 1:
         raise UserError(f"The generation batch size must be at least 1 (got {width}).")
+    limits = [max_tokens] * len(rows) if isinstance(max_tokens, int) else list(max_tokens)
+    if len(limits) != len(rows):
+        raise ValueError(f"{len(limits)} token limits for {len(rows)} rows")
     prefix = prefix or SharedPrefix()
     queue = sorted(range(len(rows)), key=lambda i: len(rows[i]), reverse=True)  # popped from the end
     answers: list[list[int]] = [[] for _ in rows]
@@ -255,7 +260,7 @@ def generate_queued(model: Any, rows: Sequence[Sequence[int]], max_tokens: int, 
         if token in stops:
             return True
         answers[index].append(token)
-        return len(answers[index]) >= max_tokens
+        return len(answers[index]) >= limits[index]
 
     while queue or running:
         free = width - len(running)

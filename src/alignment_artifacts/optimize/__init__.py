@@ -7,7 +7,9 @@
 2. **Search** (``search.py``): Optuna minimises (refusal proxy, ordinary + borderline collateral
    KL) over ``clamp`` and ``ablate`` settings (or other ablations of the mode table, and direction
    variants, each computed once), optionally gated, screening in bfloat16 where the CPU multiplies
-   it natively.
+   it natively. Its budget is what ``--timeout`` leaves once every finalist's check is priced from the
+   baseline's duration (as many finalists as fit); when the finalists it then picks are cheaper to
+   check (gated ones run only the prompts their gate opens), it searches on for the time that frees.
 3. **Finalists** (``check.py``): a few Pareto points spread over the cost axis are evaluated like ``evaluate`` does,
    on the validation splits of all four groups, in the model's dtype, with the judge.
 4. **Choice**: the fewest harmful prompts not complied with (judge), then the fewest refused, then the
@@ -41,10 +43,23 @@ from ..prompts import PromptSet, resolve_prompts
 from ..resolve import get_directions
 from ..steering import MODES, SteeringConfig
 from .check import check_finalists, choose, pick_finalists, with_an_ungated_finalist
-from .search import DEFAULT_MODES, SEARCH_MODES, Scorer, Space, config_from_params, layer_weights, run_search
+from .search import (
+    DEFAULT_MODES,
+    SEARCH_MODES,
+    Scorer,
+    Searched,
+    Space,
+    config_from_params,
+    layer_weights,
+    run_search,
+)
 from .store import store
 
 MIN_PER_SPLIT = 4
+MAX_EXTENSIONS = 3  # searches on after pricing the picked finalists (each shorter than the one before)
+MIN_SEARCH = 60  # seconds
+CHECK_MARGIN = 1.25  # an ungated check's price, in baseline durations (_check_seconds)
+GATED_FLOOR = 0.5  # a gated check's price with its gate shut everywhere, in ungated prices
 VALIDATION_CAPABILITY_SEED = 1  # evaluate reports seed 0's tasks: the choice is never made on them
 
 
@@ -72,10 +87,10 @@ class OptimizeSettings:
     direction_variants: list[str] = field(default_factory=lambda: ["mean_diff"])  # searched when more than one
     gate: bool = True  # clamp trials may also gate per prompt (steer only prompts past a projection at one layer)
     finalists: int = 3
-    check_plain_recipe: bool = False  # also check the plain recipe on validation, as a reference row (benches)
+    check_plain_recipe: bool = False  # also check the plain recipe, as a reference row (benches), after --timeout
     max_tokens: int = 48
     batch_size: int = 16
-    generation_batch_size: int = 32
+    generation_batch_size: int = 128
     screen_dtype: str = "auto"  # dtype of the screening passes: auto (bfloat16 on CPUs with it), model, or a dtype
     system: str | None = None
     thinking: str = "auto"  # reasoning models: the finalists' checks generate with this (evaluate's --thinking)
@@ -131,16 +146,22 @@ def optimize(loaded: LoadedModel, settings: OptimizeSettings | None = None, prog
     # the unmodified side of validation runs first: its duration prices every finalist's check, so the
     # search gets what is left of --timeout
     baseline = _validation_baseline(loaded, settings, prompts, judge)
-    budget = _search_budget(settings, baseline, started)
+    budget, n_finalists = _search_budget(settings, baseline, started)
 
     space = Space(loaded.adapter.n_layers, tuple(dict.fromkeys(settings.modes)), settings.gate, variants)
     with parameters_as(loaded, screen):
         scorer = _scorer(loaded, settings, prompts, baseline, directions, space)
-        searched = run_search(loaded, space, scorer,
-                              key=_study_key(loaded, settings, directions[variants[0]].prompt_set_hash),
-                              trials=settings.trials, timeout=budget, seed=settings.seed, resume=settings.resume,
-                              progress=progress)
-    finalists, best = check_finalists(loaded, searched, space, directions, baseline, n=settings.finalists,
+        key = _study_key(loaded, settings, directions[variants[0]].prompt_set_hash)
+        searched = run_search(loaded, space, scorer, key=key, trials=settings.trials, timeout=budget,
+                              seed=settings.seed, resume=settings.resume, progress=progress)
+        for _ in range(MAX_EXTENSIONS):  # the finalists are known now: time their checks will not take searches on
+            spare = settings.timeout - (time.perf_counter() - started) - _checks_price(
+                searched, baseline, n_finalists, settings.max_kl, scorer.base_refusal)
+            if spare < MIN_SEARCH or len(searched.complete) >= settings.trials:
+                break
+            searched = run_search(loaded, space, scorer, key=key, trials=settings.trials, timeout=spare,
+                                  seed=settings.seed, resume=True, progress=progress, study=searched.study)
+    finalists, best = check_finalists(loaded, searched, space, directions, baseline, n=n_finalists,
                                       max_cost=settings.max_kl, base_refusal=scorer.base_refusal,
                                       max_capability_drop=settings.max_capability_drop,
                                       plain_recipe=settings.check_plain_recipe)
@@ -270,22 +291,47 @@ def _validation_baseline(loaded: LoadedModel, settings: OptimizeSettings, prompt
     return baseline
 
 
-def _search_budget(settings: OptimizeSettings, baseline: Baseline, started: float) -> float:
-    """Seconds left for the search once every finalist's check is priced at the baseline's duration.
-
-    A check generates and judges what the baseline did, without the baseline's own logits: on the
-    builtin Qwen the two checks of one run took 0.86x and 0.76x the baseline's 777 s, so the baseline's
-    duration is a safe price even for a gated finalist's extra decision passes.
-    """
-    checks = settings.finalists + settings.check_plain_recipe
-    reserve = sum(baseline.seconds.values()) * checks
-    budget = settings.timeout - (time.perf_counter() - started) - reserve
-    if budget < 60:
+def _search_budget(settings: OptimizeSettings, baseline: Baseline, started: float) -> tuple[float, int]:
+    """Seconds left for the search, and how many finalists to check: as many of ``--finalists`` as
+    leave the search ``MIN_SEARCH`` seconds once each is priced as an ungated check (at least one)."""
+    left = settings.timeout - (time.perf_counter() - started)
+    price = _check_seconds(baseline, opened=1.0)
+    n = settings.finalists
+    while n > 1 and left - n * price < MIN_SEARCH:
+        n -= 1
+    if n < settings.finalists:
+        warnings.warn(f"--timeout {settings.timeout:g} s: checking {settings.finalists} finalists (about "
+                      f"{price:.0f} s each) would leave the search under {MIN_SEARCH} s; checking {n}. Raise "
+                      "--timeout to check more.", stacklevel=3)
+    budget = left - n * price
+    if budget < MIN_SEARCH:
         warnings.warn(f"--timeout {settings.timeout:g} s leaves {max(budget, 0):.0f} s for the search after "
-                      f"checking the finalists (about {reserve:.0f} s); running a few trials anyway. Raise --timeout "
-                      "or lower --finalists.", stacklevel=3)
-        budget = 60.0
-    return budget
+                      f"checking the finalist (about {price:.0f} s); searching {MIN_SEARCH} s anyway, so the run "
+                      "will take longer. Raise --timeout.", stacklevel=3)
+        budget = float(MIN_SEARCH)
+    return budget, n
+
+
+def _check_seconds(baseline: Baseline, opened: float) -> float:
+    """What one finalist's check will take, priced from the baseline's duration.
+
+    On the builtin Qwen (2-core CPU, 657 s baseline) ungated checks took 1.11x and 1.24x it: a check
+    judges fewer borderline answers than the baseline, but steered answers run longer and more of
+    them go to the model judge, and its first-token logits come on top (``CHECK_MARGIN``). A gated
+    check runs the harmful group and the decision pass whole and the rest where its gate opens
+    (``opened``: the share of search prompts it opened): one took 0.53x an ungated price at 0.19
+    opened (``GATED_FLOOR``).
+    """
+    ungated = CHECK_MARGIN * sum(baseline.seconds.values())
+    return ungated if opened >= 1 else ungated * (GATED_FLOOR + (1 - GATED_FLOOR) * opened)
+
+
+def _checks_price(searched: Searched, baseline: Baseline, n: int, max_cost: float, base_refusal: float) -> float:
+    """Seconds the checks of the ``n`` finalists picked now will take (a gated trial's ``opened`` was
+    recorded by the search)."""
+    picked = with_an_ungated_finalist(searched, n, max_cost, base_refusal)
+    return sum(_check_seconds(baseline, t.user_attrs.get("opened", 1.0) if t.params.get("gated") else 1.0)
+               for t in picked)
 
 
 def _directions(loaded: LoadedModel, variants: tuple[str, ...], source: str | PromptSet, progress: bool
@@ -310,9 +356,10 @@ def _study_key(loaded: LoadedModel, settings: OptimizeSettings, directions_hash:
     """What makes a study resumable: the weights, the directions and every setting but the budget (the
     default variant alone leaves the key as it was before variants were searched, so old studies resume)."""
     default_variants = settings.direction_variants == ["mean_diff"]
+    keyed = {**asdict(settings), "generation_batch_size": 32}  # the checks' decoding width changes no answer:
+    # pinned at the value keys held before its default rose, so those studies resume
     return stable_hash({"weights": loaded.info.weights_hash, "directions": directions_hash,
-                        "settings": {k: v for k, v in asdict(settings).items() if k not in ("trials", "timeout",
-                                                                                            "resume")
+                        "settings": {k: v for k, v in keyed.items() if k not in ("trials", "timeout", "resume")
                                      and not (k.startswith("thinking") and settings.thinking == "auto")
                                      and not (k == "direction_variants" and default_variants)}})
 

@@ -152,6 +152,7 @@ class Score:
     kl_ordinary: float
     kl_collateral: float  # on the borderline prompts the unmodified model answers
     odds: torch.Tensor  # per harmful prompt: refusal log-odds
+    opened: float = 1.0  # fraction of the ordinary and borderline prompts steered (a gate's pass rate)
 
     @property
     def cost(self) -> float:
@@ -198,8 +199,11 @@ class Scorer:
                 else:
                     kls[name][picked] = kl_divergence(self.base[name][picked], logits)
         collateral = kls["borderline"][self.answered]
+        texted = ("ordinary", "borderline")
+        opened = 1.0 if config.gate_layer is None else \
+            sum(len(rows[n] or []) for n in texted) / max(1, sum(len(self.texts[n]) for n in texted))
         return Score(refusal=float(torch.sigmoid(odds).mean()), kl_ordinary=float(kls["ordinary"].mean()),
-                     kl_collateral=float(collateral.mean()) if len(self.answered) else 0.0, odds=odds)
+                     kl_collateral=float(collateral.mean()) if len(self.answered) else 0.0, odds=odds, opened=opened)
 
     def _passing(self, name: str, layer: int, level: float, directions: DirectionSet) -> list[int]:
         if name not in self._last:  # the unmodified last-token activations at every candidate gate layer
@@ -218,16 +222,18 @@ class Searched:
 
 
 def run_search(loaded: LoadedModel, space: Space, scorer: Scorer, *, key: str, trials: int, timeout: float,
-               seed: int, resume: bool, progress: bool) -> Searched:
+               seed: int, resume: bool, progress: bool, study: Any = None) -> Searched:
     """Minimise (refusal proxy, cost) over ``space`` until ``trials`` trials of the study have finished or
-    ``timeout`` seconds have passed; a fresh study starts from the space's seed points."""
+    ``timeout`` seconds have passed; a fresh study starts from the space's seed points. ``study``: one this
+    process already searched, continued as it is (reopening it would restart its sampler's random stream)."""
     seeds = space.seeds()
-    study = open_study(loaded, key, seed, resume, n_startup=len(seeds) + 4)
+    study = study or open_study(loaded, key, seed, resume, n_startup=len(seeds) + 4)
 
     def objective(trial: Any) -> tuple[float, float]:
         score = scorer.score(space.config(space.suggest(trial), loaded))
         trial.set_user_attr("kl_ordinary", score.kl_ordinary)
         trial.set_user_attr("kl_collateral", score.kl_collateral)
+        trial.set_user_attr("opened", score.opened)
         return score.refusal, score.cost
 
     done = len([t for t in study.trials if t.state.name == "COMPLETE"])
