@@ -124,11 +124,11 @@ def _measure_gated(loaded: LoadedModel, steering: Steering, baseline: Baseline, 
     texted: list[str] = [g for g in ("borderline", "ordinary") if g in groups]
     with Steering(replace(config, gate_layer=None), directions).apply(loaded):
         logits = {g: measurer.logits(g) for g in texted if opened[g]}
-        limits = {g: sum(1 for i in opened[g] if _judged(settings, g) is None or i < _judged(settings, g))
-                  for g in groups}
+        cutoff = {g: _judged(settings, g) for g in groups}  # answers judged per group (None: all)
+        limits = {g: sum(1 for i in opened[g] if cutoff[g] is None or i < cutoff[g]) for g in groups}
         for group in groups:
-            size, judged = len(getattr(sets, group)), _judged(settings, group)
-            bar.update((size if judged is None else min(size, judged)) - limits[group])  # answers the baseline gives
+            size, limit = len(getattr(sets, group)), cutoff[group]
+            bar.update((size if limit is None else min(size, limit)) - limits[group])  # answers the baseline gives
         measurer.answers(part, {g: limit for g, limit in limits.items() if limit})
     measurer.judge_pending(baseline.judge, part)
     after = Side()

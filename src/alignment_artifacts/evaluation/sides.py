@@ -153,9 +153,9 @@ class Measurer:
         answers = generate_answers(self.loaded, texts, budgets, s.generation_batch_size, self.progress)
         for group, span in spans.items():
             self.steps[group] = sum(len(ids) + 1 for ids in answers.ids[span])
-            self._record(group, side, answers.texts[span], answers.first_logits[span], span.stop - span.start)
+            self._record(group, side, answers.texts[span], answers.first_logits[span])
 
-    def _record(self, group: str, side: Side, texts: list[str], first: torch.Tensor, n: int) -> None:
+    def _record(self, group: str, side: Side, texts: list[str], first: torch.Tensor) -> None:
         thinking = self.thinking
         parts = [thinking.split(a) for a in texts]
         replies = [p.answer for p in parts]  # markers and the judge see the answer, never the thinking
@@ -169,7 +169,7 @@ class Measurer:
             side.harmful_markers = [is_refusal(a) for a in replies]
             side.harmful_broad = [has_broad_marker(a) for a in replies]
             if thinking.thinks:  # the first answer token's logits, not <think>'s
-                first = first_logits(self.loaded, self.answer_texts[group][:n], self.settings.batch_size)
+                first = first_logits(self.loaded, self.answer_texts[group][:len(texts)], self.settings.batch_size)
             side.harmful_odds = refusal_log_odds(first, self.opening).tolist()
         self.pending[group] = replies
 
