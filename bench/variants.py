@@ -162,9 +162,11 @@ def main() -> int:
     chosen = [v for v in VARIANTS[1:] if v.name in args.variants.split(",")]
     loaded = get_model(args.model)
     n_layers = loaded.adapter.n_layers
-    # A fixed folder per model and arguments: the direction prompts' files keep their paths (cache
-    # keys) and each finished search and evaluation is kept there, so a rerun resumes (the job takes hours)
-    key = stable_hash({**vars(args), "weights": loaded.info.weights_hash})
+    judge = load_judge(args.judge or "markers", reuse=loaded)
+    # A fixed folder per model, arguments and judge (its key: a changed rubric or rule must not resume on
+    # verdicts it did not make): the direction prompts' files keep their paths (cache keys) and each
+    # finished search and evaluation is kept there, so a rerun resumes (the job takes hours)
+    key = stable_hash({**vars(args), "weights": loaded.info.weights_hash, "judge": judge.key})
     tmp = Path(tempfile.gettempdir()) / f"aa-variants-{key}"
     tmp.mkdir(exist_ok=True)
     state_path = tmp / "progress.json"
@@ -186,7 +188,6 @@ def main() -> int:
     directions = get_directions(loaded, plain_config, progress=False)
     search(loaded, args, settings, plain_config, directions, search_harmful, chosen, state, state_path)
 
-    judge = load_judge(args.judge or "markers", reuse=loaded)
     baseline = Baseline(loaded, GroupSets(
         harmful=eval_harmful, borderline=[p.text for p in resolve_prompts("borderline:val").prompts
                                           if p.label == 0][:args.n_eval],

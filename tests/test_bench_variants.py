@@ -48,3 +48,10 @@ def test_the_table_is_printed_and_a_rerun_resumes_without_repeating_work(tmp_pat
     second = capsys.readouterr()
     assert second.out == first  # the kept JSON gives back the same table, to the last digit
     assert "resuming" in second.err and "2 searches, 3 evaluations" in second.err
+
+    # a judge whose rule changed (its key) starts afresh: verdicts it did not make are never resumed
+    from alignment_artifacts.evaluation import metrics
+
+    monkeypatch.setattr(metrics, "LOOP_MIN_WORDS", metrics.LOOP_MIN_WORDS + 1)
+    assert variants_module().main() == 0
+    assert "resuming" not in capsys.readouterr().err

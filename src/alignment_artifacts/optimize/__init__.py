@@ -276,7 +276,9 @@ def search_and_direction_sets(train_harmful: PromptSet, harmless: PromptSet,
 
 def _validation_baseline(loaded: LoadedModel, settings: OptimizeSettings, prompts: _Prompts, judge: Judge
                          ) -> Baseline:
-    """The unmodified model on the validation splits of all four groups, measured (or read from the cache) now."""
+    """The unmodified model on the validation splits of all four groups, measured (or read from the cache) now:
+    answers, labels and the first-token logits (on the builtin Qwen, 2-core CPU, the logits took about 240 s,
+    a fifth of a check, which the first check had paid on top of its price)."""
     val_settings = EvaluationSettings(groups=GROUPS, judged_borderline=settings.judged_borderline,
                                       judged_ordinary=settings.judged_ordinary, max_tokens=settings.max_tokens,
                                       batch_size=settings.batch_size,
@@ -288,6 +290,8 @@ def _validation_baseline(loaded: LoadedModel, settings: OptimizeSettings, prompt
                          capability=capability_tasks(settings.n_capability, VALIDATION_CAPABILITY_SEED))
     baseline = Baseline(loaded, val_sets, val_settings, judge)
     baseline.side()
+    for group in ("borderline", "ordinary"):  # the unmodified first-token logits every check's KL compares with:
+        baseline.logits(group)  # measured (and cached) here, or the first finalist's check pays for them
     return baseline
 
 
@@ -315,9 +319,11 @@ def _search_budget(settings: OptimizeSettings, baseline: Baseline, started: floa
 def _check_seconds(baseline: Baseline, opened: float) -> float:
     """What one finalist's check will take, priced from the baseline's duration.
 
-    On the builtin Qwen (2-core CPU, 657 s baseline) ungated checks took 1.11x and 1.24x it: a check
-    judges fewer borderline answers than the baseline, but steered answers run longer and more of
-    them go to the model judge, and its first-token logits come on top (``CHECK_MARGIN``). A gated
+    On the builtin Qwen (2-core CPU, 657 s baseline) ungated checks took 1.11x and 1.24x it, the first
+    of them then also paying for the unmodified first-token logits; on a 2-core CPU without native
+    bfloat16 (992 s baseline, the logits measured apart), 1.17x: a check judges fewer borderline answers
+    than the baseline, but steered answers run longer and more of them go to the model judge, and its
+    first-token logits come on top (``CHECK_MARGIN``). A gated
     check runs the harmful group and the decision pass whole and the rest where its gate opens
     (``opened``: the share of search prompts it opened): one took 0.53x an ungated price at 0.19
     opened (``GATED_FLOOR``).
