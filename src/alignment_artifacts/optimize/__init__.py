@@ -321,7 +321,7 @@ def _check_seconds(baseline: Baseline, opened: float) -> float:
 
     On the builtin Qwen (2-core CPU, 657 s baseline) ungated checks took 1.11x and 1.24x it, the first
     of them then also paying for the unmodified first-token logits; on a 2-core CPU without native
-    bfloat16 (992 s baseline, the logits measured apart), 1.17x: a check judges fewer borderline answers
+    bfloat16 (992 s baseline, the logits measured apart), 1.05x and 1.17x: a check judges fewer borderline answers
     than the baseline, but steered answers run longer and more of them go to the model judge, and its
     first-token logits come on top (``CHECK_MARGIN``). A gated
     check runs the harmful group and the decision pass whole and the rest where its gate opens
