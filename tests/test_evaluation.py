@@ -248,6 +248,66 @@ def test_the_unmodified_side_is_measured_whole_before_the_search_is_priced(cache
     assert seen["seconds"] == {"harmful", "borderline", "ordinary", "capability"}
 
 
+def test_a_resumed_optimize_reads_the_finalist_checks_an_earlier_run_finished(cache_root, prompt_files, monkeypatch):
+    """A check costs about a baseline; --resume after an interruption must not pay it again. A damaged
+    check file is measured again, and other directions are another check."""
+    import alignment_artifacts.optimize.check as check_module
+
+    real, calls = check_module.evaluate_against, []
+
+    def counting(*args, **kwargs):
+        calls.append(args[1].config)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(check_module, "evaluate_against", counting)
+    loaded = tiny_model("llama", layers=3)
+    settings = _optimize_settings(prompt_files, trials=2, finalists=1, check_plain_recipe=True)
+    first = optimize(loaded, settings, progress=False)
+    assert len(calls) == 2  # the finalist and the plain recipe
+    settings.resume = True
+    again = optimize(loaded, settings, progress=False)
+    assert len(calls) == 2 and again.validation == first.validation
+    assert [row["validation"] for row in again.finalists] == [row["validation"] for row in first.finalists]
+    assert [row["reused"] for row in first.finalists + again.finalists] == [False, False, True, True]
+
+    kept = sorted((cache_root / "evaluation").glob("*/checks/*.json"))
+    assert len(kept) == 2
+    kept[0].write_text('{"harmful": ')  # cut short by a crash of another tool
+    third = optimize(loaded, settings, progress=False)
+    untimed = lambda validation: {k: v for k, v in validation.items() if k != "seconds"}  # noqa: E731
+    assert len(calls) == 3 and sorted(row["reused"] for row in third.finalists) == [False, True]
+    assert [untimed(row["validation"]) for row in third.finalists] == \
+        [untimed(row["validation"]) for row in first.finalists]
+    assert untimed(json.loads(kept[0].read_text())) in [untimed(row["validation"]) for row in first.finalists]
+
+
+def test_a_kept_check_is_keyed_by_the_directions_numbers_the_configuration_and_the_baseline():
+    from types import SimpleNamespace
+
+    from alignment_artifacts.optimize.check import check_path
+
+    def directions(value):
+        vectors = {0: torch.full((4,), value), 1: torch.ones(4)}
+        return DirectionSet(site="resid_post", position="last", source="pooled", vectors=vectors,
+                            positive_mean={k: v * 2 for k, v in vectors.items()},
+                            negative_mean={k: v * 0 for k, v in vectors.items()}, hidden_size=4)
+
+    def judge(key):
+        return SimpleNamespace(key=key)
+
+    baseline = SimpleNamespace(key="b", judge=judge("j"), settings=EvaluationSettings(), folder=Path("/kept"))
+    config = SteeringConfig(mode="ablate", direction_layer=1)
+    path = check_path(baseline, Steering(config, directions(1.0)))
+    assert path == check_path(baseline, Steering(config, directions(1.0))) and path.parent == Path("/kept/checks")
+    others = [check_path(baseline, Steering(config, directions(1.0 + 1e-6))),
+              check_path(baseline, Steering(replace(config, scale=0.9), directions(1.0))),
+              check_path(SimpleNamespace(**{**vars(baseline), "key": "c"}), Steering(config, directions(1.0))),
+              check_path(SimpleNamespace(**{**vars(baseline), "judge": judge("k")}), Steering(config, directions(1.0))),
+              check_path(SimpleNamespace(**{**vars(baseline), "settings": EvaluationSettings(judged_borderline=9)}),
+                         Steering(config, directions(1.0)))]
+    assert path not in others and len(set(others)) == len(others)
+
+
 def test_optimize_bad_input(cache_root, tmp_path):
     loaded = tiny_model("llama", layers=2)
     (tmp_path / "few.txt").write_text("one\ntwo\nthree")
@@ -415,6 +475,8 @@ def test_checks_are_priced_by_what_they_run_and_finalists_fit_the_budget():
     assert _checks_price(only_gated, baseline, 2, 0.1, 0.4) == pytest.approx(gated_price(0.2) + gated_price(0.0))
     both = Searched(study=None, complete=[*gated, trial(2, 0.0, 0.05, False)], pareto=gated)
     assert _checks_price(both, baseline, 2, 0.1, 0.4) == pytest.approx(gated_price(0.2) + ungated)  # 2 for 1
+    kept = lambda t: t.number == 2  # noqa: E731  (its check is on disk: --resume reads it)
+    assert _checks_price(both, baseline, 2, 0.1, 0.4, kept) == pytest.approx(gated_price(0.2))
     assert gated_price(0.0) < gated_price(0.2) < ungated
     now = time.perf_counter()
     assert _search_budget(OptimizeSettings(finalists=3, timeout=3 * ungated + 1000), baseline, now) == \

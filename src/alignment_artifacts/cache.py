@@ -207,7 +207,8 @@ def atomic_save_safetensors(tensors: dict[str, Any], path: str | os.PathLike[str
     atomic_write_bytes(path, save(contiguous, metadata=metadata))
 
 
-def _tensors_sha256(tensors: dict[str, Any]) -> str:
+def tensors_sha256(tensors: dict[str, Any]) -> str:
+    """sha256 of named tensors' bytes, independent of dict order."""
     import torch
 
     digest = hashlib.sha256()
@@ -219,7 +220,7 @@ def _tensors_sha256(tensors: dict[str, Any]) -> str:
 
 def save_verified(tensors: dict[str, Any], path: str | os.PathLike[str], metadata: dict[str, str]) -> None:
     """``atomic_save_safetensors`` with a sha256 of the tensors in the metadata, for ``load_verified``."""
-    atomic_save_safetensors(tensors, path, {**metadata, "sha256": _tensors_sha256(tensors)})
+    atomic_save_safetensors(tensors, path, {**metadata, "sha256": tensors_sha256(tensors)})
 
 
 def load_verified(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, str]]:
@@ -233,7 +234,7 @@ def load_verified(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[st
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as exc:
         raise CacheError(f"unreadable: {exc}") from exc
-    if metadata.get("sha256") != _tensors_sha256(tensors):
+    if metadata.get("sha256") != tensors_sha256(tensors):
         raise CacheError("checksum mismatch")
     return tensors, metadata
 

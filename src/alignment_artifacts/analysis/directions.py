@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors import SafetensorError
 
-from ..cache import atomic_directory, atomic_save_safetensors, atomic_write_json
+from ..cache import atomic_directory, atomic_save_safetensors, atomic_write_json, stable_hash, tensors_sha256
 from ..errors import CacheError, UserError, closest
 
 if TYPE_CHECKING:
@@ -88,6 +88,11 @@ class DirectionSet:
             if layer in self.pca:
                 out[f"pca.{layer}"] = self.pca[layer].float()
         return out
+
+    def digest(self) -> str:
+        """What identifies these directions' numbers: every tensor and the metadata (a cached
+        measurement of a steering that uses them is keyed by it)."""
+        return stable_hash({"tensors": tensors_sha256(self.tensors()), "metadata": self.metadata()})
 
     def save(self, folder: str | Path, overwrite: bool = True) -> Path:
         folder = Path(folder)

@@ -18,7 +18,7 @@
    numbers go to ``configs/<model>.json``, which ``--mode auto`` reads.
 
 The study lives in Optuna's SQLite storage, so an interrupted search resumes with ``--resume``;
-the validation baseline is cached group by group.
+the validation baseline is cached group by group, and each finalist's check once it is done.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from __future__ import annotations
 import random
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,8 +42,8 @@ from ..models.loading import LoadedModel, parameters_as, screening_dtype
 from ..models.thinking import DEFAULT_THINKING_BUDGET
 from ..prompts import PromptSet, resolve_prompts
 from ..resolve import get_directions
-from ..steering import MODES, SteeringConfig
-from .check import check_finalists, choose, pick_finalists, with_an_ungated_finalist
+from ..steering import MODES, Steering, SteeringConfig
+from .check import check_finalists, check_path, choose, pick_finalists, with_an_ungated_finalist
 from .search import (
     DEFAULT_MODES,
     SEARCH_MODES,
@@ -149,6 +150,11 @@ def optimize(loaded: LoadedModel, settings: OptimizeSettings | None = None, prog
     budget, n_finalists = _search_budget(settings, baseline, started)
 
     space = Space(loaded.adapter.n_layers, tuple(dict.fromkeys(settings.modes)), settings.gate, variants)
+
+    def kept(trial: Any) -> bool:  # a finalist an earlier run checked (--resume) is read, not run again
+        config = space.config(trial.params, loaded)
+        return check_path(baseline, Steering(config, directions[config.direction_variant])).is_file()
+
     with parameters_as(loaded, screen):
         scorer = _scorer(loaded, settings, prompts, baseline, directions, space)
         key = _study_key(loaded, settings, directions[variants[0]].prompt_set_hash)
@@ -156,7 +162,7 @@ def optimize(loaded: LoadedModel, settings: OptimizeSettings | None = None, prog
                               seed=settings.seed, resume=settings.resume, progress=progress)
         for _ in range(MAX_EXTENSIONS):  # the finalists are known now: time their checks will not take searches on
             spare = settings.timeout - (time.perf_counter() - started) - _checks_price(
-                searched, baseline, n_finalists, settings.max_kl, scorer.base_refusal)
+                searched, baseline, n_finalists, settings.max_kl, scorer.base_refusal, kept)
             if spare < MIN_SEARCH or len(searched.complete) >= settings.trials:
                 break
             searched = run_search(loaded, space, scorer, key=key, trials=settings.trials, timeout=spare,
@@ -332,10 +338,11 @@ def _check_seconds(baseline: Baseline, opened: float) -> float:
     return ungated if opened >= 1 else ungated * (GATED_FLOOR + (1 - GATED_FLOOR) * opened)
 
 
-def _checks_price(searched: Searched, baseline: Baseline, n: int, max_cost: float, base_refusal: float) -> float:
+def _checks_price(searched: Searched, baseline: Baseline, n: int, max_cost: float, base_refusal: float,
+                  kept: Callable[[Any], bool] = lambda trial: False) -> float:
     """Seconds the checks of the ``n`` finalists picked now will take (a gated trial's ``opened`` was
-    recorded by the search)."""
-    picked = with_an_ungated_finalist(searched, n, max_cost, base_refusal)
+    recorded by the search); ``kept``: whether a trial's check is already on disk (then it costs nothing)."""
+    picked = [t for t in with_an_ungated_finalist(searched, n, max_cost, base_refusal) if not kept(t)]
     return sum(_check_seconds(baseline, t.user_attrs.get("opened", 1.0) if t.params.get("gated") else 1.0)
                for t in picked)
 

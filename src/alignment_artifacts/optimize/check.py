@@ -4,16 +4,27 @@ Finalists are spread over the cost axis of the front (one of them ungated when t
 both) and checked on the validation splits of all four groups, in the model's dtype, with the
 judge. The choice is the fewest harmful prompts not complied with, then the fewest refused, then
 the lowest validated cost, among finalists whose capability held.
+
+A check's numbers (counts, rates, divergences; never an answer) are kept beside the baseline it was
+measured against, keyed by everything they depend on, so ``--resume`` after an interruption, or a
+later run that picks the same finalist, reads a check instead of running it again (about as long as
+the baseline on a CPU).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from ..analysis.directions import DirectionSet
+from ..cache import atomic_write_json, stable_hash
 from ..evaluation import Baseline
 from ..evaluation.groups import evaluate_against
+from ..evaluation.results import result_from_json
 from ..models.loading import LoadedModel
 from ..steering import Steering
 from .search import Searched, Space
@@ -22,24 +33,48 @@ from .search import Searched, Space
 def check_finalists(loaded: LoadedModel, searched: Searched, space: Space, directions: dict[str, DirectionSet],
                     baseline: Baseline, *, n: int, max_cost: float, base_refusal: float, max_capability_drop: float,
                     plain_recipe: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Every finalist's row (trial, parameters, proxies, configuration, four validated groups) and the chosen
-    one; with ``plain_recipe`` the plain recipe is checked too, as a reference row that is never chosen.
-    ``directions``: one set per direction variant searched."""
+    """Every finalist's row (trial, parameters, proxies, configuration, four validated groups, and whether
+    they were ``reused`` from an earlier run's check) and the chosen one; with ``plain_recipe`` the plain
+    recipe is checked too, as a reference row that is never chosen. ``directions``: one set per direction
+    variant searched."""
     finalists = []
     for trial in with_an_ungated_finalist(searched, n, max_cost, base_refusal):
         config = space.config(trial.params, loaded)
-        checked = evaluate_against(loaded, Steering(config, directions[config.direction_variant]), baseline,
-                                   progress=False)
+        validation, reused = checked(loaded, Steering(config, directions[config.direction_variant]), baseline)
         finalists.append({"trial": trial.number, "params": trial.params, "refusal_prob": trial.values[0],
-                          "cost": trial.values[1], "config": config.to_json(), "validation": checked.to_json()})
+                          "cost": trial.values[1], "config": config.to_json(), "validation": validation,
+                          "reused": reused})
     best = choose(finalists, max_capability_drop)
     if plain_recipe:
         plain = space.config(space.plain_recipe(), loaded)  # with the first variant searched
-        checked = evaluate_against(loaded, Steering(plain, directions[plain.direction_variant]), baseline,
-                                   progress=False)
+        validation, reused = checked(loaded, Steering(plain, directions[plain.direction_variant]), baseline)
         finalists.append({"trial": None, "reference": "plain recipe", "params": space.plain_recipe(),
-                          "config": plain.to_json(), "validation": checked.to_json()})
+                          "config": plain.to_json(), "validation": validation, "reused": reused})
     return finalists, best
+
+
+def check_path(baseline: Baseline, steering: Steering) -> Path:
+    """Where the check of ``steering`` against ``baseline`` is kept: keyed by the baseline (model, dtype,
+    prompt sets, answer lengths), its judge, every evaluation setting, the configuration and the
+    directions' numbers."""
+    key = stable_hash({"baseline": baseline.key, "judge": baseline.judge.key, "settings": asdict(baseline.settings),
+                       "config": steering.config.to_json(), "directions": steering.require_directions().digest()})
+    return baseline.folder / "checks" / f"{key}.json"
+
+
+def checked(loaded: LoadedModel, steering: Steering, baseline: Baseline) -> tuple[dict[str, Any], bool]:
+    """``steering``'s four groups against ``baseline`` (``evaluate_against``'s result as JSON), and whether it
+    was read from an earlier run's check (its ``seconds`` are then that run's); a damaged file is measured
+    again and replaced."""
+    path = check_path(baseline, steering)
+    with contextlib.suppress(FileNotFoundError, ValueError, KeyError, TypeError, AttributeError):
+        stored = json.loads(path.read_text())
+        result_from_json(stored)  # whole, as the choice and the stored configuration read it
+        return stored, True
+    result = evaluate_against(loaded, steering, baseline, progress=False).to_json()
+    validation = json.loads(json.dumps(result))  # as a read would give it (tuples become lists)
+    atomic_write_json(path, validation)
+    return validation, False
 
 
 def pick_finalists(pareto: list[Any], n: int, max_cost: float, base_refusal: float) -> list[Any]:
