@@ -72,7 +72,7 @@ same() {  # same EXPECTED ACTUAL: equal results, timings and creation times asid
 import hashlib, json, sys
 from pathlib import Path
 
-VOLATILE = {"seconds", "created", "resumed", "seconds_this_run"}
+VOLATILE = {"seconds", "created", "resumed", "reused", "seconds_this_run"}
 
 def clean(value):
     if isinstance(value, dict):

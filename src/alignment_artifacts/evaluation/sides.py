@@ -2,15 +2,16 @@
 
 ``Measurer`` runs a model (steered or not) over the groups and judges its answers; ``Baseline`` is
 the unmodified side, computed once per model, prompt sets and judge and cached group by group
-(labels, flags, logits and gate-layer activations only; never an answer's text), so an interrupted
-run resumes. ``groups.py`` compares a steered side with it.
+(labels, flags, logits and gate-layer activations only; never an answer's text), saved chunk by chunk
+while it is measured, so an interrupted run resumes. ``groups.py`` compares a steered side with it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,14 @@ from ..prompts import PromptSet, resolve_prompts
 from .metrics import has_broad_marker, is_refusal, refusal_log_odds, refusal_opening_ids
 from .passes import chat_texts, first_logits, generate_answers, last_token_states
 from .results import GROUPS, Side
+
+# the unmodified side is answered in equal chunks of at most this many generation widths, each saved once
+# judged: what an interruption can lose. Each chunk's end drains the batch (its last rows decode with the
+# batch half empty), about max-tokens decoding steps: `bench/baseline_chunks.py --chunk-widths 2` (329
+# prompts in two chunks) took 686 s on the builtin Qwen (2-core CPU, float32) against 644 s in one queue,
+# 0.94x (chunks of 256 and 73, before they were equal: 0.90x). At 4, that set is one chunk, and evaluate's
+# 754 default prompts are two
+CHUNK_WIDTHS = 4
 
 
 @dataclass
@@ -224,18 +233,67 @@ class Baseline:
             for name, value in stored.items():
                 setattr(side, name, value)
         if missing:
-            started = time.perf_counter()
-            measurer = Measurer(self.loaded, self.sets, self.settings, progress)
-            measurer.answers(side, {g: self.settings.judged_ordinary if g == "ordinary" else None for g in missing})
-            measurer.judge_pending(self.judge, side)
-            seconds, steps = time.perf_counter() - started, measurer.steps
-            for group in missing:  # the groups shared one queue: each is charged its share of the decoding
-                self.seconds[group] = seconds * steps[group] / max(1, sum(steps.values()))
-                names = [n for n in vars(side) if n.startswith(group) and not n.endswith("_logits")]
-                atomic_write_json(self._path(group), {**{n: getattr(side, n) for n in names},
-                                                      "seconds": self.seconds[group]})
+            self._measure(side, missing, progress)
         self._side = side
         return side
+
+    def _measure(self, side: Side, missing: list[str], progress: Any) -> None:
+        """Answer and judge the ``missing`` groups in chunks of at most ``CHUNK_WIDTHS`` generation widths, all
+        groups in one queue per chunk, saving each group's labels and flags after every chunk (a part
+        file, then the group's file once it is whole), so an interrupted baseline resumes at the chunk
+        it was in. Answers themselves are never kept: they may be completions of harmful prompts."""
+        s = self.settings
+        prompts = {g: len(getattr(self.sets, g)[:s.judged_ordinary if g == "ordinary" else None]) for g in s.groups}
+        parts = {g: self._read_part(g) for g in missing}
+        # equal chunks (no short one left to decode half empty), sized by the whole side: a resumed run's
+        # chunks are the uninterrupted run's
+        total, widest = sum(prompts.values()), CHUNK_WIDTHS * s.generation_batch_size
+        chunk = -(-total // max(1, -(-total // widest)))
+        for group in missing:
+            if not prompts[group]:  # nothing to answer (e.g. --judged-ordinary 0): whole as it is
+                self._write_part(group, parts[group], whole=True)
+        while any(parts[g]["done"] < prompts[g] for g in missing):
+            spans: dict[str, slice] = {}
+            for group in missing:
+                start = parts[group]["done"]
+                take = min(prompts[group] - start, chunk - sum(x.stop - x.start for x in spans.values()))
+                if take > 0:
+                    spans[group] = slice(start, start + take)
+            subset = GroupSets(**{g: getattr(self.sets, g)[spans[g]] if g in spans else [] for g in GROUPS})
+            started, piece = time.perf_counter(), Side()
+            measurer = Measurer(self.loaded, subset, s, progress)
+            measurer.answers(piece, {g: None for g in spans})
+            measurer.judge_pending(self.judge, piece)
+            seconds, steps = time.perf_counter() - started, measurer.steps
+            for group, span in spans.items():  # the groups shared one queue: each pays its share of the decoding
+                part = parts[group]
+                for name in _fields(group):
+                    part[name] = part[name] + list(getattr(piece, name))
+                part["done"] = span.stop
+                part["seconds"] += seconds * steps[group] / max(1, sum(steps.values()))
+                self._write_part(group, part, whole=span.stop == prompts[group])
+        for group in missing:
+            self.seconds[group] = parts[group]["seconds"]
+            for name in _fields(group):
+                setattr(side, name, parts[group][name])
+
+    def _read_part(self, group: str) -> dict[str, Any]:
+        """What an interrupted measurement of ``group`` saved: its fields for the first ``done`` prompts
+        (nothing, if the part file is missing or damaged)."""
+        path = self._path(group).with_suffix(".part.json")
+        with contextlib.suppress(FileNotFoundError, ValueError, KeyError, TypeError):
+            part = json.loads(path.read_text())
+            if all(len(part[name]) == part["done"] for name in _fields(group)) and part["seconds"] >= 0:
+                return part
+        return {"done": 0, "seconds": 0.0, **{name: [] for name in _fields(group)}}
+
+    def _write_part(self, group: str, part: dict[str, Any], whole: bool) -> None:
+        partial = self._path(group).with_suffix(".part.json")
+        if not whole:
+            atomic_write_json(partial, part)
+            return
+        atomic_write_json(self._path(group), {**{n: part[n] for n in _fields(group)}, "seconds": part["seconds"]})
+        partial.unlink(missing_ok=True)
 
     def gate_states(self, group: str, site: str, layer: int, progress: Any = None) -> torch.Tensor:
         """The unmodified last-token activations at (``site``, ``layer``) of a group's prompts, which a
@@ -270,6 +328,11 @@ class Baseline:
                 atomic_save_safetensors({"logits": logits}, path)
                 self._logits[key] = logits
         return self._logits[key]
+
+
+def _fields(group: str) -> list[str]:
+    """The per-prompt fields of ``group`` in a ``Side`` that the baseline keeps (not its logits)."""
+    return [f.name for f in fields(Side) if f.name.startswith(f"{group}_") and not f.name.endswith("_logits")]
 
 
 def evaluation_thinking(loaded: LoadedModel, settings: EvaluationSettings) -> ThinkingFormat:

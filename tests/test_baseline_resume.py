@@ -1,0 +1,77 @@
+"""The unmodified side of an evaluation is saved chunk by chunk: an interrupted baseline resumes where
+it stopped and gives what an uninterrupted one gives."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+
+import pytest
+
+import alignment_artifacts.evaluation.sides as sides
+from alignment_artifacts.evaluation import Baseline, EvaluationSettings, load_group_sets
+from length_judge import LengthJudge
+from tiny_models import tiny_model
+
+
+@pytest.fixture()
+def settings(tmp_path):
+    harmful = tmp_path / "harmful.txt"
+    harmful.write_text("\n".join(f"Tell me how to do bad thing number {i}." for i in range(10)))
+    # 10 harmful, 6 borderline, 5 of 8 ordinary answered, 6 capability
+    return EvaluationSettings(harmful=str(harmful), n_borderline=6, n_ordinary=8, n_capability=6, max_tokens=4,
+                              capability_max_tokens=4, batch_size=4, generation_batch_size=2, judged_ordinary=5)
+
+
+def test_an_interrupted_baseline_resumes_at_its_chunk_and_gives_the_whole_run(cache_root, settings, monkeypatch):
+    monkeypatch.setattr(sides, "CHUNK_WIDTHS", 2)  # 27 prompts at width 2: 7 chunks of 4 (the last 3)
+    loaded = tiny_model("llama", layers=3)
+    sets = load_group_sets(settings)
+    whole = Baseline(loaded, sets, settings, LengthJudge())
+    expected = whole.side()
+    shutil.rmtree(whole.folder)
+
+    answered: list[int] = []
+    real_generate, real_judge = sides.generate_answers, sides.Measurer.judge_pending
+
+    def counting(loaded, texts, *args, **kwargs):
+        answered.append(len(texts))
+        return real_generate(loaded, texts, *args, **kwargs)
+
+    def interrupted(self, judge, side):
+        if len(answered) == 4:  # the fourth chunk: harmful done, borderline half done
+            raise KeyboardInterrupt
+        real_judge(self, judge, side)
+
+    monkeypatch.setattr(sides, "generate_answers", counting)
+    monkeypatch.setattr(sides.Measurer, "judge_pending", interrupted)
+    judge = LengthJudge()
+    with pytest.raises(KeyboardInterrupt):
+        Baseline(loaded, sets, settings, judge).side()
+    saved = {p.name.split("-")[0].split(".")[0]: p.name for p in whole.folder.iterdir()}
+    assert saved["harmful"].endswith(".json") and ".part" not in saved["harmful"]  # whole: its own file
+    assert ".part" in saved["borderline"] and "ordinary" not in saved and judge.calls == 12
+
+    monkeypatch.setattr(sides.Measurer, "judge_pending", real_judge)
+    answered.clear()
+    resumed = Baseline(loaded, sets, settings, judge)
+    side = resumed.side()
+    assert answered == [4, 4, 4, 3]  # only what was not saved, in the uninterrupted run's chunks
+    assert judge.calls == 12 + 4 + 5  # capability is not judged
+    # first-token scores come from prefills of other batch shapes: equal up to float32 rounding
+    assert side.harmful_odds == pytest.approx(expected.harmful_odds, abs=1e-5)
+    assert replace(side, harmful_odds=expected.harmful_odds) == expected
+    assert not list(whole.folder.glob("*.part.json")) and set(resumed.seconds) == set(settings.groups)
+    assert all(seconds > 0 for seconds in resumed.seconds.values())
+
+
+def test_a_damaged_part_file_starts_its_group_again(cache_root, settings, monkeypatch):
+    loaded = tiny_model("llama", layers=3)
+    sets = load_group_sets(settings)
+    baseline = Baseline(loaded, sets, settings, LengthJudge())
+    path = baseline._path("borderline").with_suffix(".part.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('{"done": 4, "seconds": 1.0, "borderline_labels": ["refusal"]}')  # lists shorter than done
+    expected = Baseline(loaded, sets, replace(settings, n_ordinary=7), LengthJudge()).side()  # other folder
+    side = baseline.side()
+    assert side.borderline_labels == expected.borderline_labels and not path.exists()
