@@ -10,9 +10,10 @@
 # to the end, compare the rerun's result with the reference (collect: the activation files, byte for
 # byte; export: the folder, byte for byte, its manifest and card without the creation time; optimize:
 # the stored configuration without timings), and count the temporaries (.*.partial, .*.parts,
-# .*.lock, .*.tmp, .*.old) left in the cache and next to the export. Before each round, collect's
-# store and optimize's whole cache are removed, so every round starts from scratch; export keeps its
-# directions (collecting them again would only repeat the collect rounds).
+# .*.lock, .*.tmp, .*.old, and an unfinished baseline's *.part.json) left in the cache and next to the
+# export. Before each round, collect's store and optimize's whole cache are removed, so every round
+# starts from scratch; export keeps its directions (collecting them again would only repeat the collect
+# rounds).
 #
 # Runs on the builtin smollm2-135m-instruct in a private cache under a temporary folder; only the
 # converted model is reused (symlinked) from the shared cache. Environment: PYTHON (default python),
@@ -100,8 +101,8 @@ EOF
 }
 
 leftovers() {
-    find "$CACHE" "$WORK/out" -name '.*' \( -name '*.partial' -o -name '*.parts' -o -name '*.lock' \
-         -o -name '*.tmp' -o -name '*.old' \) 2> /dev/null
+    find "$CACHE" "$WORK/out" \( -name '.*' \( -name '*.partial' -o -name '*.parts' -o -name '*.lock' \
+         -o -name '*.tmp' -o -name '*.old' \) \) -o -name '*.part.json' 2> /dev/null
 }
 
 CORRUPT=0

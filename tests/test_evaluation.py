@@ -259,14 +259,24 @@ def test_a_resumed_optimize_reads_the_finalist_checks_an_earlier_run_finished(ca
         calls.append(args[1].config)
         return real(*args, **kwargs)
 
+    import alignment_artifacts.optimize as optimize_module
+
+    real_price, prices = optimize_module._checks_price, []
+
+    def recording(*args, **kwargs):
+        prices.append(real_price(*args, **kwargs))
+        return prices[-1]
+
     monkeypatch.setattr(check_module, "evaluate_against", counting)
+    monkeypatch.setattr(optimize_module, "_checks_price", recording)
     loaded = tiny_model("llama", layers=3)
     settings = _optimize_settings(prompt_files, trials=2, finalists=1, check_plain_recipe=True)
     first = optimize(loaded, settings, progress=False)
-    assert len(calls) == 2  # the finalist and the plain recipe
+    assert len(calls) == 2 and prices[-1] > 0  # the finalist and the plain recipe; the finalist was priced
     settings.resume = True
     again = optimize(loaded, settings, progress=False)
     assert len(calls) == 2 and again.validation == first.validation
+    assert prices[-1] == 0  # its kept check costs nothing: the search could have had that time
     assert [row["validation"] for row in again.finalists] == [row["validation"] for row in first.finalists]
     assert [row["reused"] for row in first.finalists + again.finalists] == [False, False, True, True]
 

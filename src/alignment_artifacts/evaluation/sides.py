@@ -228,6 +228,7 @@ class Baseline:
             if not path.is_file():
                 missing.append(group)
                 continue
+            self._part_path(group).unlink(missing_ok=True)  # left by a run killed between the two writes
             stored = json.loads(path.read_text())
             self.seconds[group] = stored.pop("seconds", 0.0)
             for name, value in stored.items():
@@ -244,7 +245,7 @@ class Baseline:
         it was in. Answers themselves are never kept: they may be completions of harmful prompts."""
         s = self.settings
         prompts = {g: len(getattr(self.sets, g)[:s.judged_ordinary if g == "ordinary" else None]) for g in s.groups}
-        parts = {g: self._read_part(g) for g in missing}
+        parts = {g: self._read_part(g, prompts[g]) for g in missing}
         # equal chunks (no short one left to decode half empty), sized by the whole side: a resumed run's
         # chunks are the uninterrupted run's
         total, widest = sum(prompts.values()), CHUNK_WIDTHS * s.generation_batch_size
@@ -277,18 +278,22 @@ class Baseline:
             for name in _fields(group):
                 setattr(side, name, parts[group][name])
 
-    def _read_part(self, group: str) -> dict[str, Any]:
-        """What an interrupted measurement of ``group`` saved: its fields for the first ``done`` prompts
-        (nothing, if the part file is missing or damaged)."""
-        path = self._path(group).with_suffix(".part.json")
+    def _part_path(self, group: str) -> Path:
+        return self._path(group).with_suffix(".part.json")
+
+    def _read_part(self, group: str, prompts: int) -> dict[str, Any]:
+        """What an interrupted measurement of ``group`` (``prompts`` to answer) saved: its fields for the
+        first ``done`` prompts (nothing, if the part file is missing or damaged)."""
         with contextlib.suppress(FileNotFoundError, ValueError, KeyError, TypeError):
-            part = json.loads(path.read_text())
-            if all(len(part[name]) == part["done"] for name in _fields(group)) and part["seconds"] >= 0:
+            part = json.loads(self._part_path(group).read_text())
+            done = part["done"]
+            if (isinstance(done, int) and 0 <= done < prompts and part["seconds"] >= 0
+                    and all(isinstance(part[name], list) and len(part[name]) == done for name in _fields(group))):
                 return part
         return {"done": 0, "seconds": 0.0, **{name: [] for name in _fields(group)}}
 
     def _write_part(self, group: str, part: dict[str, Any], whole: bool) -> None:
-        partial = self._path(group).with_suffix(".part.json")
+        partial = self._part_path(group)
         if not whole:
             atomic_write_json(partial, part)
             return

@@ -43,7 +43,7 @@ from ..models.thinking import DEFAULT_THINKING_BUDGET
 from ..prompts import PromptSet, resolve_prompts
 from ..resolve import get_directions
 from ..steering import MODES, Steering, SteeringConfig
-from .check import check_finalists, check_path, choose, pick_finalists, with_an_ungated_finalist
+from .check import check_finalists, check_path, choose, kept_check, pick_finalists, with_an_ungated_finalist
 from .search import (
     DEFAULT_MODES,
     SEARCH_MODES,
@@ -153,7 +153,7 @@ def optimize(loaded: LoadedModel, settings: OptimizeSettings | None = None, prog
 
     def kept(trial: Any) -> bool:  # a finalist an earlier run checked (--resume) is read, not run again
         config = space.config(trial.params, loaded)
-        return check_path(baseline, Steering(config, directions[config.direction_variant])).is_file()
+        return kept_check(check_path(baseline, Steering(config, directions[config.direction_variant]))) is not None
 
     with parameters_as(loaded, screen):
         scorer = _scorer(loaded, settings, prompts, baseline, directions, space)

@@ -53,13 +53,27 @@ def check_finalists(loaded: LoadedModel, searched: Searched, space: Space, direc
     return finalists, best
 
 
+CHECK_VERSION = 1  # bump when how a steered side is measured changes: kept checks of older code are not read
+
+
 def check_path(baseline: Baseline, steering: Steering) -> Path:
     """Where the check of ``steering`` against ``baseline`` is kept: keyed by the baseline (model, dtype,
-    prompt sets, answer lengths), its judge, every evaluation setting, the configuration and the
-    directions' numbers."""
-    key = stable_hash({"baseline": baseline.key, "judge": baseline.judge.key, "settings": asdict(baseline.settings),
-                       "config": steering.config.to_json(), "directions": steering.require_directions().digest()})
+    prompt sets, answer lengths), its judge, the evaluation settings (but the decoding width, which
+    changes no answer), the configuration, the directions' numbers and ``CHECK_VERSION``."""
+    settings = {**asdict(baseline.settings), "generation_batch_size": None}
+    key = stable_hash({"baseline": baseline.key, "judge": baseline.judge.key, "settings": settings,
+                       "config": steering.config.to_json(), "directions": steering.require_directions().digest(),
+                       "v": CHECK_VERSION})
     return baseline.folder / "checks" / f"{key}.json"
+
+
+def kept_check(path: Path) -> dict[str, Any] | None:
+    """The check kept at ``path``, or None if there is none or it is damaged (then it is measured again)."""
+    with contextlib.suppress(FileNotFoundError, ValueError, KeyError, TypeError, AttributeError):
+        stored = json.loads(path.read_text())
+        result_from_json(stored)  # whole, as the choice and the stored configuration read it
+        return stored
+    return None
 
 
 def checked(loaded: LoadedModel, steering: Steering, baseline: Baseline) -> tuple[dict[str, Any], bool]:
@@ -67,9 +81,8 @@ def checked(loaded: LoadedModel, steering: Steering, baseline: Baseline) -> tupl
     was read from an earlier run's check (its ``seconds`` are then that run's); a damaged file is measured
     again and replaced."""
     path = check_path(baseline, steering)
-    with contextlib.suppress(FileNotFoundError, ValueError, KeyError, TypeError, AttributeError):
-        stored = json.loads(path.read_text())
-        result_from_json(stored)  # whole, as the choice and the stored configuration read it
+    stored = kept_check(path)
+    if stored is not None:
         return stored, True
     result = evaluate_against(loaded, steering, baseline, progress=False).to_json()
     validation = json.loads(json.dumps(result))  # as a read would give it (tuples become lists)
