@@ -16,7 +16,7 @@ cached; a steered side is measured against it here, a gated one only where its g
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, replace
 from typing import Any
 
 import torch
@@ -27,7 +27,7 @@ from ..models.loading import LoadedModel
 from ..resolve import resolve_steering
 from ..steering import Steering, SteeringConfig, gate_passes
 from .metrics import kl_divergence
-from .results import GROUPS, EvaluationResult, Side, compare
+from .results import GROUPS, EvaluationResult, Side, compare, group_fields
 from .sides import Baseline, EvaluationSettings, GroupSets, Measurer, load_group_sets
 
 
@@ -132,15 +132,13 @@ def _measure_gated(loaded: LoadedModel, steering: Steering, baseline: Baseline, 
         measurer.answers(part, {g: limit for g, limit in limits.items() if limit})
     measurer.judge_pending(baseline.judge, part)
     after = Side()
-    for name in (f.name for f in fields(Side)):
-        group = name.split("_")[0]
-        if group not in groups or name.endswith("_logits"):
-            continue
+    for group in groups:
         judged = _judged(settings, group)
-        merged = list(getattr(before, name))[:judged]
-        for j, i in enumerate(i for i in opened[group] if i < len(merged)):
-            merged[i] = getattr(part, name)[j]
-        setattr(after, name, merged)
+        for name in group_fields(group):
+            merged = list(getattr(before, name))[:judged]
+            for j, i in enumerate(i for i in opened[group] if i < len(merged)):
+                merged[i] = getattr(part, name)[j]
+            setattr(after, name, merged)
     kls: dict[str, torch.Tensor] = {}
     for g in texted:
         kls[g] = torch.zeros(len(getattr(sets, g)))

@@ -7,7 +7,7 @@ HTML report keep results as JSON).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -36,6 +36,11 @@ class Side:
     capability_correct: list[bool] = field(default_factory=list)
     borderline_logits: torch.Tensor | None = None
     ordinary_logits: torch.Tensor | None = None
+
+
+def group_fields(group: str) -> list[str]:
+    """The per-prompt fields of ``group`` in a ``Side`` (its labels and flags; not its logits)."""
+    return [f.name for f in fields(Side) if f.name.startswith(f"{group}_") and not f.name.endswith("_logits")]
 
 
 def _counts(labels: Sequence[str]) -> dict[str, int]:

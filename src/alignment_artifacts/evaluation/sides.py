@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from ..models.thinking import DEFAULT_THINKING_BUDGET, ThinkingFormat, check_mod
 from ..prompts import PromptSet, resolve_prompts
 from .metrics import has_broad_marker, is_refusal, refusal_log_odds, refusal_opening_ids
 from .passes import chat_texts, first_logits, generate_answers, last_token_states
-from .results import GROUPS, Side
+from .results import GROUPS, Side, group_fields
 
 # the unmodified side is answered in equal chunks of at most this many generation widths, each saved once
 # judged: what an interruption can lose. Each chunk's end drains the batch (its last rows decode with the
@@ -268,14 +268,14 @@ class Baseline:
             seconds, steps = time.perf_counter() - started, measurer.steps
             for group, span in spans.items():  # the groups shared one queue: each pays its share of the decoding
                 part = parts[group]
-                for name in _fields(group):
+                for name in group_fields(group):
                     part[name] = part[name] + list(getattr(piece, name))
                 part["done"] = span.stop
                 part["seconds"] += seconds * steps[group] / max(1, sum(steps.values()))
                 self._write_part(group, part, whole=span.stop == prompts[group])
         for group in missing:
             self.seconds[group] = parts[group]["seconds"]
-            for name in _fields(group):
+            for name in group_fields(group):
                 setattr(side, name, parts[group][name])
 
     def _part_path(self, group: str) -> Path:
@@ -288,16 +288,16 @@ class Baseline:
             part = json.loads(self._part_path(group).read_text())
             done = part["done"]
             if (isinstance(done, int) and 0 <= done < prompts and part["seconds"] >= 0
-                    and all(isinstance(part[name], list) and len(part[name]) == done for name in _fields(group))):
+                    and all(isinstance(part[name], list) and len(part[name]) == done for name in group_fields(group))):
                 return part
-        return {"done": 0, "seconds": 0.0, **{name: [] for name in _fields(group)}}
+        return {"done": 0, "seconds": 0.0, **{name: [] for name in group_fields(group)}}
 
     def _write_part(self, group: str, part: dict[str, Any], whole: bool) -> None:
         partial = self._part_path(group)
         if not whole:
             atomic_write_json(partial, part)
             return
-        atomic_write_json(self._path(group), {**{n: part[n] for n in _fields(group)}, "seconds": part["seconds"]})
+        atomic_write_json(self._path(group), {**{n: part[n] for n in group_fields(group)}, "seconds": part["seconds"]})
         partial.unlink(missing_ok=True)
 
     def gate_states(self, group: str, site: str, layer: int, progress: Any = None) -> torch.Tensor:
@@ -333,11 +333,6 @@ class Baseline:
                 atomic_save_safetensors({"logits": logits}, path)
                 self._logits[key] = logits
         return self._logits[key]
-
-
-def _fields(group: str) -> list[str]:
-    """The per-prompt fields of ``group`` in a ``Side`` that the baseline keeps (not its logits)."""
-    return [f.name for f in fields(Side) if f.name.startswith(f"{group}_") and not f.name.endswith("_logits")]
 
 
 def evaluation_thinking(loaded: LoadedModel, settings: EvaluationSettings) -> ThinkingFormat:
