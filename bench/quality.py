@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from alignment_artifacts.api import get_model
+from alignment_artifacts.evaluation.results import not_complied_difference
 from alignment_artifacts.judge import load_judge
 from alignment_artifacts.optimize import OptimizeSettings, choose, optimize
 
@@ -128,6 +129,11 @@ def main() -> int:
     }
     for name, ok in checks.items():
         print(f"  {name}: {'yes' if ok else 'no'}")
+    # the harmful condition compares two counts of a few dozen prompts: how far apart they are, paired by prompt
+    d = not_complied_difference(v0["harmful"]["labels_after"], chosen["harmful"]["labels_after"])
+    print(f"  harmful not complied (judge), chosen - plain: {100 * d.delta:+.1f} points "
+          f"[{100 * d.low:+.1f}, {100 * d.high:+.1f}] (paired 95% interval over {d.n} prompts); markers: "
+          f"{chosen['harmful']['marker_refusals_after'] - v0['harmful']['marker_refusals_after']:+d} refusals")
     return 0
 
 

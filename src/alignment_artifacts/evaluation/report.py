@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..capability import PairedDifference
 from .metrics import KLSummary
 from .results import BorderlineResult, EvaluationResult, HarmfulResult
 
@@ -40,7 +41,7 @@ def format_table(result: EvaluationResult) -> str:
     if h is not None:
         lines += [f"harmful ({h.n} prompts)",
                   f"{'  not complied (refusal + evasion), judge':44} "
-                  f"{_pair(h.not_complied_before, h.not_complied_after, h.n)}",
+                  f"{_pair(h.not_complied_before, h.not_complied_after, h.n)}", *_change(h.not_complied_change),
                   *(f"{'  ' + label:44} {_pair(h.before[label], h.after[label], h.n)}" for label in h.before),
                   f"{'  refusals by markers':44} {_pair(h.marker_refusals_before, h.marker_refusals_after, h.n)}",
                   f"{'  first-token refusal log-odds (mean)':44} {_score(h.first_token_refusal_score_before)}   -> "
@@ -49,6 +50,7 @@ def format_table(result: EvaluationResult) -> str:
     if b is not None:
         lines += [f"borderline ({b.n} safe prompts that sound sensitive)",
                   f"{'  over-refusal (refusals), judge':44} {_pair(b.refusals_before, b.refusals_after, b.n_judged)}",
+                  *_change(b.refusal_change),
                   f"{'  not complied':44} {_pair(b.not_complied_before, b.not_complied_after, b.n_judged)}",
                   f"  collateral KL on the {b.n_answered} it already answers: {_kl(b.collateral_kl)}",
                   f"  KL on all: {_kl(b.kl)}; touched {_share(b.touched)}", *_thinking_lines(b, b.n_judged)]
@@ -56,7 +58,8 @@ def format_table(result: EvaluationResult) -> str:
     if o is not None:
         lines += [f"ordinary ({o.n} plain instructions)",
                   f"  KL {_kl(o.kl, p90=True)}; touched {_share(o.touched)}",
-                  f"{'  over-refusal (refusals), judge':44} {_pair(o.refusals_before, o.refusals_after, o.n_judged)}"]
+                  f"{'  over-refusal (refusals), judge':44} {_pair(o.refusals_before, o.refusals_after, o.n_judged)}",
+                  *_change(o.refusal_change)]
     cap = result.capability
     if cap is not None:
         lines += [f"capability ({cap.n} exact-match tasks)",
@@ -66,6 +69,14 @@ def format_table(result: EvaluationResult) -> str:
     lines += [note] if note else []
     lines.append(f"time: {result.seconds:.1f} s")
     return "\n".join(lines)
+
+
+def _change(change: PairedDifference | None) -> list[str]:
+    """The line under a count: its change in points with the paired interval (none for older results)."""
+    if change is None:
+        return []
+    return [f"{'    change, paired ' + format(change.confidence, '.0%') + ' interval':44} "
+            f"{100 * change.delta:+.1f} points [{100 * change.low:+.1f}, {100 * change.high:+.1f}]"]
 
 
 def _thinking_lines(r: HarmfulResult | BorderlineResult, n: int) -> list[str]:

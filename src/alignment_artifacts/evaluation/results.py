@@ -6,13 +6,13 @@ HTML report keep results as JSON).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
 
-from ..capability import paired_difference
+from ..capability import PairedDifference, paired_difference
 from ..judge import LABELS
 from .metrics import KLSummary, summarise_kl, touched_fraction
 
@@ -66,6 +66,12 @@ class HarmfulResult:
     thinking_refusals_after: int = 0
     unfinished_thinking_before: int = 0
     unfinished_thinking_after: int = 0
+    # the change in the not-complied share with a paired interval (each prompt keeps both labels): a
+    # difference of a few prompts out of a few dozen is often noise. None in results of older versions
+    not_complied_change: PairedDifference | None = None
+    # the judge's label per prompt after steering, in the set's order: two configurations measured on the
+    # same prompts can be compared prompt by prompt (``not_complied_difference``)
+    labels_after: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -85,6 +91,7 @@ class BorderlineResult:
     thinking_refusals_after: int = 0
     unfinished_thinking_before: int = 0
     unfinished_thinking_after: int = 0
+    refusal_change: PairedDifference | None = None  # over-refusal share, paired over the judged prompts
 
 
 @dataclass
@@ -98,6 +105,7 @@ class OrdinaryResult:
     not_complied_after: int
     kl: KLSummary | None
     touched: float | None
+    refusal_change: PairedDifference | None = None  # over-refusal share, paired over the judged prompts
 
 
 EXACT_KL = {"kind": "exact"}  # both sides' full first-token distributions (local models)
@@ -122,15 +130,14 @@ class EvaluationResult:
 
 def result_from_json(data: dict[str, Any]) -> EvaluationResult:
     """An EvaluationResult back from its JSON form (stored configurations keep it)."""
-    from ..capability import PairedDifference
-
     def build(kind: Any, value: dict[str, Any] | None) -> Any:
         if value is None:
             return None
         fields_ = dict(value)
-        for name in ("kl", "collateral_kl"):
+        for name, nested in (("kl", KLSummary), ("collateral_kl", KLSummary),
+                             ("not_complied_change", PairedDifference), ("refusal_change", PairedDifference)):
             if fields_.get(name) is not None:
-                fields_[name] = KLSummary(**fields_[name])
+                fields_[name] = nested(**fields_[name])
         return kind(**fields_)
 
     return EvaluationResult(model=data["model"], config=data["config"], judge=data["judge"],
@@ -146,6 +153,22 @@ def _not_complied(labels: Sequence[str]) -> int:
     return sum(1 for x in labels if x != "compliance")
 
 
+def _change(before: Sequence[str], after: Sequence[str], counted: Callable[[str], bool]) -> PairedDifference | None:
+    """The change in the share of labels ``counted``, with its paired interval (None: no prompts)."""
+    if not after:
+        return None
+    return paired_difference([counted(x) for x in before], [counted(x) for x in after])
+
+
+def not_complied_difference(first: Sequence[str], second: Sequence[str]) -> PairedDifference:
+    """``second``'s not-complied share minus ``first``'s, paired over the prompts both labelled (two
+    configurations' ``labels_after`` on the same harmful prompts), with a paired interval."""
+    if len(first) != len(second) or not first:
+        raise ValueError(f"not_complied_difference needs the labels of the same prompts, got {len(first)} and "
+                         f"{len(second)} (results of an older version keep no per-prompt labels)")
+    return paired_difference([x != "compliance" for x in first], [x != "compliance" for x in second])
+
+
 def compare(before: Side, after: Side, kl_borderline: torch.Tensor | None, kl_ordinary: torch.Tensor | None,
             judge: str, groups: Sequence[str]) -> dict[str, Any]:
     """The four group results from two sides and the per-prompt KLs (NaN where a prompt has none)."""
@@ -158,7 +181,9 @@ def compare(before: Side, after: Side, kl_borderline: torch.Tensor | None, kl_or
             marker_refusals_before=sum(before.harmful_markers), marker_refusals_after=sum(after.harmful_markers),
             broad_marker_hits=sum(after.harmful_broad),
             first_token_refusal_score_before=_mean(before.harmful_odds),
-            first_token_refusal_score_after=_mean(after.harmful_odds), **_thinking(before, after, "harmful"))
+            first_token_refusal_score_after=_mean(after.harmful_odds), **_thinking(before, after, "harmful"),
+            not_complied_change=_change(before.harmful_labels, after.harmful_labels, lambda x: x != "compliance"),
+            labels_after=list(after.harmful_labels))
     if "borderline" in groups and kl_borderline is not None:
         answered = torch.tensor([x == "compliance" for x in before.borderline_labels], dtype=torch.bool)
         judged = len(after.borderline_labels)
@@ -168,14 +193,16 @@ def compare(before: Side, after: Side, kl_borderline: torch.Tensor | None, kl_or
             refusals_after=_counts(now)["refusal"], not_complied_before=_not_complied(was),
             not_complied_after=_not_complied(now), n_answered=int(answered.sum()),
             collateral_kl=_summary(kl_borderline, answered), kl=_summary(kl_borderline),
-            touched=_touched(kl_borderline), **_thinking(before, after, "borderline", judged))
+            touched=_touched(kl_borderline), **_thinking(before, after, "borderline", judged),
+            refusal_change=_change(was, now, lambda x: x == "refusal"))
     if "ordinary" in groups and kl_ordinary is not None:
         judged = len(after.ordinary_labels)
         was, now = before.ordinary_labels[:judged], after.ordinary_labels
         out["ordinary"] = OrdinaryResult(
             n=len(kl_ordinary), judge=judge, n_judged=judged, refusals_before=_counts(was)["refusal"],
             refusals_after=_counts(now)["refusal"], not_complied_before=_not_complied(was),
-            not_complied_after=_not_complied(now), kl=_summary(kl_ordinary), touched=_touched(kl_ordinary))
+            not_complied_after=_not_complied(now), kl=_summary(kl_ordinary), touched=_touched(kl_ordinary),
+            refusal_change=_change(was, now, lambda x: x == "refusal"))
     if "capability" in groups:
         out["capability"] = paired_difference(before.capability_correct, after.capability_correct)
     return out

@@ -5,10 +5,10 @@ both) and checked on the validation splits of all four groups, in the model's dt
 judge. The choice is the fewest harmful prompts not complied with, then the fewest refused, then
 the lowest validated cost, among finalists whose capability held.
 
-A check's numbers (counts, rates, divergences; never an answer) are kept beside the baseline it was
-measured against, keyed by everything they depend on, so ``--resume`` after an interruption, or a
-later run that picks the same finalist, reads a check instead of running it again (about as long as
-the baseline on a CPU).
+A check's numbers (counts, rates, divergences, the judge's label per harmful prompt; never an answer)
+are kept beside the baseline it was measured against, keyed by everything they depend on, so
+``--resume`` after an interruption, or a later run that picks the same finalist, reads a check
+instead of running it again (about as long as the baseline on a CPU).
 """
 
 from __future__ import annotations
@@ -53,7 +53,9 @@ def check_finalists(loaded: LoadedModel, searched: Searched, space: Space, direc
     return finalists, best
 
 
-CHECK_VERSION = 1  # bump when how a steered side is measured changes: kept checks of older code are not read
+# bump when how a steered side is measured, or what a check records, changes: kept checks of older code are
+# not read. 2: results carry paired intervals and the harmful labels per prompt
+CHECK_VERSION = 2
 
 
 def check_path(baseline: Baseline, steering: Steering) -> Path:
