@@ -42,9 +42,9 @@ def inside_repository(path: Path) -> bool:
     return path.resolve().is_relative_to(root)
 
 
-def plain_recipe(args: argparse.Namespace, n_layers: int) -> SteeringConfig:
-    """--mode and --scale with a direction from --direction-harmful against the bundled harmless set."""
-    tmp = Path(tempfile.mkdtemp(prefix="aa-audit-"))
+def plain_recipe(args: argparse.Namespace, n_layers: int, tmp: Path) -> SteeringConfig:
+    """--mode and --scale with a direction from --direction-harmful against the bundled harmless set (the
+    two prompt files written to ``tmp``, which must outlive the direction's computation)."""
     for name, spec, label in (("harmful", args.direction_harmful, 1), ("harmless", "harmless", 0)):
         texts = resolve_prompts(spec, label=label).texts
         (tmp / f"{name}.json").write_text(json.dumps([{"instruction": t} for t in texts]))
@@ -78,8 +78,9 @@ def main() -> int:
     stored = SteeringConfig.load(args.config) if args.config else None  # a bad file fails before the model loads
     prompts = resolve_prompts(args.harmful, label=1).texts
     loaded = get_model(args.model)
-    config = stored or plain_recipe(args, loaded.adapter.n_layers)
-    steering = resolve_steering(loaded, config, progress=sys.stderr.isatty())
+    with tempfile.TemporaryDirectory(prefix="aa-audit-") as tmp:
+        config = stored or plain_recipe(args, loaded.adapter.n_layers, Path(tmp))
+        steering = resolve_steering(loaded, config, progress=sys.stderr.isatty())
     with steering.apply(loaded):
         answers = generate_answers(loaded, chat_texts(loaded, prompts, None), args.max_tokens, args.batch_size).texts
     spec = args.judge or f"markers+{args.model}"

@@ -1,5 +1,6 @@
-"""The unmodified side of an evaluation is saved chunk by chunk: an interrupted baseline resumes where
-it stopped and gives what an uninterrupted one gives."""
+"""Both sides of an evaluation are saved chunk by chunk: an interrupted baseline, or an interrupted
+steered side (every prompt, or the prompts a gate opens), resumes where it stopped and gives what an
+uninterrupted run gives."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ from dataclasses import replace
 import pytest
 
 import alignment_artifacts.evaluation.sides as sides
+from alignment_artifacts.api import get_directions
 from alignment_artifacts.evaluation import Baseline, EvaluationSettings, load_group_sets
+from alignment_artifacts.evaluation.groups import evaluate_against
+from alignment_artifacts.steering import Steering, SteeringConfig
 from length_judge import LengthJudge
 from tiny_models import tiny_model
 
@@ -67,7 +71,7 @@ def test_a_damaged_part_file_starts_its_group_again(cache_root, settings, monkey
     loaded = tiny_model("llama", layers=3)
     sets = load_group_sets(settings)
     baseline = Baseline(loaded, sets, settings, LengthJudge())
-    path = baseline._path("borderline").with_suffix(".part.json")
+    path = baseline.files.part_path("borderline")
     path.parent.mkdir(parents=True, exist_ok=True)
     short = '["refusal"]'  # every field, each shorter than "done" says
     path.write_text(f'{{"done": 4, "seconds": 1.0, "borderline_labels": {short}, '
@@ -78,3 +82,63 @@ def test_a_damaged_part_file_starts_its_group_again(cache_root, settings, monkey
     path.write_text("{}")  # as a run killed between writing the whole group and removing its part leaves it
     Baseline(loaded, sets, settings, LengthJudge()).side()
     assert not path.exists()
+
+
+@pytest.mark.parametrize("gate_level", [None, -1.0])
+def test_an_interrupted_steered_side_resumes_at_its_chunk_and_leaves_nothing_behind(cache_root, settings,
+                                                                                   monkeypatch, tmp_path,
+                                                                                   gate_level):
+    monkeypatch.setattr(sides, "CHUNK_WIDTHS", 2)
+    loaded = tiny_model("llama", layers=4)
+    harmless = tmp_path / "harmless.txt"
+    harmless.write_text("\n".join(f"Tell me a fact about bread number {i}." for i in range(10)))
+    directions = get_directions(loaded, SteeringConfig(mode="clamp"), source=f"{settings.harmful},{harmless}",
+                                progress=False)
+    gate = {} if gate_level is None else {"gate_layer": 3, "gate_level": gate_level}  # -1: opens every prompt
+    steering = Steering(SteeringConfig(mode="ablate", scale=1.0, direction_layer=2, **gate), directions)
+    judge = LengthJudge()
+    baseline = Baseline(loaded, load_group_sets(settings), settings, judge)
+    baseline.side()
+    baseline.logits("borderline"), baseline.logits("ordinary")
+
+    answered: list[int] = []
+    logits: list[str] = []
+    real_generate, real_judge, real_logits = sides.generate_answers, sides.Measurer.judge_pending, sides.Measurer.logits
+
+    def counting(loaded, texts, *args, **kwargs):
+        answered.append(len(texts))
+        return real_generate(loaded, texts, *args, **kwargs)
+
+    def counting_logits(self, group):
+        logits.append(group)
+        return real_logits(self, group)
+
+    monkeypatch.setattr(sides, "generate_answers", counting)
+    monkeypatch.setattr(sides.Measurer, "logits", counting_logits)
+    judge.calls = 0
+    expected = evaluate_against(loaded, steering, baseline, progress=False).to_json()
+    steered = baseline.folder / "steered"
+    assert not any(steered.iterdir())  # a whole side's saved chunks are removed
+    whole_run, asked = list(answered), judge.calls
+    # 10 + 6 + 5 + 6 answers (the gate at -1 opens every prompt) in equal chunks of at most 2 widths of 2
+    assert whole_run == [4, 4, 4, 4, 4, 4, 3] and logits == ["borderline", "ordinary"]
+
+    def interrupted(self, judge, side):
+        if len(answered) == 3:
+            raise KeyboardInterrupt
+        real_judge(self, judge, side)
+
+    answered.clear(), logits.clear()
+    monkeypatch.setattr(sides.Measurer, "judge_pending", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_against(loaded, steering, baseline, progress=False)
+    assert list(steered.glob("*/*.part.json")) and len(list(steered.glob("*/*_logits.safetensors"))) == 2
+    monkeypatch.setattr(sides.Measurer, "judge_pending", real_judge)
+    answered.clear(), logits.clear()
+    judge.calls = 0
+    resumed = evaluate_against(loaded, steering, baseline, progress=False).to_json()
+    assert answered == whole_run[2:] and not logits  # the two saved chunks and the saved logits are read
+    assert judge.calls == asked - 8  # the first two chunks' 8 harmful answers were judged before the interruption
+    for result in (expected, resumed):
+        result.pop("seconds")
+    assert resumed == expected and not any(steered.iterdir())

@@ -15,24 +15,75 @@ cached; a steered side is measured against it here, a gated one only where its g
 
 from __future__ import annotations
 
+import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..analysis.directions import DirectionSet
+from ..cache import atomic_save_safetensors, stable_hash
 from ..judge import Judge, load_judge
 from ..models.loading import LoadedModel
 from ..resolve import resolve_steering
 from ..steering import Steering, SteeringConfig, gate_passes
 from .metrics import kl_divergence
 from .results import GROUPS, EvaluationResult, Side, compare, group_fields
-from .sides import Baseline, EvaluationSettings, GroupSets, Measurer, load_group_sets
+from .sides import Baseline, EvaluationSettings, GroupSets, Measurer, SideFiles, load_group_sets, measure_in_chunks
+
+# bump when how a steered side is measured, or what its result records, changes: a steered side's saved
+# chunks and optimize's kept checks of older code are then not read. 2: paired intervals, harmful labels
+MEASURE_VERSION = 2
 
 
 def _judged(settings: EvaluationSettings, group: str) -> int | None:
     return {"borderline": settings.judged_borderline, "ordinary": settings.judged_ordinary}.get(group)
+
+
+def steered_key(baseline: Baseline, steering: Steering, loaded: LoadedModel | None = None) -> str:
+    """What a steered side measured against ``baseline`` depends on: the baseline (model, dtype, prompt
+    sets, answer lengths), its judge, the evaluation settings but the decoding width (which changes no
+    answer), the configuration, the directions' numbers, ``MEASURE_VERSION``, and the evaluated model
+    where it is not the baseline's (``loaded``: an export against its base)."""
+    settings = {**asdict(baseline.settings), "generation_batch_size": None}
+    other = {} if loaded is None or loaded is baseline.loaded else \
+        {"model": [loaded.info.weights_hash, loaded.info.dtype]}
+    return stable_hash({"baseline": baseline.key, "judge": baseline.judge.key, "settings": settings,
+                        "config": steering.config.to_json(),
+                        "directions": None if steering.directions is None else steering.directions.digest(),
+                        "v": MEASURE_VERSION, **other})
+
+
+def _steered_files(loaded: LoadedModel, steering: Steering, baseline: Baseline, path: str) -> SideFiles:
+    """Where a steered side is saved chunk by chunk until its result is assembled (then removed);
+    ``path``: how it is measured (every prompt, or the prompts a gate opens)."""
+    key = steered_key(baseline, steering, loaded)
+    return SideFiles(baseline.folder / "steered" / f"{key}-{path}", baseline.judge)
+
+
+def _saved_logits(files: SideFiles, group: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """A steered group's first-token logits, read from ``files``' folder or computed and saved there."""
+    from safetensors.torch import load_file
+
+    path = files.folder / f"{group}_logits.safetensors"
+    if path.is_file():
+        return load_file(str(path))["logits"]
+    logits = compute()
+    atomic_save_safetensors({"logits": logits.contiguous()}, path)
+    return logits
+
+
+def _limits(sets: GroupSets, settings: EvaluationSettings) -> dict[str, int]:
+    """How many of each group's first prompts are answered (KL covers every prompt)."""
+    return {g: len(getattr(sets, g)[:_judged(settings, g)]) for g in settings.groups}
+
+
+def _removed(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def evaluate(loaded: LoadedModel, config: SteeringConfig, settings: EvaluationSettings | None = None,
@@ -86,15 +137,19 @@ def evaluate_against(loaded: LoadedModel, steering: Steering, baseline: Baseline
 def measure_every_prompt(loaded: LoadedModel, steering: Steering, baseline: Baseline, progress: Any = None
                          ) -> tuple[Side, dict[str, torch.Tensor]]:
     """The after side with every prompt run under ``steering`` (a gate, if any, decides live), and the
-    per-prompt first-token KLs of the borderline and ordinary groups."""
+    per-prompt first-token KLs of the borderline and ordinary groups. Saved chunk by chunk (as the
+    baseline is), so an interrupted run resumes; the saved chunks are removed once the side is whole."""
     sets, settings = baseline.sets, baseline.settings
-    texted = [g for g in ("borderline", "ordinary") if g in settings.groups]
-    measurer, after = Measurer(loaded, sets, settings, progress), Side()
+    texted: list[str] = [g for g in ("borderline", "ordinary") if g in settings.groups]
+    files, after = _steered_files(loaded, steering, baseline, "every"), Side()
+    measurer = Measurer(loaded, sets, settings, progress)
     with steering.apply(loaded):
-        logits = {g: measurer.logits(g) for g in texted}
-        measurer.answers(after, {group: _judged(settings, group) for group in settings.groups})
-    measurer.judge_pending(baseline.judge, after)
-    return after, {g: kl_divergence(baseline.logits(g, steering.allows_prefix_sharing), logits[g]) for g in texted}
+        logits = {g: _saved_logits(files, g, partial(measurer.logits, g)) for g in texted}
+    measure_in_chunks(loaded, sets, settings, baseline.judge, files, _limits(sets, settings), after, steering,
+                      progress)
+    kls = {g: kl_divergence(baseline.logits(g, steering.allows_prefix_sharing), logits[g]) for g in texted}
+    _removed(files.folder)
+    return after, kls
 
 
 def _measure_gated(loaded: LoadedModel, steering: Steering, baseline: Baseline, bar: Any
@@ -119,18 +174,19 @@ def _measure_gated(loaded: LoadedModel, steering: Steering, baseline: Baseline, 
                              ).nonzero().flatten().tolist()
               for g in groups}
     subset = GroupSets(**{g: [getattr(sets, g)[i] for i in opened.get(g, [])] for g in GROUPS})
+    files, part = _steered_files(loaded, steering, baseline, "opened"), Side()
     measurer = Measurer(loaded, subset, settings, bar)
-    part = Side()
     texted: list[str] = [g for g in ("borderline", "ordinary") if g in groups]
-    with Steering(replace(config, gate_layer=None), directions).apply(loaded):
-        logits = {g: measurer.logits(g) for g in texted if opened[g]}
-        cutoff = {g: _judged(settings, g) for g in groups}  # answers judged per group (None: all)
-        limits = {g: sum(1 for i in opened[g] if cutoff[g] is None or i < cutoff[g]) for g in groups}
-        for group in groups:
-            size, limit = len(getattr(sets, group)), cutoff[group]
-            bar.update((size if limit is None else min(size, limit)) - limits[group])  # answers the baseline gives
-        measurer.answers(part, {g: limit for g, limit in limits.items() if limit})
-    measurer.judge_pending(baseline.judge, part)
+    twin = Steering(replace(config, gate_layer=None), directions)
+    with twin.apply(loaded):
+        logits = {g: _saved_logits(files, g, partial(measurer.logits, g)) for g in texted if opened[g]}
+    cutoff = {g: _judged(settings, g) for g in groups}  # answers judged per group (None: all)
+    limits = {g: sum(1 for i in opened[g] if cutoff[g] is None or i < cutoff[g]) for g in groups}
+    for group in groups:
+        size, limit = len(getattr(sets, group)), cutoff[group]
+        bar.update((size if limit is None else min(size, limit)) - limits[group])  # answers the baseline gives
+    measure_in_chunks(loaded, subset, settings, baseline.judge, files, {g: n for g, n in limits.items() if n}, part,
+                      twin, bar)
     after = Side()
     for group in groups:
         judged = _judged(settings, group)
@@ -144,6 +200,7 @@ def _measure_gated(loaded: LoadedModel, steering: Steering, baseline: Baseline, 
         kls[g] = torch.zeros(len(getattr(sets, g)))
         if opened[g]:
             kls[g][opened[g]] = kl_divergence(baseline.logits(g)[opened[g]], logits[g])
+    _removed(files.folder)
     return after, kls
 
 

@@ -1,9 +1,11 @@
 """The building blocks of an evaluation: its settings, its prompt sets, and the two sides it compares.
 
-``Measurer`` runs a model (steered or not) over the groups and judges its answers; ``Baseline`` is
-the unmodified side, computed once per model, prompt sets and judge and cached group by group
-(labels, flags, logits and gate-layer activations only; never an answer's text), saved chunk by chunk
-while it is measured, so an interrupted run resumes. ``groups.py`` compares a steered side with it.
+``Measurer`` runs a model (steered or not) over the groups and judges its answers;
+``measure_in_chunks`` does so chunk by chunk, saving each group's labels and flags (``SideFiles``)
+after every chunk, so an interrupted run resumes at its chunk. ``Baseline`` is the unmodified side,
+computed once per model, prompt sets and judge and cached group by group (labels, flags, logits and
+gate-layer activations only; never an answer's text). ``groups.py`` measures a steered side the same
+way and compares it with the baseline.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ from ..models.chat import check_fits, context_length
 from ..models.loading import LoadedModel
 from ..models.thinking import DEFAULT_THINKING_BUDGET, ThinkingFormat, check_mode, thinking_format
 from ..prompts import PromptSet, resolve_prompts
+from ..steering import Steering
 from .metrics import has_broad_marker, is_refusal, refusal_log_odds, refusal_opening_ids
 from .passes import chat_texts, first_logits, generate_answers, last_token_states
 from .results import GROUPS, Side, group_fields
 
-# the unmodified side is answered in equal chunks of at most this many generation widths, each saved once
+# a side is answered in equal chunks of at most this many generation widths, each saved once
 # judged: what an interruption can lose. Each chunk's end drains the batch (its last rows decode with the
 # batch half empty), about max-tokens decoding steps: `bench/baseline_chunks.py --chunk-widths 2` (329
 # prompts in two chunks) took 686 s on the builtin Qwen (2-core CPU, float32) against 644 s in one queue,
@@ -194,6 +197,103 @@ class Measurer:
         self.pending.clear()
 
 
+class SideFiles:
+    """Where a side's groups are saved in ``folder``: ``<group>-<judge>.json`` once whole
+    (``capability.json``: not judged), ``<group>-<judge>.part.json`` while measured."""
+
+    def __init__(self, folder: Path, judge: Judge):
+        self.folder, self.judge = folder, judge
+
+    def path(self, group: str) -> Path:
+        suffix = f"-{stable_hash(self.judge.key, 8)}" if group != "capability" else ""
+        return self.folder / f"{group}{suffix}.json"
+
+    def part_path(self, group: str) -> Path:
+        return self.path(group).with_suffix(".part.json")
+
+    def read(self, group: str) -> dict[str, Any] | None:
+        """A whole group's fields and ``seconds``, or None if it is not whole yet."""
+        path = self.path(group)
+        if not path.is_file():
+            return None
+        self.part_path(group).unlink(missing_ok=True)  # left by a run killed between the two writes
+        stored: dict[str, Any] = json.loads(path.read_text())
+        return stored
+
+    def read_part(self, group: str, prompts: int) -> dict[str, Any]:
+        """What an interrupted measurement of ``group`` (``prompts`` to answer) saved: its fields for the
+        first ``done`` prompts (nothing, if the part file is missing or damaged)."""
+        with contextlib.suppress(FileNotFoundError, ValueError, KeyError, TypeError):
+            part = json.loads(self.part_path(group).read_text())
+            done = part["done"]
+            if (isinstance(done, int) and 0 <= done < prompts and part["seconds"] >= 0
+                    and all(isinstance(part[name], list) and len(part[name]) == done for name in group_fields(group))):
+                return part
+        return {"done": 0, "seconds": 0.0, **{name: [] for name in group_fields(group)}}
+
+    def write_part(self, group: str, part: dict[str, Any], whole: bool) -> None:
+        partial = self.part_path(group)
+        if not whole:
+            atomic_write_json(partial, part)
+            return
+        atomic_write_json(self.path(group), {**{n: part[n] for n in group_fields(group)}, "seconds": part["seconds"]})
+        partial.unlink(missing_ok=True)
+
+
+def measure_in_chunks(loaded: LoadedModel, sets: GroupSets, settings: EvaluationSettings, judge: Judge,
+                      files: SideFiles, prompts: dict[str, int], side: Side, steering: Steering | None = None,
+                      progress: Any = None) -> dict[str, float]:
+    """Fill ``side``'s fields of each group in ``prompts``: from its whole file, else by answering its first
+    ``prompts[group]`` prompts of ``sets`` under ``steering`` (None: the model as it is)
+    and judging them outside it (a model judge may be the evaluated model). Returns the seconds each
+    group took (as saved with it).
+
+    The groups still to measure share one queue per chunk. Chunks are equal and sized by the whole side,
+    so a resumed run's chunks, and hence its batches, are the uninterrupted run's.
+    """
+    seconds: dict[str, float] = {}
+    parts: dict[str, dict[str, Any]] = {}
+    for group in prompts:
+        stored = files.read(group)
+        if stored is None:
+            parts[group] = files.read_part(group, prompts[group])
+            continue
+        seconds[group] = stored.pop("seconds", 0.0)
+        for name, value in stored.items():
+            setattr(side, name, value)
+    total, widest = sum(prompts.values()), CHUNK_WIDTHS * settings.generation_batch_size
+    chunk = -(-total // max(1, -(-total // widest)))
+    for group in parts:
+        if not prompts[group]:  # nothing to answer (e.g. --judged-ordinary 0): whole as it is
+            files.write_part(group, parts[group], whole=True)
+    while any(parts[g]["done"] < prompts[g] for g in parts):
+        spans: dict[str, slice] = {}
+        for group in parts:
+            start = parts[group]["done"]
+            take = min(prompts[group] - start, chunk - sum(x.stop - x.start for x in spans.values()))
+            if take > 0:
+                spans[group] = slice(start, start + take)
+        subset = GroupSets(**{g: getattr(sets, g)[spans[g]] if g in spans else [] for g in GROUPS})
+        started, piece = time.perf_counter(), Side()
+        measurer = Measurer(loaded, subset, settings, progress)
+        with steering.apply(loaded) if steering is not None else contextlib.nullcontext():
+            measurer.answers(piece, {g: None for g in spans})
+        measurer.judge_pending(judge, piece)
+        took, steps = time.perf_counter() - started, measurer.steps
+        for group, span in spans.items():  # the groups shared one queue: each pays its share of the decoding
+            part = parts[group]
+            for name in group_fields(group):
+                part[name] = part[name] + list(getattr(piece, name))
+            part["done"] = span.stop
+            part["seconds"] += took * steps[group] / max(1, sum(steps.values()))
+            files.write_part(group, part, whole=span.stop == prompts[group])
+    for group, part in parts.items():
+        seconds[group] = part["seconds"]
+        for name in group_fields(group):
+            setattr(side, name, part[name])
+    return seconds
+
+
 class Baseline:
     """The unmodified model's side of every comparison, cached on disk group by group."""
 
@@ -208,97 +308,23 @@ class Baseline:
                                 "judged_ordinary": settings.judged_ordinary,
                                 **_thinking_key(thinking), "v": 4})
         self.folder = cache_dir("evaluation", self.key)
+        self.files = SideFiles(self.folder, judge)
         self.thinks = thinking.thinks  # its answer prompts differ from its generation prompts
         self._side: Side | None = None
         self.seconds: dict[str, float] = {}  # what measuring each group took (cached with it): prices a validation
         self._logits: dict[tuple[str, bool], torch.Tensor] = {}
 
-    def _path(self, group: str) -> Path:
-        judged = group != "capability"
-        suffix = f"-{stable_hash(self.judge.key, 8)}" if judged else ""
-        return self.folder / f"{group}{suffix}.json"
-
     def side(self, progress: Any = None) -> Side:
-        """Labels and flags of every group, from the cache or computed (and cached) now."""
-        if self._side is not None:
-            return self._side
-        side, missing = Side(), []
-        for group in self.settings.groups:
-            path = self._path(group)
-            if not path.is_file():
-                missing.append(group)
-                continue
-            self._part_path(group).unlink(missing_ok=True)  # left by a run killed between the two writes
-            stored = json.loads(path.read_text())
-            self.seconds[group] = stored.pop("seconds", 0.0)
-            for name, value in stored.items():
-                setattr(side, name, value)
-        if missing:
-            self._measure(side, missing, progress)
-        self._side = side
-        return side
-
-    def _measure(self, side: Side, missing: list[str], progress: Any) -> None:
-        """Answer and judge the ``missing`` groups in chunks of at most ``CHUNK_WIDTHS`` generation widths, all
-        groups in one queue per chunk, saving each group's labels and flags after every chunk (a part
-        file, then the group's file once it is whole), so an interrupted baseline resumes at the chunk
-        it was in. Answers themselves are never kept: they may be completions of harmful prompts."""
-        s = self.settings
-        prompts = {g: len(getattr(self.sets, g)[:s.judged_ordinary if g == "ordinary" else None]) for g in s.groups}
-        parts = {g: self._read_part(g, prompts[g]) for g in missing}
-        # equal chunks (no short one left to decode half empty), sized by the whole side: a resumed run's
-        # chunks are the uninterrupted run's
-        total, widest = sum(prompts.values()), CHUNK_WIDTHS * s.generation_batch_size
-        chunk = -(-total // max(1, -(-total // widest)))
-        for group in missing:
-            if not prompts[group]:  # nothing to answer (e.g. --judged-ordinary 0): whole as it is
-                self._write_part(group, parts[group], whole=True)
-        while any(parts[g]["done"] < prompts[g] for g in missing):
-            spans: dict[str, slice] = {}
-            for group in missing:
-                start = parts[group]["done"]
-                take = min(prompts[group] - start, chunk - sum(x.stop - x.start for x in spans.values()))
-                if take > 0:
-                    spans[group] = slice(start, start + take)
-            subset = GroupSets(**{g: getattr(self.sets, g)[spans[g]] if g in spans else [] for g in GROUPS})
-            started, piece = time.perf_counter(), Side()
-            measurer = Measurer(self.loaded, subset, s, progress)
-            measurer.answers(piece, {g: None for g in spans})
-            measurer.judge_pending(self.judge, piece)
-            seconds, steps = time.perf_counter() - started, measurer.steps
-            for group, span in spans.items():  # the groups shared one queue: each pays its share of the decoding
-                part = parts[group]
-                for name in group_fields(group):
-                    part[name] = part[name] + list(getattr(piece, name))
-                part["done"] = span.stop
-                part["seconds"] += seconds * steps[group] / max(1, sum(steps.values()))
-                self._write_part(group, part, whole=span.stop == prompts[group])
-        for group in missing:
-            self.seconds[group] = parts[group]["seconds"]
-            for name in group_fields(group):
-                setattr(side, name, parts[group][name])
-
-    def _part_path(self, group: str) -> Path:
-        return self._path(group).with_suffix(".part.json")
-
-    def _read_part(self, group: str, prompts: int) -> dict[str, Any]:
-        """What an interrupted measurement of ``group`` (``prompts`` to answer) saved: its fields for the
-        first ``done`` prompts (nothing, if the part file is missing or damaged)."""
-        with contextlib.suppress(FileNotFoundError, ValueError, KeyError, TypeError):
-            part = json.loads(self._part_path(group).read_text())
-            done = part["done"]
-            if (isinstance(done, int) and 0 <= done < prompts and part["seconds"] >= 0
-                    and all(isinstance(part[name], list) and len(part[name]) == done for name in group_fields(group))):
-                return part
-        return {"done": 0, "seconds": 0.0, **{name: [] for name in group_fields(group)}}
-
-    def _write_part(self, group: str, part: dict[str, Any], whole: bool) -> None:
-        partial = self._part_path(group)
-        if not whole:
-            atomic_write_json(partial, part)
-            return
-        atomic_write_json(self._path(group), {**{n: part[n] for n in group_fields(group)}, "seconds": part["seconds"]})
-        partial.unlink(missing_ok=True)
+        """Labels and flags of every group, from the cache or measured (and cached) now, chunk by chunk
+        (``measure_in_chunks``): an interrupted baseline resumes at the chunk it was in."""
+        if self._side is None:
+            s, side = self.settings, Side()
+            prompts = {g: len(getattr(self.sets, g)[:s.judged_ordinary if g == "ordinary" else None])
+                       for g in s.groups}
+            self.seconds = measure_in_chunks(self.loaded, self.sets, s, self.judge, self.files, prompts, side,
+                                             progress=progress)
+            self._side = side
+        return self._side
 
     def gate_states(self, group: str, site: str, layer: int, progress: Any = None) -> torch.Tensor:
         """The unmodified last-token activations at (``site``, ``layer``) of a group's prompts, which a

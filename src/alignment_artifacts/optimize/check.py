@@ -16,14 +16,13 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from ..analysis.directions import DirectionSet
-from ..cache import atomic_write_json, stable_hash
+from ..cache import atomic_write_json
 from ..evaluation import Baseline
-from ..evaluation.groups import evaluate_against
+from ..evaluation.groups import evaluate_against, steered_key
 from ..evaluation.results import result_from_json
 from ..models.loading import LoadedModel
 from ..steering import Steering
@@ -53,20 +52,10 @@ def check_finalists(loaded: LoadedModel, searched: Searched, space: Space, direc
     return finalists, best
 
 
-# bump when how a steered side is measured, or what a check records, changes: kept checks of older code are
-# not read. 2: results carry paired intervals and the harmful labels per prompt
-CHECK_VERSION = 2
-
-
 def check_path(baseline: Baseline, steering: Steering) -> Path:
-    """Where the check of ``steering`` against ``baseline`` is kept: keyed by the baseline (model, dtype,
-    prompt sets, answer lengths), its judge, the evaluation settings (but the decoding width, which
-    changes no answer), the configuration, the directions' numbers and ``CHECK_VERSION``."""
-    settings = {**asdict(baseline.settings), "generation_batch_size": None}
-    key = stable_hash({"baseline": baseline.key, "judge": baseline.judge.key, "settings": settings,
-                       "config": steering.config.to_json(), "directions": steering.require_directions().digest(),
-                       "v": CHECK_VERSION})
-    return baseline.folder / "checks" / f"{key}.json"
+    """Where the check of ``steering`` against ``baseline`` is kept, keyed by all it depends on
+    (``groups.steered_key``: a change to how a steered side is measured bumps its version)."""
+    return baseline.folder / "checks" / f"{steered_key(baseline, steering)}.json"
 
 
 def kept_check(path: Path) -> dict[str, Any] | None:
