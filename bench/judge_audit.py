@@ -78,9 +78,13 @@ def main() -> int:
     stored = SteeringConfig.load(args.config) if args.config else None  # a bad file fails before the model loads
     prompts = resolve_prompts(args.harmful, label=1).texts
     loaded = get_model(args.model)
-    with tempfile.TemporaryDirectory(prefix="aa-audit-") as tmp:
-        config = stored or plain_recipe(args, loaded.adapter.n_layers, Path(tmp))
-        steering = resolve_steering(loaded, config, progress=sys.stderr.isatty())
+    if stored is not None:
+        steering = resolve_steering(loaded, stored, progress=sys.stderr.isatty())
+    else:
+        with tempfile.TemporaryDirectory(prefix="aa-audit-") as tmp:  # the direction's prompts, read once
+            steering = resolve_steering(loaded, plain_recipe(args, loaded.adapter.n_layers, Path(tmp)),
+                                        progress=sys.stderr.isatty())
+    config = steering.config
     with steering.apply(loaded):
         answers = generate_answers(loaded, chat_texts(loaded, prompts, None), args.max_tokens, args.batch_size).texts
     spec = args.judge or f"markers+{args.model}"

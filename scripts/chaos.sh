@@ -10,7 +10,8 @@
 # to the end, compare the rerun's result with the reference (collect: the activation files, byte for
 # byte; export: the folder, byte for byte, its manifest and card without the creation time; optimize:
 # the stored configuration without timings), and count the temporaries (.*.partial, .*.parts,
-# .*.lock, .*.tmp, .*.old, and an unfinished side's *.part.json) left in the cache and next to the
+# .*.lock, .*.tmp, .*.old, an unfinished side's *.part.json, and a steered side's folder, kept only
+# until its result is assembled) left in the cache and next to the
 # export. Before each round, collect's store and optimize's whole cache are removed, so every round
 # starts from scratch; export keeps its directions (collecting them again would only repeat the collect
 # rounds).
@@ -102,7 +103,8 @@ EOF
 
 leftovers() {
     find "$CACHE" "$WORK/out" \( -name '.*' \( -name '*.partial' -o -name '*.parts' -o -name '*.lock' \
-         -o -name '*.tmp' -o -name '*.old' \) \) -o -name '*.part.json' 2> /dev/null
+         -o -name '*.tmp' -o -name '*.old' \) \) -o -name '*.part.json' \
+         -o -path '*/evaluation/*/steered/?*' -prune 2> /dev/null
 }
 
 CORRUPT=0

@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 import alignment_artifacts.evaluation.sides as sides
 from alignment_artifacts.api import get_directions
 from alignment_artifacts.evaluation import Baseline, EvaluationSettings, load_group_sets
-from alignment_artifacts.evaluation.groups import evaluate_against
-from alignment_artifacts.steering import Steering, SteeringConfig
+from alignment_artifacts.evaluation.groups import evaluate_against, steered_key
+from alignment_artifacts.evaluation.results import GROUPS
+from alignment_artifacts.steering import Steering, SteeringConfig, gate_passes
 from length_judge import LengthJudge
 from tiny_models import tiny_model
 
@@ -84,7 +86,7 @@ def test_a_damaged_part_file_starts_its_group_again(cache_root, settings, monkey
     assert not path.exists()
 
 
-@pytest.mark.parametrize("gate_level", [None, -1.0])
+@pytest.mark.parametrize("gate_level", [None, -1.0, 0.5])
 def test_an_interrupted_steered_side_resumes_at_its_chunk_and_leaves_nothing_behind(cache_root, settings,
                                                                                    monkeypatch, tmp_path,
                                                                                    gate_level):
@@ -94,12 +96,23 @@ def test_an_interrupted_steered_side_resumes_at_its_chunk_and_leaves_nothing_beh
     harmless.write_text("\n".join(f"Tell me a fact about bread number {i}." for i in range(10)))
     directions = get_directions(loaded, SteeringConfig(mode="clamp"), source=f"{settings.harmful},{harmless}",
                                 progress=False)
-    gate = {} if gate_level is None else {"gate_layer": 3, "gate_level": gate_level}  # -1: opens every prompt
+    gate = {} if gate_level is None else {"gate_layer": 3, "gate_level": gate_level}
     steering = Steering(SteeringConfig(mode="ablate", scale=1.0, direction_layer=2, **gate), directions)
     judge = LengthJudge()
-    baseline = Baseline(loaded, load_group_sets(settings), settings, judge)
+    sets = load_group_sets(settings)
+    baseline = Baseline(loaded, sets, settings, judge)
     baseline.side()
     baseline.logits("borderline"), baseline.logits("ordinary")
+    cutoff = {"harmful": 10, "borderline": 6, "ordinary": 5, "capability": 6}  # answers of every prompt
+    opened = {g: list(range(len(getattr(sets, g)))) for g in GROUPS}
+    if gate_level is not None:
+        opened = {g: gate_passes(directions, 3, gate_level, baseline.gate_states(g, directions.site, 3))
+                  .nonzero().flatten().tolist() for g in GROUPS}
+    answers = {g: sum(i < cutoff[g] for i in opened[g]) for g in GROUPS}  # in queue order
+    if gate_level == 0.5:  # a gate that opens some prompts of a group and not others (the subset path)
+        assert any(0 < len(opened[g]) < len(getattr(sets, g)) for g in GROUPS), opened
+    else:  # -1 opens every prompt
+        assert answers == cutoff
 
     answered: list[int] = []
     logits: list[str] = []
@@ -118,10 +131,12 @@ def test_an_interrupted_steered_side_resumes_at_its_chunk_and_leaves_nothing_beh
     judge.calls = 0
     expected = evaluate_against(loaded, steering, baseline, progress=False).to_json()
     steered = baseline.folder / "steered"
-    assert not any(steered.iterdir())  # a whole side's saved chunks are removed
+    assert not steered.exists()  # a whole side's saved chunks, and their folders, are removed
     whole_run, asked = list(answered), judge.calls
-    # 10 + 6 + 5 + 6 answers (the gate at -1 opens every prompt) in equal chunks of at most 2 widths of 2
-    assert whole_run == [4, 4, 4, 4, 4, 4, 3] and logits == ["borderline", "ordinary"]
+    # equal chunks of at most 2 widths of 2 (27 answers when every prompt runs: 7 chunks, the last of 3)
+    total = sum(answers.values())
+    assert len(whole_run) >= 3 and sum(whole_run) == total and max(whole_run) <= 4
+    assert logits == [g for g in ("borderline", "ordinary") if opened[g]]
 
     def interrupted(self, judge, side):
         if len(answered) == 3:
@@ -132,13 +147,31 @@ def test_an_interrupted_steered_side_resumes_at_its_chunk_and_leaves_nothing_beh
     monkeypatch.setattr(sides.Measurer, "judge_pending", interrupted)
     with pytest.raises(KeyboardInterrupt):
         evaluate_against(loaded, steering, baseline, progress=False)
-    assert list(steered.glob("*/*.part.json")) and len(list(steered.glob("*/*_logits.safetensors"))) == 2
+    assert list(steered.glob("*/*.part.json")) or list(steered.glob("*/*-*.json"))
+    assert len(list(steered.glob("*/*_kl.safetensors"))) == len(logits)
     monkeypatch.setattr(sides.Measurer, "judge_pending", real_judge)
     answered.clear(), logits.clear()
     judge.calls = 0
     resumed = evaluate_against(loaded, steering, baseline, progress=False).to_json()
-    assert answered == whole_run[2:] and not logits  # the two saved chunks and the saved logits are read
-    assert judge.calls == asked - 8  # the first two chunks' 8 harmful answers were judged before the interruption
+    assert answered == whole_run[2:] and not logits  # the two saved chunks and the saved KLs are read
+    judged_before = min(sum(whole_run[:2]), total - answers["capability"])  # capability comes last, unjudged
+    assert judge.calls == asked - judged_before > 0
     for result in (expected, resumed):
         result.pop("seconds")
-    assert resumed == expected and not any(steered.iterdir())
+    assert resumed == expected and not steered.exists()
+
+
+def test_a_steered_side_is_saved_apart_for_another_evaluated_model():
+    """An export evaluated against its base (another model, mode none) must not resume another
+    export's chunks; evaluated against its own baseline, the key is the kept check's."""
+    from types import SimpleNamespace
+
+    def model(weights):
+        return SimpleNamespace(info=SimpleNamespace(weights_hash=weights, dtype="float32"))
+
+    base = model("base")
+    baseline = SimpleNamespace(key="b", judge=SimpleNamespace(key="j"), settings=EvaluationSettings(),
+                               folder=Path("/kept"), loaded=base)
+    steering = Steering(SteeringConfig(mode="none"))
+    keys = {steered_key(baseline, steering, loaded) for loaded in (None, base, model("one"), model("two"))}
+    assert len(keys) == 3  # None and the baseline's own model are the same side

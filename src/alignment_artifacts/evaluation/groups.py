@@ -15,11 +15,9 @@ cached; a steered side is measured against it here, a gated one only where its g
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -50,40 +48,46 @@ def steered_key(baseline: Baseline, steering: Steering, loaded: LoadedModel | No
     answer), the configuration, the directions' numbers, ``MEASURE_VERSION``, and the evaluated model
     where it is not the baseline's (``loaded``: an export against its base)."""
     settings = {**asdict(baseline.settings), "generation_batch_size": None}
-    other = {} if loaded is None or loaded is baseline.loaded else \
-        {"model": [loaded.info.weights_hash, loaded.info.dtype]}
+    other = ({} if loaded is None or loaded is baseline.loaded
+             else {"model": [loaded.info.weights_hash, loaded.info.dtype]})
     return stable_hash({"baseline": baseline.key, "judge": baseline.judge.key, "settings": settings,
                         "config": steering.config.to_json(),
                         "directions": None if steering.directions is None else steering.directions.digest(),
                         "v": MEASURE_VERSION, **other})
 
 
-def _steered_files(loaded: LoadedModel, steering: Steering, baseline: Baseline, path: str) -> SideFiles:
+def _steered_files(loaded: LoadedModel, steering: Steering, baseline: Baseline, how: str) -> SideFiles:
     """Where a steered side is saved chunk by chunk until its result is assembled (then removed);
-    ``path``: how it is measured (every prompt, or the prompts a gate opens)."""
+    ``how`` it is measured: ``every`` prompt, or ``opened-<hash of the prompts the gate opens>``."""
     key = steered_key(baseline, steering, loaded)
-    return SideFiles(baseline.folder / "steered" / f"{key}-{path}", baseline.judge)
+    return SideFiles(baseline.folder / "steered" / f"{key}-{how}", baseline.judge)
 
 
-def _saved_logits(files: SideFiles, group: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """A steered group's first-token logits, read from ``files``' folder or computed and saved there."""
+def _kl_path(files: SideFiles, group: str) -> Path:
+    return files.folder / f"{group}_kl.safetensors"
+
+
+def _saved_kls(loaded: LoadedModel, files: SideFiles, groups: list[str], steering: Steering,
+               steered_logits: Callable[[str], torch.Tensor], base_logits: Callable[[str], torch.Tensor]
+               ) -> dict[str, torch.Tensor]:
+    """Per-prompt first-token KLs of ``groups``, read from ``files``' folder or measured and saved there:
+    the steered logits under ``steering``, the unmodified ones after it (the baseline may compute them)."""
     from safetensors.torch import load_file
 
-    path = files.folder / f"{group}_logits.safetensors"
-    if path.is_file():
-        return load_file(str(path))["logits"]
-    logits = compute()
-    atomic_save_safetensors({"logits": logits.contiguous()}, path)
-    return logits
+    todo = [g for g in groups if not _kl_path(files, g).is_file()]
+    if todo:
+        with steering.apply(loaded):
+            steered = {g: steered_logits(g) for g in todo}
+        for g in todo:
+            atomic_save_safetensors({"kl": kl_divergence(base_logits(g), steered[g]).contiguous()},
+                                    _kl_path(files, g))
+    return {g: load_file(str(_kl_path(files, g)))["kl"] for g in groups}
 
 
 def _limits(sets: GroupSets, settings: EvaluationSettings) -> dict[str, int]:
-    """How many of each group's first prompts are answered (KL covers every prompt)."""
+    """How many of each group's first prompts a steered side answers (its KL covers every prompt; the
+    baseline answers every borderline prompt, ``Baseline.side``)."""
     return {g: len(getattr(sets, g)[:_judged(settings, g)]) for g in settings.groups}
-
-
-def _removed(folder: Path) -> None:
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 def evaluate(loaded: LoadedModel, config: SteeringConfig, settings: EvaluationSettings | None = None,
@@ -141,14 +145,12 @@ def measure_every_prompt(loaded: LoadedModel, steering: Steering, baseline: Base
     baseline is), so an interrupted run resumes; the saved chunks are removed once the side is whole."""
     sets, settings = baseline.sets, baseline.settings
     texted: list[str] = [g for g in ("borderline", "ordinary") if g in settings.groups]
-    files, after = _steered_files(loaded, steering, baseline, "every"), Side()
-    measurer = Measurer(loaded, sets, settings, progress)
-    with steering.apply(loaded):
-        logits = {g: _saved_logits(files, g, partial(measurer.logits, g)) for g in texted}
-    measure_in_chunks(loaded, sets, settings, baseline.judge, files, _limits(sets, settings), after, steering,
-                      progress)
-    kls = {g: kl_divergence(baseline.logits(g, steering.allows_prefix_sharing), logits[g]) for g in texted}
-    _removed(files.folder)
+    files, measurer = _steered_files(loaded, steering, baseline, "every"), Measurer(loaded, sets, settings)
+    kls = _saved_kls(loaded, files, texted, steering, measurer.logits,
+                     lambda g: baseline.logits(g, steering.allows_prefix_sharing))
+    after, _ = measure_in_chunks(loaded, sets, settings, baseline.judge, files, _limits(sets, settings), steering,
+                                 progress)
+    files.discard(settings.groups, [_kl_path(files, g) for g in texted])
     return after, kls
 
 
@@ -174,19 +176,18 @@ def _measure_gated(loaded: LoadedModel, steering: Steering, baseline: Baseline, 
                              ).nonzero().flatten().tolist()
               for g in groups}
     subset = GroupSets(**{g: [getattr(sets, g)[i] for i in opened.get(g, [])] for g in GROUPS})
-    files, part = _steered_files(loaded, steering, baseline, "opened"), Side()
-    measurer = Measurer(loaded, subset, settings, bar)
-    texted: list[str] = [g for g in ("borderline", "ordinary") if g in groups]
+    files = _steered_files(loaded, steering, baseline, f"opened-{stable_hash(opened, 8)}")
+    texted: list[str] = [g for g in ("borderline", "ordinary") if g in groups and opened[g]]
     twin = Steering(replace(config, gate_layer=None), directions)
-    with twin.apply(loaded):
-        logits = {g: _saved_logits(files, g, partial(measurer.logits, g)) for g in texted if opened[g]}
+    opened_kls = _saved_kls(loaded, files, texted, twin, Measurer(loaded, subset, settings).logits,
+                            lambda g: baseline.logits(g)[opened[g]])
     cutoff = {g: _judged(settings, g) for g in groups}  # answers judged per group (None: all)
     limits = {g: sum(1 for i in opened[g] if cutoff[g] is None or i < cutoff[g]) for g in groups}
     for group in groups:
         size, limit = len(getattr(sets, group)), cutoff[group]
         bar.update((size if limit is None else min(size, limit)) - limits[group])  # answers the baseline gives
-    measure_in_chunks(loaded, subset, settings, baseline.judge, files, {g: n for g, n in limits.items() if n}, part,
-                      twin, bar)
+    part, _ = measure_in_chunks(loaded, subset, settings, baseline.judge, files, limits, twin, bar)
+    files.discard(groups, [_kl_path(files, g) for g in texted])
     after = Side()
     for group in groups:
         judged = _judged(settings, group)
@@ -196,11 +197,11 @@ def _measure_gated(loaded: LoadedModel, steering: Steering, baseline: Baseline, 
                 merged[i] = getattr(part, name)[j]
             setattr(after, name, merged)
     kls: dict[str, torch.Tensor] = {}
-    for g in texted:
-        kls[g] = torch.zeros(len(getattr(sets, g)))
-        if opened[g]:
-            kls[g][opened[g]] = kl_divergence(baseline.logits(g)[opened[g]], logits[g])
-    _removed(files.folder)
+    for g in ("borderline", "ordinary"):
+        if g in groups:
+            kls[g] = torch.zeros(len(getattr(sets, g)))
+            if g in opened_kls:
+                kls[g][opened[g]] = opened_kls[g]
     return after, kls
 
 

@@ -149,8 +149,17 @@ def result_from_json(data: dict[str, Any]) -> EvaluationResult:
                             kl_method=data.get("kl_method", dict(EXACT_KL)))
 
 
-def _not_complied(labels: Sequence[str]) -> int:
-    return sum(1 for x in labels if x != "compliance")
+def not_complied(label: str) -> bool:
+    """Refusal or evasion: the request was not done."""
+    return label != "compliance"
+
+
+def _refused(label: str) -> bool:
+    return label == "refusal"
+
+
+def _count_not_complied(labels: Sequence[str]) -> int:
+    return sum(map(not_complied, labels))
 
 
 def _change(before: Sequence[str], after: Sequence[str], counted: Callable[[str], bool]) -> PairedDifference | None:
@@ -162,11 +171,12 @@ def _change(before: Sequence[str], after: Sequence[str], counted: Callable[[str]
 
 def not_complied_difference(first: Sequence[str], second: Sequence[str]) -> PairedDifference:
     """``second``'s not-complied share minus ``first``'s, paired over the prompts both labelled (two
-    configurations' ``labels_after`` on the same harmful prompts), with a paired interval."""
+    configurations' ``labels_after`` on the same harmful prompts: the caller makes sure they are, e.g.
+    both measured against one baseline), with a paired interval."""
     if len(first) != len(second) or not first:
         raise ValueError(f"not_complied_difference needs the labels of the same prompts, got {len(first)} and "
                          f"{len(second)} (results of an older version keep no per-prompt labels)")
-    return paired_difference([x != "compliance" for x in first], [x != "compliance" for x in second])
+    return paired_difference([not_complied(x) for x in first], [not_complied(x) for x in second])
 
 
 def compare(before: Side, after: Side, kl_borderline: torch.Tensor | None, kl_ordinary: torch.Tensor | None,
@@ -176,13 +186,13 @@ def compare(before: Side, after: Side, kl_borderline: torch.Tensor | None, kl_or
     if "harmful" in groups:
         out["harmful"] = HarmfulResult(
             n=len(before.harmful_labels), judge=judge, before=_counts(before.harmful_labels),
-            after=_counts(after.harmful_labels), not_complied_before=_not_complied(before.harmful_labels),
-            not_complied_after=_not_complied(after.harmful_labels),
+            after=_counts(after.harmful_labels), not_complied_before=_count_not_complied(before.harmful_labels),
+            not_complied_after=_count_not_complied(after.harmful_labels),
             marker_refusals_before=sum(before.harmful_markers), marker_refusals_after=sum(after.harmful_markers),
             broad_marker_hits=sum(after.harmful_broad),
             first_token_refusal_score_before=_mean(before.harmful_odds),
             first_token_refusal_score_after=_mean(after.harmful_odds), **_thinking(before, after, "harmful"),
-            not_complied_change=_change(before.harmful_labels, after.harmful_labels, lambda x: x != "compliance"),
+            not_complied_change=_change(before.harmful_labels, after.harmful_labels, not_complied),
             labels_after=list(after.harmful_labels))
     if "borderline" in groups and kl_borderline is not None:
         answered = torch.tensor([x == "compliance" for x in before.borderline_labels], dtype=torch.bool)
@@ -190,19 +200,19 @@ def compare(before: Side, after: Side, kl_borderline: torch.Tensor | None, kl_or
         was, now = before.borderline_labels[:judged], after.borderline_labels
         out["borderline"] = BorderlineResult(
             n=len(before.borderline_labels), judge=judge, n_judged=judged, refusals_before=_counts(was)["refusal"],
-            refusals_after=_counts(now)["refusal"], not_complied_before=_not_complied(was),
-            not_complied_after=_not_complied(now), n_answered=int(answered.sum()),
+            refusals_after=_counts(now)["refusal"], not_complied_before=_count_not_complied(was),
+            not_complied_after=_count_not_complied(now), n_answered=int(answered.sum()),
             collateral_kl=_summary(kl_borderline, answered), kl=_summary(kl_borderline),
             touched=_touched(kl_borderline), **_thinking(before, after, "borderline", judged),
-            refusal_change=_change(was, now, lambda x: x == "refusal"))
+            refusal_change=_change(was, now, _refused))
     if "ordinary" in groups and kl_ordinary is not None:
         judged = len(after.ordinary_labels)
         was, now = before.ordinary_labels[:judged], after.ordinary_labels
         out["ordinary"] = OrdinaryResult(
             n=len(kl_ordinary), judge=judge, n_judged=judged, refusals_before=_counts(was)["refusal"],
-            refusals_after=_counts(now)["refusal"], not_complied_before=_not_complied(was),
-            not_complied_after=_not_complied(now), kl=_summary(kl_ordinary), touched=_touched(kl_ordinary),
-            refusal_change=_change(was, now, lambda x: x == "refusal"))
+            refusals_after=_counts(now)["refusal"], not_complied_before=_count_not_complied(was),
+            not_complied_after=_count_not_complied(now), kl=_summary(kl_ordinary), touched=_touched(kl_ordinary),
+            refusal_change=_change(was, now, _refused))
     if "capability" in groups:
         out["capability"] = paired_difference(before.capability_correct, after.capability_correct)
     return out

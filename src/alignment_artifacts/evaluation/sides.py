@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -212,11 +213,12 @@ class SideFiles:
         return self.path(group).with_suffix(".part.json")
 
     def read(self, group: str) -> dict[str, Any] | None:
-        """A whole group's fields and ``seconds``, or None if it is not whole yet."""
+        """A whole group's fields and ``seconds``, or None if it is not whole yet (a whole group's part
+        file, left by a run killed between the two writes, is removed)."""
         path = self.path(group)
         if not path.is_file():
             return None
-        self.part_path(group).unlink(missing_ok=True)  # left by a run killed between the two writes
+        self.part_path(group).unlink(missing_ok=True)
         stored: dict[str, Any] = json.loads(path.read_text())
         return stored
 
@@ -239,19 +241,28 @@ class SideFiles:
         atomic_write_json(self.path(group), {**{n: part[n] for n in group_fields(group)}, "seconds": part["seconds"]})
         partial.unlink(missing_ok=True)
 
+    def discard(self, groups: Iterable[str], others: Iterable[Path] = ()) -> None:
+        """Remove the files of ``groups`` and ``others``, then the folder and its parent if that left them
+        empty: only this side's own files, never another writer's temporaries."""
+        for path in [*(p for g in groups for p in (self.path(g), self.part_path(g))), *others]:
+            path.unlink(missing_ok=True)
+        for folder in (self.folder, self.folder.parent):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
 
 def measure_in_chunks(loaded: LoadedModel, sets: GroupSets, settings: EvaluationSettings, judge: Judge,
-                      files: SideFiles, prompts: dict[str, int], side: Side, steering: Steering | None = None,
-                      progress: Any = None) -> dict[str, float]:
-    """Fill ``side``'s fields of each group in ``prompts``: from its whole file, else by answering its first
-    ``prompts[group]`` prompts of ``sets`` under ``steering`` (None: the model as it is)
-    and judging them outside it (a model judge may be the evaluated model). Returns the seconds each
-    group took (as saved with it).
+                      files: SideFiles, prompts: dict[str, int], steering: Steering | None = None,
+                      progress: Any = None) -> tuple[Side, dict[str, float]]:
+    """The side of the groups in ``prompts``, and the seconds each took (as saved with it): each group
+    read from its whole file, else measured by answering its first ``prompts[group]`` prompts of
+    ``sets`` under ``steering`` (None: the model as it is) and judging them outside it (a model judge
+    may be the evaluated model).
 
     The groups still to measure share one queue per chunk. Chunks are equal and sized by the whole side,
     so a resumed run's chunks, and hence its batches, are the uninterrupted run's.
     """
-    seconds: dict[str, float] = {}
+    side, seconds = Side(), {}
     parts: dict[str, dict[str, Any]] = {}
     for group in prompts:
         stored = files.read(group)
@@ -267,12 +278,7 @@ def measure_in_chunks(loaded: LoadedModel, sets: GroupSets, settings: Evaluation
         if not prompts[group]:  # nothing to answer (e.g. --judged-ordinary 0): whole as it is
             files.write_part(group, parts[group], whole=True)
     while any(parts[g]["done"] < prompts[g] for g in parts):
-        spans: dict[str, slice] = {}
-        for group in parts:
-            start = parts[group]["done"]
-            take = min(prompts[group] - start, chunk - sum(x.stop - x.start for x in spans.values()))
-            if take > 0:
-                spans[group] = slice(start, start + take)
+        spans = _next_chunk({g: parts[g]["done"] for g in parts}, prompts, chunk)
         subset = GroupSets(**{g: getattr(sets, g)[spans[g]] if g in spans else [] for g in GROUPS})
         started, piece = time.perf_counter(), Side()
         measurer = Measurer(loaded, subset, settings, progress)
@@ -291,7 +297,17 @@ def measure_in_chunks(loaded: LoadedModel, sets: GroupSets, settings: Evaluation
         seconds[group] = part["seconds"]
         for name in group_fields(group):
             setattr(side, name, part[name])
-    return seconds
+    return side, seconds
+
+
+def _next_chunk(done: dict[str, int], prompts: dict[str, int], chunk: int) -> dict[str, slice]:
+    """The next ``chunk`` prompts still to answer, group after group."""
+    spans: dict[str, slice] = {}
+    for group, start in done.items():
+        take = min(prompts[group] - start, chunk - sum(x.stop - x.start for x in spans.values()))
+        if take > 0:
+            spans[group] = slice(start, start + take)
+    return spans
 
 
 class Baseline:
@@ -318,12 +334,13 @@ class Baseline:
         """Labels and flags of every group, from the cache or measured (and cached) now, chunk by chunk
         (``measure_in_chunks``): an interrupted baseline resumes at the chunk it was in."""
         if self._side is None:
-            s, side = self.settings, Side()
+            s = self.settings
+            # every borderline prompt is answered (collateral KL needs to know which ones the model
+            # answers); a steered side answers only the first --judged-borderline of them
             prompts = {g: len(getattr(self.sets, g)[:s.judged_ordinary if g == "ordinary" else None])
                        for g in s.groups}
-            self.seconds = measure_in_chunks(self.loaded, self.sets, s, self.judge, self.files, prompts, side,
-                                             progress=progress)
-            self._side = side
+            self._side, self.seconds = measure_in_chunks(self.loaded, self.sets, s, self.judge, self.files, prompts,
+                                                         progress=progress)
         return self._side
 
     def gate_states(self, group: str, site: str, layer: int, progress: Any = None) -> torch.Tensor:
