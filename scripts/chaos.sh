@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Kill `collect`, `export` and `optimize` at random points and check that a rerun always completes
-# with the result of an uninterrupted run and leaves no temporary files behind.
+# Kill `collect`, `export`, `optimize` and `evaluate` at random points and check that a rerun always
+# completes with the result of an uninterrupted run and leaves no temporary files behind.
 #
 #   scripts/chaos.sh [N]        N kills per command (default 10)
 #
@@ -9,12 +9,12 @@
 # finishes before its kill is repeated with shorter delays, so every round kills one), rerun it
 # to the end, compare the rerun's result with the reference (collect: the activation files, byte for
 # byte; export: the folder, byte for byte, its manifest and card without the creation time; optimize:
-# the stored configuration without timings), and count the temporaries (.*.partial, .*.parts,
-# .*.lock, .*.tmp, .*.old, an unfinished side's *.part.json, and a steered side's folder, kept only
-# until its result is assembled) left in the cache and next to the
+# the stored configuration without timings; evaluate: the JSON it prints, without timings), and count
+# the temporaries (.*.partial, .*.parts, .*.lock, .*.tmp, .*.old, an unfinished side's *.part.json, and
+# a steered side's folder, kept only until its result is assembled) left in the cache and next to the
 # export. Before each round, collect's store and optimize's whole cache are removed, so every round
 # starts from scratch; export keeps its directions (collecting them again would only repeat the collect
-# rounds).
+# rounds), evaluate its directions and unmodified side (its rounds kill the steered side).
 #
 # Runs on the builtin smollm2-135m-instruct in a private cache under a temporary folder; only the
 # converted model is reused (symlinked) from the shared cache. Environment: PYTHON (default python),
@@ -53,11 +53,16 @@ EXPORT=(export --model "$MODEL" --mode ablate --format hf --out "$WORK/out/ablat
 OPTIMIZE=(optimize --model "$MODEL" --harmful "$WORK/harmful.json" --harmless "$WORK/harmless.json" --trials 2
           --timeout 60 --search-size 4 --modes ablate --no-gate --max-tokens 8 --finalists 1
           --n-ordinary 8 --n-borderline 8 --n-capability 8 --judged-borderline 4 --judged-ordinary 4 --json)
+# evaluate's steered side at width 4: chunks of 16 prompts, so kills land between saved chunks (its
+# baseline and direction are measured once before the rounds, which kill the steered side only)
+EVALUATE=(evaluate --model "$MODEL" --mode ablate --harmful "$WORK/harmful.json" --n-borderline 16 --n-ordinary 16
+          --n-capability 16 --max-tokens 8 --generation-batch-size 4 --json)
 
 prepare() {  # prepare NAME: the state each round starts from
     case $1 in
         collect) rm -rf "$CACHE"/activations/[!.]* ;;
         optimize) rm -rf "$CACHE"/{activations,directions,evaluation,configs,studies} ;;
+        evaluate) rm -rf "$CACHE"/evaluation/*/steered ;;
     esac
 }
 
@@ -66,6 +71,7 @@ result() {  # result NAME: the path holding the command's result
         collect) echo "$CACHE"/activations/[!.]* ;;
         export) echo "$WORK/out/ablated" ;;
         optimize) echo "$CACHE/configs/$MODEL.json" ;;
+        evaluate) echo "$WORK/evaluate-rerun.json" ;;  # what it prints
     esac
 }
 
@@ -112,12 +118,13 @@ LEFT=0
 chaos() {  # chaos NAME ARGS...: a reference run and N kill-and-rerun rounds of one command
     local name=$1 started took delay pid killed=0 early=0 ok=0 bad=0 left=0 found i
     shift
-    if [ "$name" = export ]; then  # directions first, so the timed run is what every round repeats
+    if [ "$name" = export ] || [ "$name" = evaluate ]; then  # directions (and baseline) first, so the timed
+        # run is what every round repeats
         aa "$@" > /dev/null 2>&1
     fi
     prepare "$name"
     started=$(now)
-    if ! aa "$@" > "$WORK/$name.json" 2> "$WORK/$name.err"; then
+    if ! aa "$@" > "$WORK/$name-rerun.json" 2> "$WORK/$name.err"; then
         echo "chaos: $name: the reference run failed:" >&2
         tail -5 "$WORK/$name.err" >&2
         CORRUPT=$((CORRUPT + 1))
@@ -166,5 +173,6 @@ START=$(now)
 chaos collect "${COLLECT[@]}"
 chaos export "${EXPORT[@]}"
 chaos optimize "${OPTIMIZE[@]}"
+chaos evaluate "${EVALUATE[@]}"
 echo "chaos: $N kills per command in $(since "$START") s: $CORRUPT corrupt results, $LEFT leftover temporaries"
 [ "$CORRUPT" = 0 ] && [ "$LEFT" = 0 ]
