@@ -411,7 +411,7 @@ def test_optimize_searches_per_prompt_gates_unless_told_not_to(cache_root, promp
         storage = f"sqlite:///{cache_dir('studies') / (loaded.info.name + '.db')}"
         trials = optuna.load_study(study_name=study_name, storage=storage).trials
         gated = [t for t in trials if t.params.get("gated")]
-        assert len(gated) == (2 if gate else 0)  # the two gated seed clamps
+        assert len(gated) == (1 if gate else 0)  # the gated seed clamp, the fifth seed
         assert all(2 <= t.params["gate_layer"] <= 3 and t.user_attrs["kl_collateral"] >= 0 for t in gated)
         assert all(t.params["clamp_level"] >= 0.0 and t.params["clamp_scale"] <= 1.3 for t in trials)
     config = config_from_params({"mode": "clamp", "clamp_scale": 1.2, "direction_layer": 2, "kernel_centre": 1,
@@ -453,8 +453,10 @@ def test_an_ungated_setting_is_validated_when_gated_ones_fill_the_front():
     picked = with_an_ungated_finalist(searched, 2, max_cost=0.1, base_refusal=0.4)
     assert [t.number for t in pick_finalists(searched.pareto, 2, 0.1, 0.4)] == [0, 2]
     assert [t.number for t in picked] == [0, 4]  # the weakest gated pick (2) gives way to the best ungated (4)
+    # one slot: the front decides, and takes its lowest refusal inside the budget, not its cheapest point
     assert [t.number for t in with_an_ungated_finalist(searched, 1, 0.1, 0.4)] == \
-        [t.number for t in pick_finalists(searched.pareto, 1, 0.1, 0.4)]  # one slot: the front decides
+        [t.number for t in pick_finalists(searched.pareto, 1, 0.1, 0.4)] == [0]
+    assert [t.number for t in pick_finalists(searched.pareto, 1, 0.003, 0.4)] == [1]  # 0 is over this budget
     narrow = Searched(study=None, complete=gated[:1] + ungated, pareto=gated[:1])  # a front of one fills up
     assert [t.number for t in with_an_ungated_finalist(narrow, 2, 0.1, 0.4)] == [0, 4]
     plain = Searched(study=None, complete=ungated, pareto=ungated[:2])  # no gate searched: unchanged

@@ -82,16 +82,21 @@ def checked(loaded: LoadedModel, steering: Steering, baseline: Baseline) -> tupl
 
 
 def pick_finalists(pareto: list[Any], n: int, max_cost: float, base_refusal: float) -> list[Any]:
-    """Up to ``n`` Pareto points inside the cost budget, spread evenly over log cost.
+    """Up to ``n`` Pareto points inside the cost budget, spread evenly over log cost; one slot takes the
+    point with the lowest refusal proxy inside the budget.
 
     Fronts crowd at the low-refusal end (many points with no proxy refusals and rising cost), so an
     even spread in cost, not in front order, is what covers the trade-off. Points that keep more
     than half the unmodified refusal probability are left out: they are nearly free but barely steer.
+    A single finalist is the spread's high-cost end, not its low one, because the choice ranks harmful
+    prompts not complied with first: the cheapest point inside the budget is the one that steers least.
     """
     inside = [t for t in pareto if t.values[1] <= max_cost and t.values[0] <= base_refusal / 2] \
         or [t for t in pareto if t.values[1] <= max_cost] or pareto[:1]
     if len(inside) <= n:
         return inside
+    if n == 1:
+        return [min(inside, key=lambda t: (t.values[0], t.values[1]))]
     logs = {t.number: math.log(max(t.values[1], 1e-6)) for t in inside}
     low, high = min(logs.values()), max(logs.values())
     chosen: list[Any] = []

@@ -125,19 +125,36 @@ class Space:
         return {"mode": "ablate", "ablate_scale": 1.0, "direction_layer": round(0.6 * n), "kernel_centre": n / 2,
                 "kernel_width": float(n), "kernel_floor": 1.0}
 
+    def depth(self, fraction: float) -> int:
+        """The direction layer at ``fraction`` of the model's depth, inside the searched range."""
+        layers = self.direction_layers
+        return min(max(round(fraction * self.n_layers), layers[0]), layers[-1])
+
     def seeds(self) -> list[dict[str, Any]]:
-        """Known starting points: the plain recipe (full ablation with one layer's direction) and each
-        other ablation at scale 1, clamps at three levels, which sketch the trade-off before the sampler
-        takes over, and (with gates) the level-0 clamp gated at 75% depth at two levels; all with the
-        first direction variant, and each mode's first point with every other variant."""
-        n = self.n_layers
-        flat = {k: v for k, v in self.plain_recipe().items() if k not in ("mode", "ablate_scale")}
+        """Known starting points, in the order a short budget should try them: clamps sketching the
+        trade-off (levels 0.3, 0.2 and 0.4 with the direction at 80% depth, 0.3 at 60%), then (with
+        gates) the 0.3 clamp gated at 75% depth, then the plain recipe (full ablation with the 60% direction)
+        and each other ablation at scale 1; all with the first direction variant, and each mode's first
+        point with every other variant.
+
+        The deeper direction comes first because it tells what the model refuses from what merely
+        sounds sensitive better: on the builtin Qwen's training splits (a hand scan of 20 settings,
+        2026-12-03), clamps with the 60%-depth direction left twice the plain recipe's refusal proxy at
+        level 0.4 and more collateral KL than it at 0.2, while with the 79-82% directions level 0.4 cost
+        0.28-0.29x its collateral KL at 1.0-1.3x its refusal proxy, and level 0.2 a fifth to a quarter of its
+        refusal proxy at the same collateral. A gate did not help there: borderline prompts open it.
+        On a CPU a 30-minute run scores about six trials, so the order matters.
+        """
+        flat = {k: v for k, v in self.plain_recipe().items() if k not in ("mode", "ablate_scale", "direction_layer")}
         ungated = {"gated": False} if self.gate else {}
-        clamps = [{"clamp_scale": 1.0, "clamp_level": level, **ungated} for level in (0.0, 0.2, 0.4)]
+        deep, mid = self.depth(0.8), self.depth(0.6)
+        clamps = [{"clamp_scale": 1.0, "clamp_level": level, "direction_layer": layer, **ungated}
+                  for layer, level in ((deep, 0.3), (deep, 0.2), (deep, 0.4), (mid, 0.3))]
         if self.gate:
-            clamps += [{"clamp_scale": 1.0, "clamp_level": 0.0, "gated": True, "gate_layer": round(0.75 * n),
-                        "gate_level": level} for level in (0.1, 0.3)]
-        seeds = {mode: clamps if mode == "clamp" else [{f"{mode}_scale": 1.0}] for mode in self.modes}
+            clamps.append({"clamp_scale": 1.0, "clamp_level": 0.3, "direction_layer": deep, "gated": True,
+                           "gate_layer": round(0.75 * self.n_layers), "gate_level": 0.3})
+        seeds = {mode: clamps if mode == "clamp" else [{f"{mode}_scale": 1.0, "direction_layer": mid}]
+                 for mode in self.modes}
         tag = lambda mode: {"mode": mode} if len(self.modes) > 1 else {}  # noqa: E731
         variant = lambda v: {"direction_variant": v} if len(self.variants) > 1 else {}  # noqa: E731
         return ([{**tag(mode), **variant(self.variants[0]), **flat, **params}
