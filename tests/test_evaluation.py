@@ -215,6 +215,7 @@ def test_optimize_stores_four_groups_and_a_relative_direction_path_used_by_auto(
     stored = stored_config(loaded)
     assert stored is not None and stored.mode in ("clamp", "ablate") and stored.layer_weights
     assert not Path(stored.source).is_absolute()  # relative to the cache root: a moved cache keeps working
+    assert SteeringConfig.load(result.stored_at) == stored  # --config takes the stored file as it is
     used = DirectionSet.load(cache_root / stored.source)  # the search's own directions: the training prompts
     assert used.n_positive == 3 and used.n_negative == 10  # it does not score, and the harmless set
     moved = tmp_path / "moved"

@@ -106,10 +106,14 @@ class SteeringConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> SteeringConfig:
+        """A configuration file: a bare configuration, or what ``optimize`` stored (the configuration under
+        ``config``, beside the numbers behind the choice), so ``--config configs/<model>.json`` works."""
         try:
-            return cls.from_json(json.loads(Path(path).read_text()))
+            data = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise UserError(f"Could not read the steering configuration {path}: {exc}.") from exc
+        return cls.from_json(data["config"] if isinstance(data, dict) and isinstance(data.get("config"), dict)
+                             else data)
 
     # Defaults that depend on the mode -------------------------------------------------------
     @property
