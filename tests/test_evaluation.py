@@ -458,6 +458,8 @@ def test_an_ungated_setting_is_validated_when_gated_ones_fill_the_front():
     assert [t.number for t in with_an_ungated_finalist(searched, 1, 0.1, 0.4)] == \
         [t.number for t in pick_finalists(searched.pareto, 1, 0.1, 0.4)] == [0]
     assert [t.number for t in pick_finalists(searched.pareto, 1, 0.003, 0.4)] == [1]  # 0 is over this budget
+    crowded = [trial(7, 0.0, 0.09, False), trial(8, 0.005, 0.004, False), trial(9, 0.05, 0.0002, False)]
+    assert [t.number for t in pick_finalists(crowded, 1, 0.1, 0.4)] == [8]  # a tie in refusal: the cheaper
     narrow = Searched(study=None, complete=gated[:1] + ungated, pareto=gated[:1])  # a front of one fills up
     assert [t.number for t in with_an_ungated_finalist(narrow, 2, 0.1, 0.4)] == [0, 4]
     plain = Searched(study=None, complete=ungated, pareto=ungated[:2])  # no gate searched: unchanged

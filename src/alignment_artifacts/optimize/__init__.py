@@ -10,8 +10,9 @@
    it natively. Its budget is what ``--timeout`` leaves once every finalist's check is priced from the
    baseline's duration (as many finalists as fit); when the finalists it then picks are cheaper to
    check (gated ones run only the prompts their gate opens), it searches on for the time that frees.
-3. **Finalists** (``check.py``): a few Pareto points spread over the cost axis are evaluated like ``evaluate`` does,
-   on the validation splits of all four groups, in the model's dtype, with the judge.
+3. **Finalists** (``check.py``): a few Pareto points spread over the cost axis (one: the cheapest of the
+   lowest refusal proxies inside the cost budget) are evaluated like ``evaluate`` does, on the validation
+   splits of all four groups, in the model's dtype, with the judge.
 4. **Choice**: the fewest harmful prompts not complied with (judge), then the fewest refused, then the
    lowest cost, among finalists whose capability change stays within ``max_capability_drop``.
 5. **Storage** (``store.py``): the configuration, its directions (relative to the cache root) and all four groups'

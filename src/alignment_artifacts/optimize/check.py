@@ -1,9 +1,10 @@
 """The finalist check: a few Pareto points, evaluated like ``evaluate`` does, and the choice among them.
 
 Finalists are spread over the cost axis of the front (one of them ungated when the search tried
-both) and checked on the validation splits of all four groups, in the model's dtype, with the
-judge. The choice is the fewest harmful prompts not complied with, then the fewest refused, then
-the lowest validated cost, among finalists whose capability held.
+both; a single one is the cheapest of the lowest refusal proxies inside the cost budget) and
+checked on the validation splits of all four groups, in the model's dtype, with the judge. The
+choice is the fewest harmful prompts not complied with, then the fewest refused, then the lowest
+validated cost, among finalists whose capability held.
 
 A check's numbers (counts, rates, divergences, the judge's label per harmful prompt; never an answer)
 are kept beside the baseline it was measured against, keyed by everything they depend on, so
@@ -27,6 +28,10 @@ from ..evaluation.results import result_from_json
 from ..models.loading import LoadedModel
 from ..steering import Steering
 from .search import Searched, Space
+
+# refusal proxies closer than this are a tie for a single finalist slot (on 32 search prompts one prompt
+# that flips moves the proxy by up to 0.03)
+REFUSAL_TIE = 0.01
 
 
 def check_finalists(loaded: LoadedModel, searched: Searched, space: Space, directions: dict[str, DirectionSet],
@@ -88,15 +93,18 @@ def pick_finalists(pareto: list[Any], n: int, max_cost: float, base_refusal: flo
     Fronts crowd at the low-refusal end (many points with no proxy refusals and rising cost), so an
     even spread in cost, not in front order, is what covers the trade-off. Points that keep more
     than half the unmodified refusal probability are left out: they are nearly free but barely steer.
-    A single finalist is the spread's high-cost end, not its low one, because the choice ranks harmful
-    prompts not complied with first: the cheapest point inside the budget is the one that steers least.
+    A single finalist is the cheapest point within ``REFUSAL_TIE`` of the lowest refusal proxy inside the
+    budget: the choice ranks harmful prompts not complied with first, so the cheapest point inside the
+    budget (the one that steers least) is the wrong one, and the crowded low-refusal end would otherwise
+    hand the slot to the costliest of near-equal points.
     """
     inside = [t for t in pareto if t.values[1] <= max_cost and t.values[0] <= base_refusal / 2] \
         or [t for t in pareto if t.values[1] <= max_cost] or pareto[:1]
     if len(inside) <= n:
         return inside
     if n == 1:
-        return [min(inside, key=lambda t: (t.values[0], t.values[1]))]
+        lowest = min(t.values[0] for t in inside)
+        return [min((t for t in inside if t.values[0] <= lowest + REFUSAL_TIE), key=lambda t: t.values[1])]
     logs = {t.number: math.log(max(t.values[1], 1e-6)) for t in inside}
     low, high = min(logs.values()), max(logs.values())
     chosen: list[Any] = []

@@ -132,27 +132,30 @@ class Space:
 
     def seeds(self) -> list[dict[str, Any]]:
         """Known starting points, in the order a short budget should try them: clamps sketching the
-        trade-off (levels 0.3, 0.2 and 0.4 with the direction at 80% depth, 0.3 at 60%), then (with
-        gates) the 0.3 clamp gated at 75% depth, then the plain recipe (full ablation with the 60% direction)
-        and each other ablation at scale 1; all with the first direction variant, and each mode's first
-        point with every other variant.
+        trade-off (levels 0.3, 0.2 and 0.4 with the direction at 80% depth, 0.3 at 60% where that is
+        another layer), then (with gates) the 0.3 clamp gated at 75% depth, then the plain recipe (full
+        ablation with the 60% direction) and each other ablation at scale 1; all with the first
+        direction variant, and each mode's first point with every other variant.
 
         The deeper direction comes first because it tells what the model refuses from what merely
         sounds sensitive better: on the builtin Qwen's training splits (a hand scan of 20 settings,
-        2026-12-03), clamps with the 60%-depth direction left twice the plain recipe's refusal proxy at
+        2026-12-03), clamps with the 60%-depth direction left 2.3x the plain recipe's refusal proxy at
         level 0.4 and more collateral KL than it at 0.2, while with the 79-82% directions level 0.4 cost
         0.28-0.29x its collateral KL at 1.0-1.3x its refusal proxy, and level 0.2 a fifth to a quarter of its
         refusal proxy at the same collateral. A gate did not help there: borderline prompts open it.
-        On a CPU a 30-minute run scores about six trials, so the order matters.
+        On a CPU a 30-minute run scores six to eight trials, so the order matters.
         """
         flat = {k: v for k, v in self.plain_recipe().items() if k not in ("mode", "ablate_scale", "direction_layer")}
         ungated = {"gated": False} if self.gate else {}
         deep, mid = self.depth(0.8), self.depth(0.6)
+        points = ((deep, 0.3), (deep, 0.2), (deep, 0.4)) + (((mid, 0.3),) if mid != deep else ())
         clamps = [{"clamp_scale": 1.0, "clamp_level": level, "direction_layer": layer, **ungated}
-                  for layer, level in ((deep, 0.3), (deep, 0.2), (deep, 0.4), (mid, 0.3))]
+                  for layer, level in points]
         if self.gate:
+            gates = self.gate_layers
             clamps.append({"clamp_scale": 1.0, "clamp_level": 0.3, "direction_layer": deep, "gated": True,
-                           "gate_layer": round(0.75 * self.n_layers), "gate_level": 0.3})
+                           "gate_layer": min(max(round(0.75 * self.n_layers), gates[0]), gates[-1]),
+                           "gate_level": 0.3})
         seeds = {mode: clamps if mode == "clamp" else [{f"{mode}_scale": 1.0, "direction_layer": mid}]
                  for mode in self.modes}
         tag = lambda mode: {"mode": mode} if len(self.modes) > 1 else {}  # noqa: E731
