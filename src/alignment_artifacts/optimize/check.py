@@ -88,7 +88,7 @@ def checked(loaded: LoadedModel, steering: Steering, baseline: Baseline) -> tupl
 
 def pick_finalists(pareto: list[Any], n: int, max_cost: float, base_refusal: float) -> list[Any]:
     """Up to ``n`` Pareto points inside the cost budget, spread evenly over log cost; one slot takes the
-    point with the lowest refusal proxy inside the budget.
+    cheapest of the lowest refusal proxies inside the budget.
 
     Fronts crowd at the low-refusal end (many points with no proxy refusals and rising cost), so an
     even spread in cost, not in front order, is what covers the trade-off. Points that keep more

@@ -125,9 +125,9 @@ class Space:
         return {"mode": "ablate", "ablate_scale": 1.0, "direction_layer": round(0.6 * n), "kernel_centre": n / 2,
                 "kernel_width": float(n), "kernel_floor": 1.0}
 
-    def depth(self, fraction: float) -> int:
-        """The direction layer at ``fraction`` of the model's depth, inside the searched range."""
-        layers = self.direction_layers
+    def depth(self, fraction: float, layers: range | None = None) -> int:
+        """The layer at ``fraction`` of the model's depth, inside ``layers`` (default: the direction layers)."""
+        layers = layers or self.direction_layers
         return min(max(round(fraction * self.n_layers), layers[0]), layers[-1])
 
     def seeds(self) -> list[dict[str, Any]]:
@@ -152,10 +152,8 @@ class Space:
         clamps = [{"clamp_scale": 1.0, "clamp_level": level, "direction_layer": layer, **ungated}
                   for layer, level in points]
         if self.gate:
-            gates = self.gate_layers
             clamps.append({"clamp_scale": 1.0, "clamp_level": 0.3, "direction_layer": deep, "gated": True,
-                           "gate_layer": min(max(round(0.75 * self.n_layers), gates[0]), gates[-1]),
-                           "gate_level": 0.3})
+                           "gate_layer": self.depth(0.75, self.gate_layers), "gate_level": 0.3})
         seeds = {mode: clamps if mode == "clamp" else [{f"{mode}_scale": 1.0, "direction_layer": mid}]
                  for mode in self.modes}
         tag = lambda mode: {"mode": mode} if len(self.modes) > 1 else {}  # noqa: E731
