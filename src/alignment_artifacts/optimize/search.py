@@ -122,7 +122,7 @@ class Space:
     def plain_recipe(self) -> dict[str, Any]:
         """Full ablation at scale 1 with the direction of the layer at 60% depth, on every layer."""
         n = self.n_layers
-        return {"mode": "ablate", "ablate_scale": 1.0, "direction_layer": round(0.6 * n), "kernel_centre": n / 2,
+        return {"mode": "ablate", "ablate_scale": 1.0, "direction_layer": self.depth(0.6), "kernel_centre": n / 2,
                 "kernel_width": float(n), "kernel_floor": 1.0}
 
     def depth(self, fraction: float, layers: range | None = None) -> int:
@@ -145,7 +145,7 @@ class Space:
         refusal proxy at the same collateral. A gate did not help there: borderline prompts open it.
         On a CPU a 30-minute run scores six to eight trials, so the order matters.
         """
-        flat = {k: v for k, v in self.plain_recipe().items() if k not in ("mode", "ablate_scale", "direction_layer")}
+        flat = {k: v for k, v in self.plain_recipe().items() if k not in ("mode", "ablate_scale")}
         ungated = {"gated": False} if self.gate else {}
         deep, mid = self.depth(0.8), self.depth(0.6)
         points = ((deep, 0.3), (deep, 0.2), (deep, 0.4)) + (((mid, 0.3),) if mid != deep else ())
@@ -154,8 +154,7 @@ class Space:
         if self.gate:
             clamps.append({"clamp_scale": 1.0, "clamp_level": 0.3, "direction_layer": deep, "gated": True,
                            "gate_layer": self.depth(0.75, self.gate_layers), "gate_level": 0.3})
-        seeds = {mode: clamps if mode == "clamp" else [{f"{mode}_scale": 1.0, "direction_layer": mid}]
-                 for mode in self.modes}
+        seeds = {mode: clamps if mode == "clamp" else [{f"{mode}_scale": 1.0}] for mode in self.modes}
         tag = lambda mode: {"mode": mode} if len(self.modes) > 1 else {}  # noqa: E731
         variant = lambda v: {"direction_variant": v} if len(self.variants) > 1 else {}  # noqa: E731
         return ([{**tag(mode), **variant(self.variants[0]), **flat, **params}
