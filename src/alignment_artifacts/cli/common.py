@@ -228,7 +228,8 @@ def steering_config(args: argparse.Namespace, loaded: LoadedModel) -> SteeringCo
 
 def add_judge(p: argparse.ArgumentParser) -> None:
     p.add_argument("--judge", help="labels answers refusal / evasion / compliance: markers (keyword rule, default), "
-                                   "a judge model (builtin name, local folder, .gguf file or hub id), or markers+X "
+                                   "a judge model (builtin name, local folder, .gguf file or hub id), relevance:MODEL "
+                                   "(evasion when the request explains little of the answer), or markers+X "
                                    "(markers first, then X for what they call compliance)")
     p.add_argument("--judge-url", help="judge with an OpenAI-compatible server instead (base URL, e.g. "
                                        "http://127.0.0.1:8000/v1; API key from $ALIGNMENT_ARTIFACTS_API_KEY or "
