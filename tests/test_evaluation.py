@@ -472,14 +472,7 @@ def test_checks_are_priced_by_what_they_run_and_finalists_fit_the_budget():
     import time
     from types import SimpleNamespace
 
-    from alignment_artifacts.optimize import (
-        CHECK_MARGIN,
-        GATED_FLOOR,
-        MIN_SEARCH,
-        _checks_price,
-        _held_for_checks,
-        _search_budget,
-    )
+    from alignment_artifacts.optimize import CHECK_MARGIN, GATED_FLOOR, MIN_SEARCH, _checks_price, _search_budget
     from alignment_artifacts.optimize.search import Searched
 
     def trial(number, refusal, cost, gated, opened=1.0):
@@ -499,11 +492,6 @@ def test_checks_are_priced_by_what_they_run_and_finalists_fit_the_budget():
     assert _checks_price(both, baseline, 2, 0.1, 0.4) == pytest.approx(gated_price(0.2) + ungated)  # 2 for 1
     kept = lambda t: t.number == 2  # noqa: E731  (its check is on disk: --resume reads it)
     assert _checks_price(both, baseline, 2, 0.1, 0.4, kept) == pytest.approx(gated_price(0.2))
-    # a search that runs on keeps room for one ungated check: a new pick may displace a kept or gated one
-    assert _held_for_checks(both, baseline, 2, 0.1, 0.4, kept) == pytest.approx(ungated)
-    assert _held_for_checks(both, baseline, 2, 0.1, 0.4, lambda t: True) == pytest.approx(ungated)
-    assert _held_for_checks(only_gated, baseline, 2, 0.1, 0.4, lambda t: False) == \
-        pytest.approx(gated_price(0.2) + gated_price(0.0))  # more than one ungated check: the picks' own price
     assert gated_price(0.0) < gated_price(0.2) < ungated
     now = time.perf_counter()
     assert _search_budget(OptimizeSettings(finalists=3, timeout=3 * ungated + 1000), baseline, now) == \

@@ -33,7 +33,7 @@ from .base import VERDICT_FORMAT, Verdict, cached_verdicts
 from .rubric import ANSWER_BUDGET, PROMPT_BUDGET
 
 NEUTRAL = "Write a few sentences about anything."  # the request an answer is compared against
-THRESHOLD = 1.0  # nats per token; the builtin Qwen's, from the train audit of docs/judge.md
+THRESHOLD = 1.0  # nats per token: set by eye on the builtin Qwen's two plain-recipe audits (docs/judge.md)
 SCALE = 0.25  # the confidence is logistic in (relevance - THRESHOLD) / SCALE
 LOGITS_BUDGET = 2.5e8  # floats of logits one pass may hold (1 GB in float32)
 

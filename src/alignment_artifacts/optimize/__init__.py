@@ -9,8 +9,7 @@
    variants, each computed once), optionally gated, screening in bfloat16 where the CPU multiplies
    it natively. Its budget is what ``--timeout`` leaves once every finalist's check is priced from the
    baseline's duration (as many finalists as fit); when the finalists it then picks are cheaper to
-   check (gated ones run only the prompts their gate opens), it searches on for the time that frees,
-   keeping room for one ungated check (a trial found then may displace a pick).
+   check (gated ones run only the prompts their gate opens), it searches on for the time that frees.
 3. **Finalists** (``check.py``): a few Pareto points spread over the cost axis (one: the cheapest of the
    lowest refusal proxies inside the cost budget) are evaluated like ``evaluate`` does, on the validation
    splits of all four groups, in the model's dtype, with the judge.
@@ -163,7 +162,7 @@ def optimize(loaded: LoadedModel, settings: OptimizeSettings | None = None, prog
         searched = run_search(loaded, space, scorer, key=key, trials=settings.trials, timeout=budget,
                               seed=settings.seed, resume=settings.resume, progress=progress)
         for _ in range(MAX_EXTENSIONS):  # the finalists are known now: time their checks will not take searches on
-            spare = settings.timeout - (time.perf_counter() - started) - _held_for_checks(
+            spare = settings.timeout - (time.perf_counter() - started) - _checks_price(
                 searched, baseline, n_finalists, settings.max_kl, scorer.base_refusal, kept)
             if spare < MIN_SEARCH or len(searched.complete) >= settings.trials:
                 break
@@ -347,14 +346,6 @@ def _checks_price(searched: Searched, baseline: Baseline, n: int, max_cost: floa
     picked = [t for t in with_an_ungated_finalist(searched, n, max_cost, base_refusal) if not kept(t)]
     return sum(_check_seconds(baseline, t.user_attrs.get("opened", 1.0) if t.params.get("gated") else 1.0)
                for t in picked)
-
-
-def _held_for_checks(searched: Searched, baseline: Baseline, n: int, max_cost: float, base_refusal: float,
-                     kept: Callable[[Any], bool]) -> float:
-    """Seconds a search that runs on must leave for the checks: those of the finalists picked now, but at
-    least one ungated check. A trial found while it runs on may displace a pick whose check was kept (priced
-    0) or gated (priced below an ungated one); without that room the new pick's check ran past --timeout."""
-    return max(_checks_price(searched, baseline, n, max_cost, base_refusal, kept), _check_seconds(baseline, 1.0))
 
 
 def _directions(loaded: LoadedModel, variants: tuple[str, ...], source: str | PromptSet, progress: bool
