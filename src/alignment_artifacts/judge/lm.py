@@ -58,6 +58,12 @@ def cut_tokens(tokenizer: Any, text: str, budget: int) -> str:
     return text if len(ids) <= budget else tokenizer.decode(ids[:budget]) + CUT
 
 
+def judging_dtype(loaded: LoadedModel, judge_dtype: str) -> tuple[torch.dtype | None, str]:
+    """The dtype a local judge runs in (None: the model's own) and its name, part of the judge's cache key."""
+    dtype = screening_dtype(loaded, judge_dtype)
+    return dtype, str(dtype).removeprefix("torch.") if dtype is not None else loaded.info.dtype
+
+
 class ModelJudge:
     """Judges with ``loaded`` (which must carry no steering hooks while it judges).
 
@@ -69,10 +75,9 @@ class ModelJudge:
 
     def __init__(self, loaded: LoadedModel, batch_size: int = 16, judge_dtype: str = "auto"):
         self.loaded, self.batch_size = loaded, batch_size
-        self.dtype = screening_dtype(loaded, judge_dtype)
+        self.dtype, dtype = judging_dtype(loaded, judge_dtype)
         self.name = f"model:{loaded.info.name}"
         self.choices = label_token_ids(loaded.tokenizer, self.name)
-        dtype = str(self.dtype).removeprefix("torch.") if self.dtype is not None else loaded.info.dtype
         self.key = stable_hash({"judge": "model", "weights": loaded.info.weights_hash, "dtype": dtype,
                                 "rubric": RUBRIC_VERSION, "format": VERDICT_FORMAT})
 

@@ -27,9 +27,10 @@ import torch
 from ..cache import stable_hash
 from ..models.chat import format_chat
 from ..models.generation import positions_from_mask
-from ..models.loading import LoadedModel, parameters_as, screening_dtype
+from ..models.loading import LoadedModel, parameters_as
 from ..models.prefix import pad_after_prefix
 from .base import VERDICT_FORMAT, Verdict, cached_verdicts
+from .lm import judging_dtype
 from .rubric import ANSWER_BUDGET, PROMPT_BUDGET
 
 NEUTRAL = "Write a few sentences about anything."  # the request an answer is compared against
@@ -102,9 +103,8 @@ class RelevanceJudge:
     def __init__(self, loaded: LoadedModel, batch_size: int = 16, judge_dtype: str = "auto",
                  threshold: float = THRESHOLD):
         self.loaded, self.batch_size, self.threshold = loaded, batch_size, threshold
-        self.dtype = screening_dtype(loaded, judge_dtype)
+        self.dtype, dtype = judging_dtype(loaded, judge_dtype)
         self.name = f"relevance:{loaded.info.name}"
-        dtype = str(self.dtype).removeprefix("torch.") if self.dtype is not None else loaded.info.dtype
         self.key = stable_hash({"judge": "relevance", "weights": loaded.info.weights_hash, "dtype": dtype,
                                 "neutral": NEUTRAL, "threshold": threshold, "scale": SCALE,
                                 "budgets": [PROMPT_BUDGET, ANSWER_BUDGET], "format": VERDICT_FORMAT})
