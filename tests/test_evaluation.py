@@ -503,6 +503,46 @@ def test_checks_are_priced_by_what_they_run_and_finalists_fit_the_budget():
         assert _search_budget(OptimizeSettings(finalists=3, timeout=ungated), baseline, now) == (MIN_SEARCH, 1)
 
 
+def test_searching_on_never_checks_finalists_that_no_longer_fit_the_timeout():
+    """The search runs on for the time the picked finalists' checks leave; when what it finds then would
+    cost more to check than the time left (a kept check displaced by a new one), the earlier picks are
+    checked, and a search whose picks still fit keeps its own."""
+    from alignment_artifacts.optimize import MIN_SEARCH, search_on
+    from alignment_artifacts.optimize.search import Searched
+
+    clock = {"spent": 0.0}
+    timeout = 1000.0
+
+    def searches(prices):  # one Searched per extension, each priced as given
+        return [Searched(study="study", complete=[object()] * (i + 1), pareto=[]) for i in range(len(prices))]
+
+    def run(prices, trials=60):
+        steps = searches(prices)
+        price = {id(s): p for s, p in zip(steps, prices, strict=True)}
+        calls = []
+
+        def extend(spare, study):
+            assert study == "study"
+            calls.append(spare)
+            clock["spent"] += spare  # a search uses all it was given
+            return steps[len(calls)]
+
+        clock["spent"] = 100.0
+        searched, picked = search_on(steps[0], trials, extend=extend, price=lambda s: price[id(s)],
+                                     time_left=lambda: timeout - clock["spent"])
+        return steps, calls, searched, picked
+
+    with pytest.warns(UserWarning, match="picked before"):
+        steps, calls, searched, picked = run([0.0, 800.0])  # a kept pick (free) displaced by one costing 800
+    assert calls == [900.0] and searched is steps[1] and picked is steps[0]
+    steps, calls, searched, picked = run([500.0, 300.0, 300.0])  # cheaper picks: search on again, keep them
+    assert calls == [400.0, 200.0] and searched is picked is steps[2]
+    steps, calls, searched, picked = run([900.0 - MIN_SEARCH + 1])  # too little spare: no extension
+    assert calls == [] and picked is steps[0]
+    steps, calls, searched, picked = run([0.0], trials=1)  # every trial done: nothing to search on for
+    assert calls == [] and picked is steps[0]
+
+
 def test_layer_kernel_shape():
     weights = layer_weights(10, centre=4, width=2, floor=0.25)
     assert weights[4] == 1.0 and weights[0] == 0.25 and weights[5] == pytest.approx(0.625)

@@ -9,7 +9,8 @@
    variants, each computed once), optionally gated, screening in bfloat16 where the CPU multiplies
    it natively. Its budget is what ``--timeout`` leaves once every finalist's check is priced from the
    baseline's duration (as many finalists as fit); when the finalists it then picks are cheaper to
-   check (gated ones run only the prompts their gate opens), it searches on for the time that frees.
+   check (gated ones run only the prompts their gate opens), it searches on for the time that frees
+   (and checks the earlier picks if the ones it finds then would not fit).
 3. **Finalists** (``check.py``): a few Pareto points spread over the cost axis (one: the cheapest of the
    lowest refusal proxies inside the cost budget) are evaluated like ``evaluate`` does, on the validation
    splits of all four groups, in the model's dtype, with the judge.
@@ -161,14 +162,14 @@ def optimize(loaded: LoadedModel, settings: OptimizeSettings | None = None, prog
         key = _study_key(loaded, settings, directions[variants[0]].prompt_set_hash)
         searched = run_search(loaded, space, scorer, key=key, trials=settings.trials, timeout=budget,
                               seed=settings.seed, resume=settings.resume, progress=progress)
-        for _ in range(MAX_EXTENSIONS):  # the finalists are known now: time their checks will not take searches on
-            spare = settings.timeout - (time.perf_counter() - started) - _checks_price(
-                searched, baseline, n_finalists, settings.max_kl, scorer.base_refusal, kept)
-            if spare < MIN_SEARCH or len(searched.complete) >= settings.trials:
-                break
-            searched = run_search(loaded, space, scorer, key=key, trials=settings.trials, timeout=spare,
-                                  seed=settings.seed, resume=True, progress=progress, study=searched.study)
-    finalists, best = check_finalists(loaded, searched, space, directions, baseline, n=n_finalists,
+        searched, picked_from = search_on(
+            searched, settings.trials,
+            extend=lambda spare, study: run_search(loaded, space, scorer, key=key, trials=settings.trials,
+                                                   timeout=spare, seed=settings.seed, resume=True,
+                                                   progress=progress, study=study),
+            price=lambda s: _checks_price(s, baseline, n_finalists, settings.max_kl, scorer.base_refusal, kept),
+            time_left=lambda: settings.timeout - (time.perf_counter() - started))
+    finalists, best = check_finalists(loaded, picked_from, space, directions, baseline, n=n_finalists,
                                       max_cost=settings.max_kl, base_refusal=scorer.base_refusal,
                                       max_capability_drop=settings.max_capability_drop,
                                       plain_recipe=settings.check_plain_recipe)
@@ -323,6 +324,29 @@ def _search_budget(settings: OptimizeSettings, baseline: Baseline, started: floa
     return budget, n
 
 
+def search_on(searched: Searched, trials: int, *, extend: Callable[[float, Any], Searched],
+              price: Callable[[Searched], float], time_left: Callable[[], float]) -> tuple[Searched, Searched]:
+    """Search on (``extend(seconds, study)``) for the time the picked finalists' checks leave, up to
+    ``MAX_EXTENSIONS`` times; returns the search and the search whose picks get checked.
+
+    Trials found while searching on can displace the picks that were priced (a check kept on disk, which
+    costs nothing, or a gated one, which runs only where its gate opens) by dearer ones, and checking those
+    would overrun ``--timeout``: then the picks from before that extension are checked instead.
+    """
+    picked_from = searched
+    for _ in range(MAX_EXTENSIONS):
+        spare = time_left() - price(searched)
+        if spare < MIN_SEARCH or len(searched.complete) >= trials:
+            break
+        searched = extend(spare, searched.study)
+        if price(searched) > time_left():
+            warnings.warn("the search found finalists whose checks no longer fit in --timeout; checking the "
+                          "finalists picked before it searched on", stacklevel=3)
+            return searched, picked_from
+        picked_from = searched
+    return searched, picked_from
+
+
 def _check_seconds(baseline: Baseline, opened: float) -> float:
     """What one finalist's check will take, priced from the baseline's duration.
 
@@ -379,5 +403,5 @@ def _study_key(loaded: LoadedModel, settings: OptimizeSettings, directions_hash:
 
 
 __all__ = ["OptimizeResult", "OptimizeSettings", "check_settings", "choose", "config_from_params",
-           "layer_weights", "optimize", "pick_finalists", "search_and_direction_sets", "split",
+           "layer_weights", "optimize", "pick_finalists", "search_and_direction_sets", "search_on", "split",
            "with_an_ungated_finalist"]
