@@ -236,14 +236,14 @@ def test_the_unmodified_side_is_measured_whole_before_the_search_is_priced(cache
     first-token logits that every check's KL compares with belong to that baseline, not to the first check."""
     import alignment_artifacts.optimize as optimize_module
 
-    real, seen = optimize_module._search_budget, {}
+    real, seen = optimize_module.search_budget, {}
 
     def recording(settings, baseline, started):
         seen["files"] = {p.name for p in baseline.folder.iterdir()}
         seen["seconds"] = set(baseline.seconds)
         return real(settings, baseline, started)
 
-    monkeypatch.setattr(optimize_module, "_search_budget", recording)
+    monkeypatch.setattr(optimize_module, "search_budget", recording)
     optimize(tiny_model("llama", layers=3), _optimize_settings(prompt_files, trials=2, finalists=1), progress=False)
     assert {"borderline_logits.safetensors", "ordinary_logits.safetensors"} <= seen["files"]
     assert seen["seconds"] == {"harmful", "borderline", "ordinary", "capability"}
@@ -262,14 +262,14 @@ def test_a_resumed_optimize_reads_the_finalist_checks_an_earlier_run_finished(ca
 
     import alignment_artifacts.optimize as optimize_module
 
-    real_price, prices = optimize_module._checks_price, []
+    real_price, prices = optimize_module.checks_price, []
 
     def recording(*args, **kwargs):
         prices.append(real_price(*args, **kwargs))
         return prices[-1]
 
     monkeypatch.setattr(check_module, "evaluate_against", counting)
-    monkeypatch.setattr(optimize_module, "_checks_price", recording)
+    monkeypatch.setattr(optimize_module, "checks_price", recording)
     loaded = tiny_model("llama", layers=3)
     settings = _optimize_settings(prompt_files, trials=2, finalists=1, check_plain_recipe=True)
     first = optimize(loaded, settings, progress=False)
@@ -290,6 +290,29 @@ def test_a_resumed_optimize_reads_the_finalist_checks_an_earlier_run_finished(ca
     assert [untimed(row["validation"]) for row in third.finalists] == \
         [untimed(row["validation"]) for row in first.finalists]
     assert untimed(json.loads(kept[0].read_text())) in [untimed(row["validation"]) for row in first.finalists]
+
+
+def test_configurations_checked_without_a_search_sit_beside_the_plain_recipe_and_are_kept(cache_root, prompt_files):
+    """A setting chosen outside the search (by a hand audit) is checked as a finalist is, against the same
+    baseline and beside the plain recipe; the checks are kept, so a second run reads them; the plain
+    recipe's row matches the one optimize checks for reference."""
+    from alignment_artifacts.optimize import check_configurations
+
+    harmful, harmless = prompt_files
+    loaded = tiny_model("llama", layers=3)
+    settings = _optimize_settings(prompt_files, trials=2, finalists=1, check_plain_recipe=True)
+    clamp = SteeringConfig(mode="clamp", scale=1.0, clamp_level=0.2, direction_layer=1, gate_layer=1,
+                           gate_level=0.3, source=f"{harmful},{harmless}")
+    rows = check_configurations(loaded, [clamp], settings, progress=False)
+    assert [r.get("reference") for r in rows] == ["plain recipe", None] and not any(r["reused"] for r in rows)
+    assert rows[1]["config"]["mode"] == "clamp" and rows[1]["config"]["gate_layer"] == 1
+    assert rows[0]["config"]["mode"] == "ablate" and rows[0]["config"]["scale"] == 1.0
+    assert rows[1]["validation"]["harmful"]["n"] > 0 and rows[1]["validation"]["capability"] is not None
+    again = check_configurations(loaded, [clamp], settings, progress=False)
+    assert all(r["reused"] for r in again) and [r["validation"] for r in again] == [r["validation"] for r in rows]
+    searched = optimize(loaded, settings, progress=False)  # the same baseline: its plain recipe is the one read
+    plain = next(r for r in searched.finalists if r.get("reference") == "plain recipe")
+    assert plain["reused"] and plain["validation"] == rows[0]["validation"]
 
 
 def test_a_kept_check_is_keyed_by_the_directions_numbers_the_configuration_and_the_baseline():
@@ -472,7 +495,7 @@ def test_checks_are_priced_by_what_they_run_and_finalists_fit_the_budget():
     import time
     from types import SimpleNamespace
 
-    from alignment_artifacts.optimize import CHECK_MARGIN, GATED_FLOOR, MIN_SEARCH, _checks_price, _search_budget
+    from alignment_artifacts.optimize.budget import CHECK_MARGIN, GATED_FLOOR, MIN_SEARCH, checks_price, search_budget
     from alignment_artifacts.optimize.search import Searched
 
     def trial(number, refusal, cost, gated, opened=1.0):
@@ -487,27 +510,27 @@ def test_checks_are_priced_by_what_they_run_and_finalists_fit_the_budget():
 
     gated = [trial(0, 0.0, 0.004, True, opened=0.2), trial(1, 0.05, 0.001, True, opened=0.0)]
     only_gated = Searched(study=None, complete=gated, pareto=gated)
-    assert _checks_price(only_gated, baseline, 2, 0.1, 0.4) == pytest.approx(gated_price(0.2) + gated_price(0.0))
+    assert checks_price(only_gated, baseline, 2, 0.1, 0.4) == pytest.approx(gated_price(0.2) + gated_price(0.0))
     both = Searched(study=None, complete=[*gated, trial(2, 0.0, 0.05, False)], pareto=gated)
-    assert _checks_price(both, baseline, 2, 0.1, 0.4) == pytest.approx(gated_price(0.2) + ungated)  # 2 for 1
+    assert checks_price(both, baseline, 2, 0.1, 0.4) == pytest.approx(gated_price(0.2) + ungated)  # 2 for 1
     kept = lambda t: t.number == 2  # noqa: E731  (its check is on disk: --resume reads it)
-    assert _checks_price(both, baseline, 2, 0.1, 0.4, kept) == pytest.approx(gated_price(0.2))
+    assert checks_price(both, baseline, 2, 0.1, 0.4, kept) == pytest.approx(gated_price(0.2))
     assert gated_price(0.0) < gated_price(0.2) < ungated
     now = time.perf_counter()
-    assert _search_budget(OptimizeSettings(finalists=3, timeout=3 * ungated + 1000), baseline, now) == \
+    assert search_budget(OptimizeSettings(finalists=3, timeout=3 * ungated + 1000), baseline, now) == \
         (pytest.approx(1000, abs=1), 3)
     with pytest.warns(UserWarning, match="checking 2"):
-        budget, n = _search_budget(OptimizeSettings(finalists=3, timeout=2 * ungated + MIN_SEARCH + 10), baseline, now)
+        budget, n = search_budget(OptimizeSettings(finalists=3, timeout=2 * ungated + MIN_SEARCH + 10), baseline, now)
     assert n == 2 and budget == pytest.approx(MIN_SEARCH + 10, abs=1)
     with pytest.warns(UserWarning, match="searching"):  # one finalist is always checked
-        assert _search_budget(OptimizeSettings(finalists=3, timeout=ungated), baseline, now) == (MIN_SEARCH, 1)
+        assert search_budget(OptimizeSettings(finalists=3, timeout=ungated), baseline, now) == (MIN_SEARCH, 1)
 
 
 def test_searching_on_never_checks_finalists_that_no_longer_fit_the_timeout():
     """The search runs on for the time the picked finalists' checks leave; when what it finds then would
     cost more to check than the time left (a kept check displaced by a new one), the earlier picks are
     checked, and a search whose picks still fit keeps its own."""
-    from alignment_artifacts.optimize import MIN_SEARCH, search_on
+    from alignment_artifacts.optimize.budget import MIN_SEARCH, search_on
     from alignment_artifacts.optimize.search import Searched
 
     clock = {"spent": 0.0}

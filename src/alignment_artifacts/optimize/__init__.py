@@ -7,8 +7,8 @@
 2. **Search** (``search.py``): Optuna minimises (refusal proxy, ordinary + borderline collateral
    KL) over ``clamp`` and ``ablate`` settings (or other ablations of the mode table, and direction
    variants, each computed once), optionally gated, screening in bfloat16 where the CPU multiplies
-   it natively. Its budget is what ``--timeout`` leaves once every finalist's check is priced from the
-   baseline's duration (as many finalists as fit); when the finalists it then picks are cheaper to
+   it natively. Its budget (``budget.py``) is what ``--timeout`` leaves once every finalist's check is
+   priced from the baseline's duration (as many finalists as fit); when the finalists it then picks are cheaper to
    check (gated ones run only the prompts their gate opens), it searches on for the time that frees
    (and checks the earlier picks if the ones it finds then would not fit).
 3. **Finalists** (``check.py``): a few Pareto points spread over the cost axis (one: the cheapest of the
@@ -19,6 +19,8 @@
 5. **Storage** (``store.py``): the configuration, its directions (relative to the cache root) and all four groups'
    numbers go to ``configs/<model>.json``, which ``--mode auto`` reads.
 
+``check_configurations`` checks given settings the same way, with no search (benches, hand-chosen settings).
+
 The study lives in Optuna's SQLite storage, so an interrupted search resumes with ``--resume``;
 the validation baseline is cached group by group, and each finalist's check once it is done.
 """
@@ -27,8 +29,6 @@ from __future__ import annotations
 
 import random
 import time
-import warnings
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,14 +43,14 @@ from ..judge import Judge, load_judge
 from ..models.loading import LoadedModel, parameters_as, screening_dtype
 from ..models.thinking import DEFAULT_THINKING_BUDGET
 from ..prompts import PromptSet, resolve_prompts
-from ..resolve import get_directions
+from ..resolve import get_directions, resolve_steering
 from ..steering import MODES, Steering, SteeringConfig
-from .check import check_finalists, check_path, choose, kept_check, pick_finalists, with_an_ungated_finalist
+from .budget import checks_price, search_budget, search_on
+from .check import check_finalists, check_path, checked, choose, kept_check, pick_finalists, with_an_ungated_finalist
 from .search import (
     DEFAULT_MODES,
     SEARCH_MODES,
     Scorer,
-    Searched,
     Space,
     config_from_params,
     layer_weights,
@@ -59,10 +59,6 @@ from .search import (
 from .store import store
 
 MIN_PER_SPLIT = 4
-MAX_EXTENSIONS = 3  # searches on after pricing the picked finalists (each shorter than the one before)
-MIN_SEARCH = 60  # seconds
-CHECK_MARGIN = 1.25  # an ungated check's price, in baseline durations (_check_seconds)
-GATED_FLOOR = 0.5  # a gated check's price with its gate shut everywhere, in ungated prices
 VALIDATION_CAPABILITY_SEED = 1  # evaluate reports seed 0's tasks: the choice is never made on them
 
 
@@ -149,7 +145,7 @@ def optimize(loaded: LoadedModel, settings: OptimizeSettings | None = None, prog
     # the unmodified side of validation runs first: its duration prices every finalist's check, so the
     # search gets what is left of --timeout
     baseline = _validation_baseline(loaded, settings, prompts, judge)
-    budget, n_finalists = _search_budget(settings, baseline, started)
+    budget, n_finalists = search_budget(settings, baseline, started)
 
     space = Space(loaded.adapter.n_layers, tuple(dict.fromkeys(settings.modes)), settings.gate, variants)
 
@@ -167,7 +163,7 @@ def optimize(loaded: LoadedModel, settings: OptimizeSettings | None = None, prog
             extend=lambda spare, study: run_search(loaded, space, scorer, key=key, trials=settings.trials,
                                                    timeout=spare, seed=settings.seed, resume=True,
                                                    progress=progress, study=study),
-            price=lambda s: _checks_price(s, baseline, n_finalists, settings.max_kl, scorer.base_refusal, kept),
+            price=lambda s: checks_price(s, baseline, n_finalists, settings.max_kl, scorer.base_refusal, kept),
             time_left=lambda: settings.timeout - (time.perf_counter() - started))
     finalists, best = check_finalists(loaded, picked_from, space, directions, baseline, n=n_finalists,
                                       max_cost=settings.max_kl, base_refusal=scorer.base_refusal,
@@ -178,6 +174,33 @@ def optimize(loaded: LoadedModel, settings: OptimizeSettings | None = None, prog
                           validation=best["validation"], finalists=finalists, pareto=stored.pareto,
                           trials=len(searched.complete), seconds=round(time.perf_counter() - started, 1),
                           stored_at=str(stored.path), plot=stored.plot)
+
+
+def check_configurations(loaded: LoadedModel, configs: list[SteeringConfig], settings: OptimizeSettings | None = None,
+                         progress: bool = True, judge: Judge | None = None) -> list[dict[str, Any]]:
+    """The plain recipe and each of ``configs`` checked as ``optimize`` checks its finalists (the validation
+    splits of all four groups, against one baseline, kept checks read back), with no search: for settings
+    chosen outside it, e.g. on a blind hand audit (``bench/judge_audit.py``). Rows like
+    ``OptimizeResult.finalists``, the plain recipe's first (with the directions ``optimize`` computes);
+    each configuration brings its own direction source."""
+    settings = settings or OptimizeSettings()
+    check_settings(settings)
+    judge = judge or load_judge("markers")
+    prompts = _prompts(settings)
+    variant = settings.direction_variants[0]
+    with parameters_as(loaded, screening_dtype(loaded, settings.screen_dtype)):
+        directions = _directions(loaded, (variant,), prompts.direction_source, progress)
+    baseline = _validation_baseline(loaded, settings, prompts, judge)
+    space = Space(loaded.adapter.n_layers, tuple(settings.modes), settings.gate, (variant,))
+    plain = space.config(space.plain_recipe(), loaded)
+    steerings = [Steering(plain, directions[variant]), *(resolve_steering(loaded, c, progress=progress)
+                                                          for c in configs)]
+    rows: list[dict[str, Any]] = []
+    for steering in steerings:
+        validation, reused = checked(loaded, steering, baseline)
+        rows.append({"trial": None, "config": steering.config.to_json(), "validation": validation, "reused": reused})
+    rows[0]["reference"] = "plain recipe"
+    return rows
 
 
 def check_settings(settings: OptimizeSettings) -> None:
@@ -303,75 +326,6 @@ def _validation_baseline(loaded: LoadedModel, settings: OptimizeSettings, prompt
     return baseline
 
 
-def _search_budget(settings: OptimizeSettings, baseline: Baseline, started: float) -> tuple[float, int]:
-    """Seconds left for the search, and how many finalists to check: as many of ``--finalists`` as
-    leave the search ``MIN_SEARCH`` seconds once each is priced as an ungated check (at least one)."""
-    left = settings.timeout - (time.perf_counter() - started)
-    price = _check_seconds(baseline, opened=1.0)
-    n = settings.finalists
-    while n > 1 and left - n * price < MIN_SEARCH:
-        n -= 1
-    if n < settings.finalists:
-        warnings.warn(f"--timeout {settings.timeout:g} s: checking {settings.finalists} finalists (about "
-                      f"{price:.0f} s each) would leave the search under {MIN_SEARCH} s; checking {n}. Raise "
-                      "--timeout to check more.", stacklevel=3)
-    budget = left - n * price
-    if budget < MIN_SEARCH:
-        warnings.warn(f"--timeout {settings.timeout:g} s leaves {max(budget, 0):.0f} s for the search after "
-                      f"checking the finalist (about {price:.0f} s); searching {MIN_SEARCH} s anyway, so the run "
-                      "will take longer. Raise --timeout.", stacklevel=3)
-        budget = float(MIN_SEARCH)
-    return budget, n
-
-
-def search_on(searched: Searched, trials: int, *, extend: Callable[[float, Any], Searched],
-              price: Callable[[Searched], float], time_left: Callable[[], float]) -> tuple[Searched, Searched]:
-    """Search on (``extend(seconds, study)``) for the time the picked finalists' checks leave, up to
-    ``MAX_EXTENSIONS`` times; returns the search and the search whose picks get checked.
-
-    Trials found while searching on can displace the picks that were priced (a check kept on disk, which
-    costs nothing, or a gated one, which runs only where its gate opens) by dearer ones, and checking those
-    would overrun ``--timeout``: then the picks from before that extension are checked instead.
-    """
-    picked_from = searched
-    for _ in range(MAX_EXTENSIONS):
-        spare = time_left() - price(searched)
-        if spare < MIN_SEARCH or len(searched.complete) >= trials:
-            break
-        searched = extend(spare, searched.study)
-        if price(searched) > time_left():
-            warnings.warn("the search found finalists whose checks no longer fit in --timeout; checking the "
-                          "finalists picked before it searched on", stacklevel=3)
-            return searched, picked_from
-        picked_from = searched
-    return searched, picked_from
-
-
-def _check_seconds(baseline: Baseline, opened: float) -> float:
-    """What one finalist's check will take, priced from the baseline's duration.
-
-    On the builtin Qwen (2-core CPU, 657 s baseline) ungated checks took 1.11x and 1.24x it, the first
-    of them then also paying for the unmodified first-token logits; on a 2-core CPU without native
-    bfloat16 (992 s baseline, the logits measured apart), 1.05x and 1.17x: a check judges fewer borderline answers
-    than the baseline, but steered answers run longer and more of them go to the model judge, and its
-    first-token logits come on top (``CHECK_MARGIN``). A gated
-    check runs the harmful group and the decision pass whole and the rest where its gate opens
-    (``opened``: the share of search prompts it opened): one took 0.53x an ungated price at 0.19
-    opened (``GATED_FLOOR``).
-    """
-    ungated = CHECK_MARGIN * sum(baseline.seconds.values())
-    return ungated if opened >= 1 else ungated * (GATED_FLOOR + (1 - GATED_FLOOR) * opened)
-
-
-def _checks_price(searched: Searched, baseline: Baseline, n: int, max_cost: float, base_refusal: float,
-                  kept: Callable[[Any], bool] = lambda trial: False) -> float:
-    """Seconds the checks of the ``n`` finalists picked now will take (a gated trial's ``opened`` was
-    recorded by the search); ``kept``: whether a trial's check is already on disk (then it costs nothing)."""
-    picked = [t for t in with_an_ungated_finalist(searched, n, max_cost, base_refusal) if not kept(t)]
-    return sum(_check_seconds(baseline, t.user_attrs.get("opened", 1.0) if t.params.get("gated") else 1.0)
-               for t in picked)
-
-
 def _directions(loaded: LoadedModel, variants: tuple[str, ...], source: str | PromptSet, progress: bool
                 ) -> dict[str, DirectionSet]:
     """Each variant's directions, all from ``source`` (the prompts the search does not score), cached."""
@@ -402,6 +356,6 @@ def _study_key(loaded: LoadedModel, settings: OptimizeSettings, directions_hash:
                                      and not (k == "direction_variants" and default_variants)}})
 
 
-__all__ = ["OptimizeResult", "OptimizeSettings", "check_settings", "choose", "config_from_params",
-           "layer_weights", "optimize", "pick_finalists", "search_and_direction_sets", "search_on", "split",
-           "with_an_ungated_finalist"]
+__all__ = ["OptimizeResult", "OptimizeSettings", "check_configurations", "check_settings", "choose",
+           "config_from_params", "layer_weights", "optimize", "pick_finalists", "search_and_direction_sets",
+           "search_on", "split", "with_an_ungated_finalist"]
