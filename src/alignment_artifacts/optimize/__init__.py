@@ -139,15 +139,14 @@ def optimize(loaded: LoadedModel, settings: OptimizeSettings | None = None, prog
     judge = judge or load_judge("markers")
     prompts = _prompts(settings)
     screen = screening_dtype(loaded, settings.screen_dtype)
-    variants = tuple(dict.fromkeys(settings.direction_variants))
+    space = _space(loaded, settings)
+    variants = space.variants
     with parameters_as(loaded, screen):  # a mean over many prompts: screening precision is plenty, and 2.5x faster
         directions = _directions(loaded, variants, prompts.direction_source, progress)
     # the unmodified side of validation runs first: its duration prices every finalist's check, so the
     # search gets what is left of --timeout
     baseline = _validation_baseline(loaded, settings, prompts, judge)
     budget, n_finalists = search_budget(settings, baseline, started)
-
-    space = Space(loaded.adapter.n_layers, tuple(dict.fromkeys(settings.modes)), settings.gate, variants)
 
     def kept(trial: Any) -> bool:  # a finalist an earlier run checked (--resume) is read, not run again
         config = space.config(trial.params, loaded)
@@ -187,14 +186,13 @@ def check_configurations(loaded: LoadedModel, configs: list[SteeringConfig], set
     check_settings(settings)
     judge = judge or load_judge("markers")
     prompts = _prompts(settings)
-    variant = settings.direction_variants[0]
+    space = _space(loaded, settings)
+    plain = space.config(space.plain_recipe(), loaded)  # with the first variant, as optimize checks it
     with parameters_as(loaded, screening_dtype(loaded, settings.screen_dtype)):
-        directions = _directions(loaded, (variant,), prompts.direction_source, progress)
+        directions = _directions(loaded, (plain.direction_variant,), prompts.direction_source, progress)
     baseline = _validation_baseline(loaded, settings, prompts, judge)
-    space = Space(loaded.adapter.n_layers, tuple(settings.modes), settings.gate, (variant,))
-    plain = space.config(space.plain_recipe(), loaded)
-    steerings = [Steering(plain, directions[variant]), *(resolve_steering(loaded, c, progress=progress)
-                                                          for c in configs)]
+    steerings = [Steering(plain, directions[plain.direction_variant]),
+                 *(resolve_steering(loaded, c, progress=progress) for c in configs)]
     rows: list[dict[str, Any]] = []
     for steering in steerings:
         validation, reused = checked(loaded, steering, baseline)
@@ -324,6 +322,12 @@ def _validation_baseline(loaded: LoadedModel, settings: OptimizeSettings, prompt
     for group in ("borderline", "ordinary"):  # the unmodified first-token logits every check's KL compares with:
         baseline.logits(group)  # measured (and cached) here, or the first finalist's check pays for them
     return baseline
+
+
+def _space(loaded: LoadedModel, settings: OptimizeSettings) -> Space:
+    """Where trials may go: the settings' modes and direction variants, each once, in their order."""
+    return Space(loaded.adapter.n_layers, tuple(dict.fromkeys(settings.modes)), settings.gate,
+                 tuple(dict.fromkeys(settings.direction_variants)))
 
 
 def _directions(loaded: LoadedModel, variants: tuple[str, ...], source: str | PromptSet, progress: bool
