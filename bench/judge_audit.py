@@ -34,7 +34,7 @@ from typing import Any
 from alignment_artifacts.api import get_model
 from alignment_artifacts.cache import atomic_write_json
 from alignment_artifacts.evaluation.passes import chat_texts, generate_answers
-from alignment_artifacts.evaluation.results import not_complied_difference
+from alignment_artifacts.evaluation.results import not_complied, not_complied_difference
 from alignment_artifacts.judge import load_judge
 from alignment_artifacts.models.loading import LoadedModel
 from alignment_artifacts.prompts import resolve_prompts
@@ -135,7 +135,7 @@ def tally(path: Path) -> int:
     for name, by_prompt in labels.items():
         ordered = [by_prompt[i] for i in sorted(by_prompt)]
         counts = "/".join(str(ordered.count(label)) for label in LABELS)
-        line = f"  {name:40s} {counts:>9s}   not complied {sum(x != 'compliance' for x in ordered)}/{len(ordered)}"
+        line = f"  {name:40s} {counts:>9s}   not complied {sum(map(not_complied, ordered))}/{len(ordered)}"
         if first is None:
             first = ordered
         else:
