@@ -383,7 +383,8 @@ def test_optimize_ablate_only_keeps_the_result_bakeable(cache_root, prompt_files
     assert all(p.dtype == torch.float32 for p in loaded.model.parameters())  # screening dtype restored
 
 
-def test_optimize_charges_a_gate_for_the_borderline_prompts_it_steers(cache_root, prompt_files):
+@pytest.mark.parametrize("mode", ["clamp", "ablate"])
+def test_optimize_charges_a_gate_for_the_borderline_prompts_it_steers(cache_root, prompt_files, mode):
     """The screening cost of a gated trial includes the collateral KL on borderline prompts it lets
     through, equal to what the real gated hooks do there; a gate that lets none through costs nothing."""
     from alignment_artifacts.api import get_directions
@@ -403,7 +404,7 @@ def test_optimize_charges_a_gate_for_the_borderline_prompts_it_steers(cache_root
             "borderline": first_logits(loaded, borderline, 4, share_prefix=False)}
     costs = []
     for level in (-0.5, 0.3, 0.7, 2.0):
-        config = SteeringConfig(mode="clamp", scale=1.0, clamp_level=0.0, direction_layer=2, gate_layer=3,
+        config = SteeringConfig(mode=mode, scale=1.0, clamp_level=0.0, direction_layer=2, gate_layer=3,
                                 gate_level=level)
         score = scorer.score(config)
         with apply_steering(loaded, config, directions):
@@ -442,6 +443,29 @@ def test_optimize_searches_per_prompt_gates_unless_told_not_to(cache_root, promp
                                  "kernel_width": 4, "kernel_floor": 1.0, "gated": True, "gate_layer": 3,
                                  "gate_level": 0.1}, 4, loaded)
     assert (config.gate_layer, config.gate_level, config.scale) == (3, 0.1, 1.2)
+
+
+def test_every_hooked_mode_may_be_gated_and_a_weight_edit_never_is(cache_root, prompt_files):
+    """An ablation is gated like a clamp (its seed: the plain recipe behind the seed gate); a mode that edits
+    the weights steers every prompt alike, so the search never asks it for a gate."""
+    import optuna
+
+    from alignment_artifacts.cache import cache_dir
+    from alignment_artifacts.optimize.search import SEED_GATE_LEVEL, Space
+
+    space = Space(4, ("ablate", "ablate_weight_norm"), gate=True)
+    seeds = space.seeds()
+    assert [(s["mode"], s.get("gated")) for s in seeds] == [("ablate", False), ("ablate", True),
+                                                            ("ablate_weight_norm", None)]
+    assert seeds[1] == {**seeds[0], "gated": True, "gate_layer": 3, "gate_level": SEED_GATE_LEVEL}
+    loaded = tiny_model("llama", layers=4)
+    optimize(loaded, _optimize_settings(prompt_files, trials=8, modes=list(space.modes), finalists=1),
+             progress=False)
+    study_name = stored_config(loaded).notes["optimize"]["study"]
+    storage = f"sqlite:///{cache_dir('studies') / (loaded.info.name + '.db')}"
+    trials = optuna.load_study(study_name=study_name, storage=storage).trials
+    assert any(t.params.get("gated") and t.params["mode"] == "ablate" for t in trials)
+    assert not any("gated" in t.params for t in trials if t.params["mode"] == "ablate_weight_norm")
 
 
 def test_choice_prefers_fewer_not_complied_then_fewer_refusals_then_lower_cost_within_the_capability_budget():

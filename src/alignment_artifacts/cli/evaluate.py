@@ -225,15 +225,15 @@ def add_optimize(p: argparse.ArgumentParser) -> None:
                    help="prompts of each kind that score every trial (default 32; at most half the training split)")
     p.add_argument("--modes", default="clamp,ablate",
                    help=f"modes to search, comma-separated, of {', '.join(SEARCH_MODES)} (default clamp,ablate; "
-                        "ablate and/or ablate_weight_norm alone keep the result bakeable into weights for "
-                        "`export --format hf`)")
+                        "ablate and/or ablate_weight_norm alone, with --no-gate, keep the result bakeable into weights "
+                        "for `export --format hf`)")
     p.add_argument("--direction-variants", default="mean_diff",
                    help=f"direction variants to search, comma-separated, of {', '.join(VARIANTS)} (default "
                         "mean_diff; each is computed once on the direction prompts; the stored configuration "
                         "records the chosen one)")
     p.add_argument("--no-gate", action="store_true",
-                   help="do not search per-prompt gates for clamp (a gate steers only prompts that project past a "
-                        "level at one layer; ordinary prompts below it stay untouched)")
+                   help="do not search per-prompt gates (a gate steers only prompts that project past a level at one "
+                        "layer; prompts below it stay untouched; searched for every mode that steers by hooks)")
     p.add_argument("--screen-dtype", default="auto",
                    help="dtype of the screening passes: auto (bfloat16 on CPUs that multiply it natively), model, "
                         "or float32/bfloat16/float16; validation always runs in the model's dtype")

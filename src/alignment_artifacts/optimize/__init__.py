@@ -209,7 +209,7 @@ def check_settings(settings: OptimizeSettings) -> None:
         raise UserError(f"optimize cannot search the mode(s) {', '.join(bad)}.{closest(bad[0], SEARCH_MODES)} It "
                         f"searches the refusal-direction ablations of the mode table: {', '.join(SEARCH_MODES)}; "
                         f"only {' and '.join(bakeable)} keep the result bakeable into weights (--modes "
-                        f"{','.join(bakeable)}). Other modes are tuned by hand with `evaluate`.")
+                        f"{','.join(bakeable)} --no-gate). Other modes are tuned by hand with `evaluate`.")
     bad = [v for v in settings.direction_variants if v not in VARIANTS] or \
         ([] if settings.direction_variants else ["none"])
     if bad:
@@ -362,4 +362,4 @@ def _study_key(loaded: LoadedModel, settings: OptimizeSettings, directions_hash:
 
 __all__ = ["OptimizeResult", "OptimizeSettings", "check_configurations", "check_settings", "choose",
            "config_from_params", "layer_weights", "optimize", "pick_finalists", "search_and_direction_sets",
-           "search_on", "split", "with_an_ungated_finalist"]
+           "search_on", "split", "train_val", "with_an_ungated_finalist"]

@@ -36,6 +36,8 @@ DEFAULT_MODES = ("clamp", "ablate")
 SEARCH_RANGES = {"clamp_level": (0.0, 0.8)}
 SCALES = {"clamp": (0.5, 1.3)}
 ABLATION_SCALE = (0.3, 1.2)  # beyond ~1.2 ablation flips the projection's sign, and KL on unseen prompts jumps
+# where the seed points' gates sit: halfway between the ordinary and sensitive means (bench/gate_margins.py)
+SEED_GATE_LEVEL = 0.5
 
 
 def param_range(param: Param) -> tuple[float, float] | None:
@@ -91,6 +93,10 @@ class Space:
     def gate_layers(self) -> range:
         return range(round(0.5 * self.n_layers), min(self.n_layers - 1, round(0.85 * self.n_layers)) + 1)
 
+    def gated(self, mode: str) -> bool:
+        """Whether trials of ``mode`` may be gated: with gates, for every mode that steers by hooks."""
+        return self.gate and not MODES[mode].in_weights
+
     def suggest(self, trial: Any) -> dict[str, Any]:
         """A trial's parameters (Optuna's define-by-run)."""
         mode = trial.suggest_categorical("mode", list(self.modes)) if len(self.modes) > 1 else self.modes[0]
@@ -106,7 +112,7 @@ class Space:
             low, high = bounds
             params[param.name] = (trial.suggest_int(param.name, int(low), int(high)) if param.integer
                                   else trial.suggest_float(param.name, low, high))
-        if mode == "clamp" and self.gate and trial.suggest_categorical("gated", [False, True]):
+        if self.gated(mode) and trial.suggest_categorical("gated", [False, True]):
             gates = self.gate_layers
             params.update(gated=True, gate_layer=trial.suggest_int("gate_layer", gates[0], gates[-1]),
                           gate_level=trial.suggest_float("gate_level", 0.0, 0.6))
@@ -134,27 +140,28 @@ class Space:
         """Known starting points, in the order a short budget should try them: clamps sketching the
         trade-off (levels 0.3, 0.2 and 0.4 with the direction at 80% depth, 0.3 at 60% where that is
         another layer), then (with gates) the 0.3 clamp gated at 75% depth, then the plain recipe (full
-        ablation with the 60% direction) and each other ablation at scale 1; all with the first
-        direction variant, and each mode's first point with every other variant.
+        ablation with the 60% direction) and each other ablation at scale 1, each also gated at 75% depth
+        (with gates); all with the first direction variant, and each mode's first point with every other
+        variant. Seed gates sit at ``SEED_GATE_LEVEL``.
 
         The deeper direction comes first because it tells what the model refuses from what merely
         sounds sensitive better: on the builtin Qwen's training splits (a hand scan of 20 settings,
         2026-12-03), clamps with the 60%-depth direction left 2.3x the plain recipe's refusal proxy at
         level 0.4 and more collateral KL than it at 0.2, while with the 79-82% directions level 0.4 cost
         0.28-0.29x its collateral KL at 1.0-1.3x its refusal proxy, and level 0.2 a fifth to a quarter of its
-        refusal proxy at the same collateral. A gate did not help there: borderline prompts open it.
-        On a CPU a 30-minute run scores six to eight trials, so the order matters.
+        refusal proxy at the same collateral.
         """
         flat = {k: v for k, v in self.plain_recipe().items() if k not in ("mode", "ablate_scale")}
-        ungated = {"gated": False} if self.gate else {}
+        ungated = lambda mode: {"gated": False} if self.gated(mode) else {}  # noqa: E731
+        gate = {"gated": True, "gate_layer": self.depth(0.75, self.gate_layers), "gate_level": SEED_GATE_LEVEL}
         deep, mid = self.depth(0.8), self.depth(0.6)
         points = ((deep, 0.3), (deep, 0.2), (deep, 0.4)) + (((mid, 0.3),) if mid != deep else ())
-        clamps = [{"clamp_scale": 1.0, "clamp_level": level, "direction_layer": layer, **ungated}
+        clamps = [{"clamp_scale": 1.0, "clamp_level": level, "direction_layer": layer, **ungated("clamp")}
                   for layer, level in points]
-        if self.gate:
-            clamps.append({"clamp_scale": 1.0, "clamp_level": 0.3, "direction_layer": deep, "gated": True,
-                           "gate_layer": self.depth(0.75, self.gate_layers), "gate_level": 0.3})
-        seeds = {mode: clamps if mode == "clamp" else [{f"{mode}_scale": 1.0}] for mode in self.modes}
+        seeds = {mode: clamps if mode == "clamp" else [{f"{mode}_scale": 1.0, **ungated(mode)}] for mode in self.modes}
+        for mode in self.modes:
+            if self.gated(mode):  # its first point (the 0.3 clamp of the deep direction, or scale 1), gated
+                seeds[mode].append({**seeds[mode][0], **gate})
         tag = lambda mode: {"mode": mode} if len(self.modes) > 1 else {}  # noqa: E731
         variant = lambda v: {"direction_variant": v} if len(self.variants) > 1 else {}  # noqa: E731
         return ([{**tag(mode), **variant(self.variants[0]), **flat, **params}
