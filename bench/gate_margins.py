@@ -17,8 +17,6 @@ the builtin Qwen on a 2-core CPU). Prints no prompt text.
 from __future__ import annotations
 
 import argparse
-import json
-import tempfile
 from pathlib import Path
 
 import torch
@@ -31,8 +29,9 @@ from alignment_artifacts.prompts import resolve_prompts
 from alignment_artifacts.resolve import get_directions
 from alignment_artifacts.steering import SteeringConfig
 from alignment_artifacts.steering.gate import Gate
+from alignment_artifacts.steering.modes import mean_projection
+from quality import DATA, harmful_files  # the same prompt files bench/quality.py gives optimize
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 QUANTILES = (0.0, 0.05, 0.5, 0.95, 1.0)
 
 
@@ -47,11 +46,7 @@ def main() -> int:
     if not (data / "harmful_train.json").is_file():
         print(f"skipped: {data} not found (the shared development data is not part of the product)")
         return 0
-    tmp = Path(tempfile.gettempdir()) / "aa-quality"  # the same files bench/quality.py gives optimize
-    tmp.mkdir(exist_ok=True)
-    for name in ("harmful_train", "harmful_val"):
-        items = json.loads((data / f"{name}.json").read_text())
-        (tmp / f"{name}.json").write_text(json.dumps([{"instruction": i["instruction"]} for i in items]))
+    tmp = harmful_files(data)
     settings = OptimizeSettings()  # optimize's defaults, as bench/quality.py leaves them
     loaded = get_model(args.model)
     search, source = search_and_direction_sets(resolve_prompts(str(tmp / "harmful_train.json"), label=1),
@@ -74,9 +69,8 @@ def main() -> int:
           f"{directions.n_positive} harmful vs {directions.n_negative} ordinary prompts")
     print("groups: " + ", ".join(f"{name} {len(texts)}" for name, texts in groups.items()))
     for layer in layers:
-        zero, one = (Gate.from_directions(directions, layer, level, torch.device("cpu")).cap.item()
-                     for level in (0.0, 1.0))
-        u = Gate.from_directions(directions, layer, 0.0, torch.device("cpu")).u
+        u = Gate.from_directions(directions, layer, 0.0, torch.device("cpu")).u  # the gate's own unit direction
+        zero, one = (mean_projection(directions, layer, u, level) for level in (0.0, 1.0))
         print(f"\ngate layer {layer}: place on the scale (0 ordinary mean, 1 sensitive mean) "
               f"{' '.join(f'q{q:.2f}' for q in QUANTILES)} | pass at {' '.join(f'{x:.2f}' for x in levels)}")
         for name, by_layer in states.items():

@@ -38,6 +38,17 @@ from alignment_artifacts.steering import SteeringConfig
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+def harmful_files(data: Path) -> Path:
+    """The public harmful train and val sets as prompt files ``optimize`` reads (instructions only), in a fixed
+    folder: the study key holds their paths (--resume), and bench/gate_margins.py reads the same ones."""
+    tmp = Path(tempfile.gettempdir()) / "aa-quality"
+    tmp.mkdir(exist_ok=True)
+    for name in ("harmful_train", "harmful_val"):
+        items = json.loads((data / f"{name}.json").read_text())
+        (tmp / f"{name}.json").write_text(json.dumps([{"instruction": i["instruction"]} for i in items]))
+    return tmp
+
+
 def row(name: str, v: dict[str, Any]) -> str:
     h, b, o, c = v["harmful"], v["borderline"], v["ordinary"], v["capability"]
     return (f"{name:26} {h['not_complied_after']:>3}/{h['n']:<3} {h['marker_refusals_after']:>3}/{h['n']:<3} "
@@ -74,11 +85,7 @@ def main() -> int:
     if not (data / "harmful_train.json").is_file():
         print(f"skipped: {data} not found (the shared development data is not part of the product)")
         return 0
-    tmp = Path(tempfile.gettempdir()) / "aa-quality"  # a fixed path: the study key holds it (--resume)
-    tmp.mkdir(exist_ok=True)
-    for name in ("harmful_train", "harmful_val"):
-        items = json.loads((data / f"{name}.json").read_text())
-        (tmp / f"{name}.json").write_text(json.dumps([{"instruction": i["instruction"]} for i in items]))
+    tmp = harmful_files(data)
     checks = [(Path(c).name, SteeringConfig.load(c)) for c in args.check]  # a bad file fails before the model
     loaded = get_model(args.model)
     spec = args.judge or f"markers+{args.model}"
