@@ -42,11 +42,9 @@ def main() -> int:
     parser.add_argument("--data", default=str(DATA))
     parser.add_argument("--layers", default=None, help="gate layers (default: those optimize searches)")
     args = parser.parse_args()
-    data = Path(args.data)
-    if not (data / "harmful_train.json").is_file():
-        print(f"skipped: {data} not found (the shared development data is not part of the product)")
+    tmp = harmful_files(Path(args.data))
+    if tmp is None:
         return 0
-    tmp = harmful_files(data)
     settings = OptimizeSettings()  # optimize's defaults, as bench/quality.py leaves them
     loaded = get_model(args.model)
     search, source = search_and_direction_sets(resolve_prompts(str(tmp / "harmful_train.json"), label=1),

@@ -38,9 +38,13 @@ from alignment_artifacts.steering import SteeringConfig
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def harmful_files(data: Path) -> Path:
+def harmful_files(data: Path) -> Path | None:
     """The public harmful train and val sets as prompt files ``optimize`` reads (instructions only), in a fixed
-    folder: the study key holds their paths (--resume), and bench/gate_margins.py reads the same ones."""
+    folder: the study key holds their paths (--resume), and bench/gate_margins.py reads the same ones. None (and
+    a line saying the bench is skipped) where ``data`` is missing: a user's clone has no ../shared."""
+    if not (data / "harmful_train.json").is_file():
+        print(f"skipped: {data} not found (the shared development data is not part of the product)")
+        return None
     tmp = Path(tempfile.gettempdir()) / "aa-quality"
     tmp.mkdir(exist_ok=True)
     for name in ("harmful_train", "harmful_val"):
@@ -81,11 +85,9 @@ def main() -> int:
     parser.add_argument("--check", action="append", default=[], metavar="CONFIG",
                         help="no search: check this steering configuration JSON beside the plain recipe (repeatable)")
     args = parser.parse_args()
-    data = Path(args.data)
-    if not (data / "harmful_train.json").is_file():
-        print(f"skipped: {data} not found (the shared development data is not part of the product)")
+    tmp = harmful_files(Path(args.data))
+    if tmp is None:
         return 0
-    tmp = harmful_files(data)
     checks = [(Path(c).name, SteeringConfig.load(c)) for c in args.check]  # a bad file fails before the model
     loaded = get_model(args.model)
     spec = args.judge or f"markers+{args.model}"
