@@ -10,6 +10,11 @@ for hand labelling; `judge calibrate` then scores any judge against your labels:
     # fill each item's "label" with refusal, evasion or compliance
     alignment-artifacts judge calibrate --items /tmp/audit.json --judge markers+qwen2.5-coder-1.5b-instruct
     python bench/judge_audit.py --tally /tmp/audit.json          # your counts per setting, paired
+    python bench/judge_audit.py --out /tmp/border.json --group borderline --unmodified   # see below
+
+``--group borderline --unmodified`` writes the unmodified model's answers to the borderline prompts
+``evaluate`` uses: which of them it answers decides where collateral KL is measured, so the judge's
+labels there need the same check.
 
 The labelling is blind twice over: the file holds no judge's label unless --judge asks for one (a
 label in view pulls yours towards it), and the answers of all settings are shuffled together under
@@ -33,6 +38,7 @@ from typing import Any
 
 from alignment_artifacts.api import get_model
 from alignment_artifacts.cache import atomic_write_json
+from alignment_artifacts.evaluation import EvaluationSettings, load_group_sets
 from alignment_artifacts.evaluation.passes import chat_texts, generate_answers
 from alignment_artifacts.evaluation.results import not_complied, not_complied_difference
 from alignment_artifacts.judge import load_judge
@@ -71,12 +77,15 @@ def plain_recipe(args: argparse.Namespace, n_layers: int, tmp: Path) -> Steering
 
 def answers_per_setting(args: argparse.Namespace, loaded: LoadedModel, prompts: list[str],
                         stored: list[tuple[str, SteeringConfig]]) -> dict[str, tuple[dict[str, Any], list[str]]]:
-    """Each setting's name -> (its configuration as JSON, its answers to ``prompts``): the plain recipe when
-    no --config is given or --plain asks for it, then every --config in order."""
+    """Each setting's name -> (its configuration as JSON, its answers to ``prompts``): the unmodified model
+    if --unmodified asks for it, the plain recipe when no other setting is given or --plain asks for it,
+    then every --config in order."""
     out: dict[str, tuple[dict[str, Any], list[str]]] = {}
     with tempfile.TemporaryDirectory(prefix="aa-audit-") as tmp:  # the plain recipe's direction prompts
-        settings = ([(f"plain recipe ({args.mode} {args.scale:g})",
-                      plain_recipe(args, loaded.adapter.n_layers, Path(tmp)))] if args.plain or not stored else [])
+        settings = [("unmodified", SteeringConfig(mode="none"))] if args.unmodified else []
+        if args.plain or not (stored or settings):
+            settings.append((f"plain recipe ({args.mode} {args.scale:g})",
+                             plain_recipe(args, loaded.adapter.n_layers, Path(tmp))))
         for name, config in [*settings, *stored]:
             steering = resolve_steering(loaded, config, progress=sys.stderr.isatty())
             with steering.apply(loaded):
@@ -86,14 +95,23 @@ def answers_per_setting(args: argparse.Namespace, loaded: LoadedModel, prompts: 
     return out
 
 
+def audited_prompts(args: argparse.Namespace) -> tuple[str, list[str]]:
+    """Where the audited prompts come from, and their texts: --harmful, or the borderline group exactly as
+    ``evaluate`` measures it (its safe prompts)."""
+    if args.group == "borderline":
+        settings = EvaluationSettings(groups=("borderline",))
+        return settings.borderline, load_group_sets(settings).borderline
+    return args.harmful, resolve_prompts(args.harmful, label=1).texts
+
+
 def audit(args: argparse.Namespace, out: Path, stored: list[tuple[str, SteeringConfig]]) -> int:
-    prompts = resolve_prompts(args.harmful, label=1).texts
+    source, prompts = audited_prompts(args)
     loaded = get_model(args.model)
     answered = answers_per_setting(args, loaded, prompts, stored)
     rows = [(name, i, prompt, answer) for name, (_, answers) in answered.items()
             for i, (prompt, answer) in enumerate(zip(prompts, answers, strict=True))]
     random.Random(args.seed).shuffle(rows)  # the settings' answers mixed: the labeller cannot tell them apart
-    items = [{"id": f"item-{n:03d}", "prompt": p, "prompt_kind": "harmful", "answer": a, "label": None}
+    items = [{"id": f"item-{n:03d}", "prompt": p, "prompt_kind": args.group, "answer": a, "label": None}
              for n, (_, _, p, a) in enumerate(rows)]
     judge_name = None
     if args.judge:  # asked for: the judge's labels in view of the labeller
@@ -103,11 +121,11 @@ def audit(args: argparse.Namespace, out: Path, stored: list[tuple[str, SteeringC
             item.update(judge_label=verdict.label, judge_confidence=round(verdict.confidence, 4))
         judge_name = judge.name
     atomic_write_json(key_path(out), {
-        "audit": out.name, "harmful": args.harmful,
+        "audit": out.name, "prompts": source,
         "settings": {name: config for name, (config, _) in answered.items()},
         "items": {item["id"]: {"setting": name, "prompt_index": i}
                   for item, (name, i, _, _) in zip(items, rows, strict=True)}})
-    atomic_write_json(out, {"description": f"{loaded.info.name}: {len(prompts)} harmful prompts answered by "
+    atomic_write_json(out, {"description": f"{loaded.info.name}: {len(prompts)} {args.group} prompts answered by "
                                            f"{len(answered)} steering setting(s), shuffled (which wrote what: "
                                            f"{key_path(out).name}, read it only after labelling). Hand labels go "
                                            "in 'label'. Never commit this file.", "items": items})
@@ -130,7 +148,8 @@ def tally(path: Path) -> int:
     labels: dict[str, dict[int, str]] = {name: {} for name in key["settings"]}
     for item_id, where in key["items"].items():
         labels[where["setting"]][where["prompt_index"]] = items[item_id]["label"]
-    print(f"hand labels of {path} ({key['harmful']}); R/E/C and not complied = refusal + evasion")
+    print(f"hand labels of {path} ({key.get('prompts', key.get('harmful'))}); R/E/C and not complied = refusal "
+          "+ evasion")
     first = None
     for name, by_prompt in labels.items():
         ordered = [by_prompt[i] for i in sorted(by_prompt)]
@@ -155,6 +174,10 @@ def main() -> int:
                         help="also write this judge's labels beside the answers (default: none, so you label "
                              "blind; `judge calibrate --items` scores any judge afterwards)")
     parser.add_argument("--harmful", default=str(DATA / "harmful_val.json"), help="prompts answered (label 1)")
+    parser.add_argument("--group", choices=("harmful", "borderline"), default="harmful",
+                        help="borderline: answer evaluate's borderline prompts (its safe ones) instead of --harmful")
+    parser.add_argument("--unmodified", action="store_true",
+                        help="audit the unmodified model's answers (beside --plain and --config, if given)")
     parser.add_argument("--direction-harmful", default=str(DATA / "harmful_train.json"),
                         help="harmful prompts for the plain recipe's direction (with the bundled harmless set)")
     parser.add_argument("--mode", default="ablate")

@@ -174,8 +174,9 @@ def test_collateral_kl_of_a_gate_counts_only_the_prompts_it_lets_through(cache_r
                                                        gate_level=level))
         result = evaluate_against(loaded, Steering(config, directions), baseline, progress=False)
         b = result.borderline
-        answered = [x == "compliance" for x in baseline.side().borderline_labels]
-        assert b.n_answered == sum(answered) and 0 < b.n_answered < 16
+        labels = baseline.side().borderline_labels
+        answered = [x != "refusal" for x in labels]  # an evasion of a safe prompt is still an answer to it
+        assert "evasion" in labels and b.n_answered == sum(answered) and 0 < b.n_answered < 16
         # the same numbers from the per-prompt KLs: gated-out prompts are bit-identical (KL exactly 0)
         with apply_steering(loaded, config, directions):
             steered = first_logits(loaded, chat_texts(loaded, baseline.sets.borderline, None), 4)

@@ -132,3 +132,29 @@ def test_a_stored_configuration_is_audited_as_stored(tmp_path, monkeypatch):
     assert list(settings) == ["config.json"]  # --config alone: no plain recipe beside it
     assert settings["config.json"]["mode"] == "clamp" and settings["config.json"]["scale"] == 0.5
     assert str(harmless) in settings["config.json"]["source"]
+
+
+def test_the_unmodified_model_is_audited_on_the_borderline_prompts_evaluate_uses(tmp_path, monkeypatch):
+    """Collateral KL is measured on the borderline prompts the judge says the unmodified model answers, so
+    that judgement is audited too: the very prompts of ``evaluate``'s borderline group, answered by the
+    model unsteered, each exactly once."""
+    from alignment_artifacts.evaluation import EvaluationSettings, load_group_sets
+    from alignment_artifacts.evaluation.passes import chat_texts, generate_answers
+
+    loaded = tiny_model("qwen2", layers=2)
+    folder = tmp_path / "tiny"
+    loaded.model.save_pretrained(folder)
+    loaded.tokenizer.save_pretrained(folder)
+    out = tmp_path / "border.json"
+    assert audit_main(monkeypatch, "--out", str(out), "--model", str(folder), "--group", "borderline",
+                      "--unmodified", "--max-tokens", "2", "--batch-size", "64") == 0
+    items = json.loads(out.read_text())["items"]
+    key = json.loads((tmp_path / "border.key.json").read_text())
+    prompts = load_group_sets(EvaluationSettings(groups=("borderline",))).borderline
+    assert list(key["settings"]) == ["unmodified"] and key["settings"]["unmodified"]["mode"] == "none"
+    assert key["prompts"] == "borderline:val" and len(items) == len(prompts) > 100
+    assert all(i["prompt_kind"] == "borderline" and i["label"] is None for i in items)
+    by_index = {key["items"][i["id"]]["prompt_index"]: i for i in items}
+    assert [by_index[n]["prompt"] for n in range(len(prompts))] == prompts
+    plain = generate_answers(loaded, chat_texts(loaded, prompts[:8], None), 2, 8).texts
+    assert [by_index[n]["answer"] for n in range(8)] == plain  # no steering in the way

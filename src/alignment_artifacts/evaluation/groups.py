@@ -3,7 +3,8 @@
 * harmful: refusal / evasion / compliance by the judge, and refusals by markers beside it;
   "not complied" = refusal + evasion.
 * borderline: safe prompts that sound sensitive. Over-refusal, and *collateral KL*: the first-token
-  KL on the borderline prompts the unmodified model already answers, where any change is damage.
+  KL on the borderline prompts the unmodified model already answers (the judge does not call its
+  answer a refusal), where any change is damage.
   A per-prompt gate that lets such prompts through pays for them here.
 * ordinary: plain instructions. First-token KL (mean, median, p90, bootstrap interval on the
   mean), over-refusal, and the touched fraction (prompts whose distribution moved at all).
@@ -34,8 +35,9 @@ from .results import GROUPS, EvaluationResult, Side, compare, group_fields
 from .sides import Baseline, EvaluationSettings, GroupSets, Measurer, SideFiles, load_group_sets, measure_in_chunks
 
 # bump when how a steered side is measured, or what its result records, changes: a steered side's saved
-# chunks and optimize's kept checks of older code are then not read. 2: paired intervals, harmful labels
-MEASURE_VERSION = 2
+# chunks and optimize's kept checks of older code are then not read. 2: paired intervals, harmful labels;
+# 3: collateral KL on the borderline prompts not refused (was: judged compliance)
+MEASURE_VERSION = 3
 
 
 def _judged(settings: EvaluationSettings, group: str) -> int | None:

@@ -83,7 +83,7 @@ class BorderlineResult:
     refusals_after: int
     not_complied_before: int
     not_complied_after: int
-    n_answered: int  # prompts the unmodified model complies with: where collateral KL is measured
+    n_answered: int  # prompts the unmodified model does not refuse: where collateral KL is measured
     collateral_kl: KLSummary | None  # None: KL unavailable (an endpoint without log-probs; see kl_method)
     kl: KLSummary | None
     touched: float | None
@@ -195,7 +195,9 @@ def compare(before: Side, after: Side, kl_borderline: torch.Tensor | None, kl_or
             not_complied_change=_change(before.harmful_labels, after.harmful_labels, not_complied),
             labels_after=list(after.harmful_labels))
     if "borderline" in groups and kl_borderline is not None:
-        answered = torch.tensor([x == "compliance" for x in before.borderline_labels], dtype=torch.bool)
+        # answered = not refused: on the unmodified model's borderline answers the judges' refusals hold up
+        # and their evasions do not (docs/judge.md), and screening counts the same set by its first token
+        answered = torch.tensor([not _refused(x) for x in before.borderline_labels], dtype=torch.bool)
         judged = len(after.borderline_labels)
         was, now = before.borderline_labels[:judged], after.borderline_labels
         out["borderline"] = BorderlineResult(

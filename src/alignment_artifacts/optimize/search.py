@@ -202,7 +202,8 @@ class Scorer:
         self.base = {name: first_logits(loaded, texts, batch_size) for name, texts in self.texts.items()}
         self.base_odds = refusal_log_odds(self.base["harmful"], self.opening)
         self.base_refusal = float(torch.sigmoid(self.base_odds).mean())
-        # the borderline prompts the unmodified model answers (first-token proxy): any change there is damage
+        # the borderline prompts the unmodified model answers, i.e. does not refuse (first-token proxy of the
+        # set validation measures collateral KL on): any change there is damage
         self.answered = (refusal_log_odds(self.base["borderline"], self.opening) < 0).nonzero().flatten().tolist()
         self._last: dict[str, dict[int, torch.Tensor]] = {}
 
