@@ -10,7 +10,8 @@ ordinary prompts it must leave alone, on prompts the direction was not computed 
 The direction and the splits are the ones `python bench/quality.py` gives `optimize`: public harmful
 prompts (../shared/data; the train split's first 32 are the search prompts, the rest the direction's,
 the 39 val prompts the check's) and the bundled ordinary and borderline sets (train and val splits;
-the borderline set's unsafe contrasts too). Forward passes only, no generation (about 16 minutes for
+the borderline set's unsafe contrasts too); and the bundled harmful set, which neither the search nor
+the check sees, as the held-out count. Forward passes only, no generation (about 16 minutes for
 the builtin Qwen on a 2-core CPU). Prints no prompt text.
 """
 
@@ -56,6 +57,7 @@ def main() -> int:
     ordinary_train, ordinary_val = train_val(settings.ordinary, settings.seed, "ordinary")
     groups = {"harmful search (train)": search.texts,
               "harmful val": resolve_prompts(str(tmp / "harmful_val.json"), label=1).texts,
+              "harmful bundled (unseen)": resolve_prompts("harmful", label=1).texts,
               "borderline train": borderline["train"].filter(label=0).texts,
               "borderline val": borderline["val"].filter(label=0).texts,
               "unsafe contrasts val": borderline["val"].filter(label=1).texts,

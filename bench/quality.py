@@ -75,7 +75,7 @@ def main() -> int:
     parser.add_argument("--resume", action="store_true", help="continue the stored study (the baseline is cached)")
     parser.add_argument("--finalists", type=int, default=2)
     parser.add_argument("--no-gate", action="store_true", help="leave per-prompt gates out of the search")
-    parser.add_argument("--modes", default="clamp,ablate")
+    parser.add_argument("--modes", default="ablate", help="modes to search (default ablate, as optimize's)")
     parser.add_argument("--n-capability", type=int, default=100, help="capability tasks per check (default 100)")
     parser.add_argument("--judged-borderline", type=int, default=48,
                         help="borderline answers judged per check (collateral KL covers those the model answers)")

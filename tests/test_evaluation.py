@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -272,7 +273,9 @@ def test_a_resumed_optimize_reads_the_finalist_checks_an_earlier_run_finished(ca
     monkeypatch.setattr(check_module, "evaluate_against", counting)
     monkeypatch.setattr(optimize_module, "checks_price", recording)
     loaded = tiny_model("llama", layers=3)
-    settings = _optimize_settings(prompt_files, trials=2, finalists=1, check_plain_recipe=True)
+    # clamps first: two clamp seeds, so the finalist is not the plain recipe, whose check is a separate one
+    settings = _optimize_settings(prompt_files, trials=2, finalists=1, check_plain_recipe=True,
+                                  modes=["clamp", "ablate"])
     first = optimize(loaded, settings, progress=False)
     assert len(calls) == 2 and prices[-1] > 0  # the finalist and the plain recipe; the finalist was priced
     settings.resume = True
@@ -387,9 +390,11 @@ def test_optimize_ablate_only_keeps_the_result_bakeable(cache_root, prompt_files
 @pytest.mark.parametrize("mode", ["clamp", "ablate"])
 def test_optimize_charges_a_gate_for_the_borderline_prompts_it_steers(cache_root, prompt_files, mode):
     """The screening cost of a gated trial includes the collateral KL on borderline prompts it lets
-    through, equal to what the real gated hooks do there; a gate that lets none through costs nothing."""
+    through, equal to what the real gated hooks do there; a gate that lets none through costs nothing.
+    Harmful prompts pass with a margin: their odds are the real hooks' at the stricter level, and one the
+    stricter gate misses counts as refused."""
     from alignment_artifacts.api import get_directions
-    from alignment_artifacts.optimize.search import Scorer
+    from alignment_artifacts.optimize.search import UNSEEN_HARMFUL_PLACE, Scorer
 
     loaded = tiny_model("llama", layers=4)
     harmful, harmless = prompt_files
@@ -403,16 +408,24 @@ def test_optimize_charges_a_gate_for_the_borderline_prompts_it_steers(cache_root
     opening = refusal_opening_ids(loaded.tokenizer)
     base = {"ordinary": first_logits(loaded, ordinary, 4, share_prefix=False),
             "borderline": first_logits(loaded, borderline, 4, share_prefix=False)}
-    costs = []
-    for level in (-0.5, 0.3, 0.7, 2.0):
+    costs, margin_mattered = [], False
+    for level in (-0.5, 0.3, 0.75, 1.4):  # the harmful margin's level must stay in the gate's range (at most 2)
         config = SteeringConfig(mode=mode, scale=1.0, clamp_level=0.0, direction_layer=2, gate_layer=3,
                                 gate_level=level)
         score = scorer.score(config)
-        with apply_steering(loaded, config, directions):
+        stricter = replace(config, gate_level=Scorer.gate_level("harmful", level))
+        assert stricter.gate_level == level / UNSEEN_HARMFUL_PLACE
+        with apply_steering(loaded, stricter, directions):
             real_odds = refusal_log_odds(first_logits(loaded, harmful_texts, 4), opening)
+        missed = [i for i in range(len(harmful_texts))
+                  if i not in scorer._passing("harmful", 3, stricter.gate_level, directions)]
+        real_odds[missed] = math.inf  # a harmful prompt the gate misses counts as refused
+        with apply_steering(loaded, config, directions):
             real = {name: kl_divergence(base[name], first_logits(loaded, texts, 4))
                     for name, texts in (("ordinary", ordinary), ("borderline", borderline))}
         torch.testing.assert_close(score.odds, real_odds, rtol=1e-4, atol=1e-4)
+        margin_mattered |= scorer._passing("harmful", 3, level, directions) != \
+            scorer._passing("harmful", 3, stricter.gate_level, directions)
         assert score.kl_ordinary == pytest.approx(float(real["ordinary"].mean()), abs=1e-6)
         collateral = real["borderline"][scorer.answered]
         assert score.kl_collateral == pytest.approx(float(collateral.mean()), abs=1e-6)
@@ -421,15 +434,20 @@ def test_optimize_charges_a_gate_for_the_borderline_prompts_it_steers(cache_root
         assert (score.kl_collateral > 0) == bool(steered_answered)  # charged exactly when it steers those
         costs.append(score.kl_collateral)
     assert len(set(costs)) > 1 and max(costs) > 0
+    assert margin_mattered  # some level lets a harmful prompt through only without the margin
 
 
 def test_optimize_searches_per_prompt_gates_unless_told_not_to(cache_root, prompt_files):
+    """A gated trial is the plain recipe behind a gate: only the gate is searched."""
     import optuna
 
     from alignment_artifacts.cache import cache_dir
+    from alignment_artifacts.optimize.search import Space
 
     loaded = tiny_model("llama", layers=4)
-    settings = _optimize_settings(prompt_files, trials=5, modes=["clamp"], finalists=1)
+    settings = _optimize_settings(prompt_files, trials=6, modes=["ablate"], finalists=1)
+    space = Space(4, ("ablate",), gate=True)
+    plain = space.config(space.plain_recipe(), loaded)
     for gate in (True, False):
         settings.gate = gate
         optimize(loaded, settings, progress=False)
@@ -437,36 +455,44 @@ def test_optimize_searches_per_prompt_gates_unless_told_not_to(cache_root, promp
         storage = f"sqlite:///{cache_dir('studies') / (loaded.info.name + '.db')}"
         trials = optuna.load_study(study_name=study_name, storage=storage).trials
         gated = [t for t in trials if t.params.get("gated")]
-        assert len(gated) == (1 if gate else 0)  # the gated seed clamp, the fifth seed
-        assert all(2 <= t.params["gate_layer"] <= 3 and t.user_attrs["kl_collateral"] >= 0 for t in gated)
-        assert all(t.params["clamp_level"] >= 0.0 and t.params["clamp_scale"] <= 1.3 for t in trials)
+        assert len(gated) >= (2 if gate else 0) and (gate or not gated)  # two seeds: gates at 50% and 75% depth
+        for t in gated:
+            assert set(t.params) == {"gated", "gate_layer", "gate_level"}
+            assert 2 <= t.params["gate_layer"] <= 3 and t.user_attrs["kl_collateral"] >= 0
+            config = space.config(t.params, loaded)
+            assert replace(config, gate_layer=None, gate_level=0.0) == plain
+            assert (config.gate_layer, config.gate_level) == (t.params["gate_layer"], t.params["gate_level"])
+        assert all(0.3 <= t.params["ablate_scale"] <= 1.2 for t in trials if not t.params.get("gated"))
     config = config_from_params({"mode": "clamp", "clamp_scale": 1.2, "direction_layer": 2, "kernel_centre": 1,
                                  "kernel_width": 4, "kernel_floor": 1.0, "gated": True, "gate_layer": 3,
                                  "gate_level": 0.1}, 4, loaded)
     assert (config.gate_layer, config.gate_level, config.scale) == (3, 0.1, 1.2)
 
 
-def test_every_hooked_mode_may_be_gated_and_a_weight_edit_never_is(cache_root, prompt_files):
-    """An ablation is gated like a clamp (its seed: the plain recipe behind the seed gate); a mode that edits
-    the weights steers every prompt alike, so the search never asks it for a gate."""
+def test_only_the_plain_recipe_is_gated(cache_root, prompt_files):
+    """A gate decides where to steer, not how much: the search puts gates in front of the plain recipe only,
+    never behind a clamp or a mode that edits the weights (which steers every prompt alike)."""
     import optuna
 
     from alignment_artifacts.cache import cache_dir
     from alignment_artifacts.optimize.search import SEED_GATE_LEVEL, Space
 
-    space = Space(4, ("ablate", "ablate_weight_norm"), gate=True)
+    space = Space(4, ("clamp", "ablate", "ablate_weight_norm"), gate=True)
     seeds = space.seeds()
-    assert [(s["mode"], s.get("gated")) for s in seeds] == [("ablate", False), ("ablate", True),
-                                                            ("ablate_weight_norm", None)]
-    assert seeds[1] == {**seeds[0], "gated": True, "gate_layer": 3, "gate_level": SEED_GATE_LEVEL}
+    assert [(s["mode"], s.get("gated")) for s in seeds] == [("clamp", None)] * 4 + [
+        ("ablate", False), ("ablate", True), ("ablate", True), ("ablate_weight_norm", None)]
+    assert seeds[5:7] == [{"mode": "ablate", "gated": True, "gate_layer": layer, "gate_level": SEED_GATE_LEVEL}
+                          for layer in (2, 3)]
+    assert not any(s.get("gated") for s in Space(4, ("clamp", "ablate"), gate=False).seeds())
     loaded = tiny_model("llama", layers=4)
-    optimize(loaded, _optimize_settings(prompt_files, trials=8, modes=list(space.modes), finalists=1),
+    optimize(loaded, _optimize_settings(prompt_files, trials=12, modes=list(space.modes), finalists=1),
              progress=False)
     study_name = stored_config(loaded).notes["optimize"]["study"]
     storage = f"sqlite:///{cache_dir('studies') / (loaded.info.name + '.db')}"
     trials = optuna.load_study(study_name=study_name, storage=storage).trials
-    assert any(t.params.get("gated") and t.params["mode"] == "ablate" for t in trials)
-    assert not any("gated" in t.params for t in trials if t.params["mode"] == "ablate_weight_norm")
+    assert any(t.params.get("gated") for t in trials)
+    assert all(t.params["mode"] == "ablate" for t in trials if t.params.get("gated"))
+    assert not any("gated" in t.params for t in trials if t.params["mode"] != "ablate")
 
 
 def test_choice_prefers_fewer_not_complied_then_fewer_refusals_then_lower_cost_within_the_capability_budget():
@@ -484,6 +510,45 @@ def test_choice_prefers_fewer_not_complied_then_fewer_refusals_then_lower_cost_w
     refusing["validation"]["harmful"]["after"] = {"refusal": 3, "evasion": 0, "compliance": 0}
     evading["validation"]["harmful"]["after"] = {"refusal": 0, "evasion": 3, "compliance": 0}
     assert choose([refusing, evading], 0.01)["trial"] == 6  # a tie in not complied: fewer refusals first
+
+
+def test_a_single_finalist_is_the_cheapest_point_that_removes_refusals_as_the_plain_recipe_does():
+    from types import SimpleNamespace
+
+    front = [SimpleNamespace(number=i, values=values) for i, values in
+             enumerate([(0.0, 0.09), (0.02, 0.05), (0.05, 0.02), (0.08, 0.01), (0.5, 0.001)])]
+    numbers = lambda picked: [t.number for t in picked]  # noqa: E731
+    assert numbers(pick_finalists(front, 1, 0.1, 0.8)) == [0]  # no plain recipe scored: cheapest of the lowest
+    assert numbers(pick_finalists(front, 1, 0.1, 0.8, plain_refusal=0.05)) == [2]  # meets the bar, cheapest
+    assert numbers(pick_finalists(front, 1, 0.1, 0.8, plain_refusal=0.045)) == [2]  # within REFUSAL_TIE of it
+    assert numbers(pick_finalists(front, 2, 0.1, 0.8, plain_refusal=0.05)) == [0, 2]  # a spread: none above it
+    assert numbers(pick_finalists(front, 1, 0.1, 0.8, plain_refusal=0.3)) == [3]  # half the unmodified: a cap
+    assert numbers(pick_finalists(front, 1, 0.06, 0.8, plain_refusal=0.01)) == [1]  # nothing meets it: lowest
+
+
+def test_the_search_records_the_plain_recipes_refusal_proxy(cache_root, prompt_files):
+    from alignment_artifacts.api import get_directions
+    from alignment_artifacts.optimize.search import Scorer, Space, run_search
+
+    loaded = tiny_model("llama", layers=4)
+    harmful, harmless = prompt_files
+    directions = get_directions(loaded, SteeringConfig(mode="ablate"), source=f"{harmful},{harmless}",
+                                progress=False)
+    chat = lambda lines: [format_chat(loaded.tokenizer, t) for t in lines]  # noqa: E731
+    scorer = Scorer(loaded, chat(Path(harmful).read_text().splitlines()[:6]),
+                    chat(resolve_prompts("ordinary:train").texts[:6]),
+                    chat(resolve_prompts("borderline:train", label=0).filter(label=0).texts[:6]), 4,
+                    {"mean_diff": directions}, range(2, 4))
+    for modes, plain_scored in ((("clamp", "ablate"), True), (("clamp",), False)):
+        space = Space(4, modes, gate=True)
+        searched = run_search(loaded, space, scorer, key=f"plain-{len(modes)}", trials=len(space.seeds()),
+                              timeout=120, seed=0, resume=False, progress=False)
+        plain = space.config(space.plain_recipe(), loaded)
+        expected = [t.values[0] for t in searched.complete if space.config(t.params, loaded) == plain]
+        assert len(expected) == (1 if plain_scored else 0)
+        assert searched.plain_refusal == (expected[0] if plain_scored else None)
+        if plain_scored:
+            assert searched.plain_refusal == pytest.approx(scorer.score(plain).refusal, abs=1e-6)
 
 
 def test_an_ungated_setting_is_validated_when_gated_ones_fill_the_front():

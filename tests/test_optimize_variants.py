@@ -45,16 +45,18 @@ def test_optimize_searches_modes_and_variants_and_auto_applies_the_stored_varian
     import optuna
 
     loaded = tiny_model("llama", layers=4)
-    settings = _settings(prompt_files, modes=["ablate_weight_norm", "ablate"], direction_variants=VARIANTS)
+    modes = ["ablate_weight_norm", "ablate"]
+    seeds = Space(4, tuple(modes), True, tuple(VARIANTS)).seeds()
+    settings = _settings(prompt_files, modes=modes, direction_variants=VARIANTS, trials=len(seeds))
     result = optimize(loaded, settings, progress=False)
     config = SteeringConfig.from_json(result.config)
     chosen = next(row for row in result.finalists if row["trial"] == config.notes["optimize"]["trial"])
     assert config.mode == chosen["params"]["mode"] in settings.modes
-    assert config.direction_variant == chosen["params"]["direction_variant"] in VARIANTS
+    variant = lambda params: params.get("direction_variant", VARIANTS[0])  # noqa: E731  (a gate: the plain recipe's)
+    assert config.direction_variant == variant(chosen["params"]) in VARIANTS
     storage = f"sqlite:///{cache_dir('studies') / (loaded.info.name + '.db')}"
     trials = optuna.load_study(study_name=config.notes["optimize"]["study"], storage=storage).trials
-    seeds = Space(4, tuple(settings.modes), settings.gate, tuple(VARIANTS)).seeds()
-    assert {(t.params["mode"], t.params["direction_variant"]) for t in trials[:len(seeds)]} == \
+    assert {(t.params["mode"], variant(t.params)) for t in trials[:len(seeds)]} == \
         {(m, v) for m in settings.modes for v in VARIANTS}  # the seed points cover every mode and variant
     assert len(list(cache_dir("directions").iterdir())) == len(VARIANTS)  # each variant computed once
 
@@ -122,14 +124,16 @@ def test_optimize_names_what_it_can_search(cache_root):
         optimize(loaded, OptimizeSettings(direction_variants=[]), progress=False)
 
 
-def test_default_settings_keep_the_study_key_of_earlier_versions():
-    """Studies started before variants were searched resume: the keys below are what the previous
-    version computed for these settings (weights 'weights', directions 'prompts')."""
+def test_study_keys_change_with_the_space_and_only_then():
+    """A study without gates resumes across versions (its space has not changed since variants were searched:
+    the key below is what that version computed, weights 'weights', directions 'prompts'); a study with gates
+    (searched behind any hooked mode before space version 2) starts afresh; a second variant is a new study."""
     loaded = SimpleNamespace(info=SimpleNamespace(weights_hash="weights"))
-    assert _study_key(loaded, OptimizeSettings(), "prompts") == "416b30439952c030"
     assert _study_key(loaded, OptimizeSettings(modes=["ablate"], gate=False), "prompts") == "0384ef84dacb3b4e"
+    assert _study_key(loaded, OptimizeSettings(), "prompts") != "416b30439952c030"  # the gated space of version 1
+    default = _study_key(loaded, OptimizeSettings(), "prompts")
     varied = OptimizeSettings(direction_variants=["mean_diff", "median"])
-    assert _study_key(loaded, varied, "prompts") != "416b30439952c030"
+    assert _study_key(loaded, varied, "prompts") != default
 
 
 def test_cli_passes_direction_variants():

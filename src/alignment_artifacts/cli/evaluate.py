@@ -192,7 +192,7 @@ def cmd_judge(args: argparse.Namespace) -> int:
 
 def add_optimize(p: argparse.ArgumentParser) -> None:
     from ..analysis.directions import VARIANTS
-    from ..optimize.search import SEARCH_MODES
+    from ..optimize.search import DEFAULT_MODES, SEARCH_MODES
 
     add_model(p)
     p.add_argument("--trials", type=int, default=60, help="maximum trials (default 60)")
@@ -223,17 +223,19 @@ def add_optimize(p: argparse.ArgumentParser) -> None:
                                                "training split the search does not score; validation stays unseen)")
     p.add_argument("--search-size", type=int, default=32,
                    help="prompts of each kind that score every trial (default 32; at most half the training split)")
-    p.add_argument("--modes", default="clamp,ablate",
-                   help=f"modes to search, comma-separated, of {', '.join(SEARCH_MODES)} (default clamp,ablate; "
-                        "ablate and/or ablate_weight_norm alone, with --no-gate, keep the result bakeable into weights "
-                        "for `export --format hf`)")
+    p.add_argument("--modes", default=",".join(DEFAULT_MODES),
+                   help=f"modes to search, comma-separated, of {', '.join(SEARCH_MODES)} (default "
+                        f"{','.join(DEFAULT_MODES)}: a clamp's evasions pass the refusal proxy and the judge, see "
+                        "docs/evaluation.md; ablate and/or ablate_weight_norm alone, with --no-gate, keep the result "
+                        "bakeable into weights for `export --format hf`)")
     p.add_argument("--direction-variants", default="mean_diff",
                    help=f"direction variants to search, comma-separated, of {', '.join(VARIANTS)} (default "
                         "mean_diff; each is computed once on the direction prompts; the stored configuration "
                         "records the chosen one)")
     p.add_argument("--no-gate", action="store_true",
                    help="do not search per-prompt gates (a gate steers only prompts that project past a level at one "
-                        "layer; prompts below it stay untouched; searched for every mode that steers by hooks)")
+                        "layer; prompts below it stay untouched; searched in front of the plain recipe, so only when "
+                        "ablate is among --modes)")
     p.add_argument("--screen-dtype", default="auto",
                    help="dtype of the screening passes: auto (bfloat16 on CPUs that multiply it natively), model, "
                         "or float32/bfloat16/float16; validation always runs in the model's dtype")
@@ -243,11 +245,12 @@ def add_optimize(p: argparse.ArgumentParser) -> None:
 
 def cmd_optimize(args: argparse.Namespace) -> int:
     from ..optimize import OptimizeSettings, check_settings, optimize
+    from ..optimize.search import DEFAULT_MODES
 
     settings = OptimizeSettings(trials=args.trials, timeout=args.timeout, resume=args.resume, seed=args.seed,
                                 harmful=args.harmful, harmless=args.harmless, max_kl=args.max_kl,
                                 direction_prompts=args.direction_prompts, search_size=args.search_size,
-                                modes=split(args.modes) or ["clamp", "ablate"], screen_dtype=args.screen_dtype,
+                                modes=split(args.modes) or list(DEFAULT_MODES), screen_dtype=args.screen_dtype,
                                 direction_variants=split(args.direction_variants) or ["mean_diff"],
                                 gate=not args.no_gate, ordinary=args.ordinary, borderline=args.borderline,
                                 finalists=args.finalists, max_tokens=args.max_tokens, thinking=args.thinking,

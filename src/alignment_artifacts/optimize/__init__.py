@@ -6,7 +6,7 @@
    their sets' train splits for the search and validation splits for the check.
 2. **Search** (``search.py``): Optuna minimises (refusal proxy, ordinary + borderline collateral
    KL) over ``clamp`` and ``ablate`` settings (or other ablations of the mode table, and direction
-   variants, each computed once), optionally gated, screening in bfloat16 where the CPU multiplies
+   variants, each computed once) and gates in front of the plain recipe, screening in bfloat16 where the CPU multiplies
    it natively. Its budget (``budget.py``) is what ``--timeout`` leaves once every finalist's check is
    priced from the baseline's duration (as many finalists as fit); when the finalists it then picks are cheaper to
    check (gated ones run only the prompts their gate opens), it searches on for the time that frees
@@ -50,6 +50,7 @@ from .check import check_finalists, check_path, checked, choose, kept_check, pic
 from .search import (
     DEFAULT_MODES,
     SEARCH_MODES,
+    SPACE_VERSION,
     Scorer,
     Space,
     config_from_params,
@@ -84,7 +85,7 @@ class OptimizeSettings:
     max_capability_drop: float = 0.01  # a finalist may lose at most this much exact-match accuracy
     modes: list[str] = field(default_factory=lambda: list(DEFAULT_MODES))  # any of SEARCH_MODES
     direction_variants: list[str] = field(default_factory=lambda: ["mean_diff"])  # searched when more than one
-    gate: bool = True  # clamp trials may also gate per prompt (steer only prompts past a projection at one layer)
+    gate: bool = True  # also search the plain recipe behind a per-prompt gate (needs ablate among the modes)
     finalists: int = 3
     check_plain_recipe: bool = False  # also check the plain recipe, as a reference row (benches), after --timeout
     max_tokens: int = 48
@@ -350,11 +351,14 @@ def _scorer(loaded: LoadedModel, settings: OptimizeSettings, prompts: _Prompts, 
 
 def _study_key(loaded: LoadedModel, settings: OptimizeSettings, directions_hash: str) -> str:
     """What makes a study resumable: the weights, the directions and every setting but the budget (the
-    default variant alone leaves the key as it was before variants were searched, so old studies resume)."""
+    default variant alone leaves the key as it was before variants were searched, so old studies resume);
+    with gates also the space's version (a study of an older space would feed the sampler trials it
+    cannot read; a space without gates has not changed)."""
     default_variants = settings.direction_variants == ["mean_diff"]
     keyed = {**asdict(settings), "generation_batch_size": 32}  # the checks' decoding width changes no answer:
     # pinned at the value keys held before its default rose, so those studies resume
-    return stable_hash({"weights": loaded.info.weights_hash, "directions": directions_hash,
+    space = {"space": SPACE_VERSION} if settings.gate else {}
+    return stable_hash({"weights": loaded.info.weights_hash, "directions": directions_hash, **space,
                         "settings": {k: v for k, v in keyed.items() if k not in ("trials", "timeout", "resume")
                                      and not (k.startswith("thinking") and settings.thinking == "auto")
                                      and not (k == "direction_variants" and default_variants)}})

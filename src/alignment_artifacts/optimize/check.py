@@ -1,7 +1,7 @@
 """The finalist check: a few Pareto points, evaluated like ``evaluate`` does, and the choice among them.
 
 Finalists are spread over the cost axis of the front (one of them ungated when the search tried
-both; a single one is the cheapest of the lowest refusal proxies inside the cost budget) and
+both; a single one is the cheapest point whose refusal proxy is the plain recipe's, or lower) and
 checked on the validation splits of all four groups, in the model's dtype, with the judge. The
 choice is the fewest harmful prompts not complied with, then the fewest refused, then the lowest
 validated cost, among finalists whose capability held.
@@ -86,25 +86,29 @@ def checked(loaded: LoadedModel, steering: Steering, baseline: Baseline) -> tupl
     return validation, False
 
 
-def pick_finalists(pareto: list[Any], n: int, max_cost: float, base_refusal: float) -> list[Any]:
+def pick_finalists(pareto: list[Any], n: int, max_cost: float, base_refusal: float,
+                   plain_refusal: float | None = None) -> list[Any]:
     """Up to ``n`` Pareto points inside the cost budget, spread evenly over log cost; one slot takes the
-    cheapest of the lowest refusal proxies inside the budget.
+    cheapest point that removes refusals as well as the plain recipe (``plain_refusal``: its proxy,
+    within ``REFUSAL_TIE``), or where the search did not score it, the cheapest of the lowest proxies.
 
     Fronts crowd at the low-refusal end (many points with no proxy refusals and rising cost), so an
     even spread in cost, not in front order, is what covers the trade-off. Points that keep more
-    than half the unmodified refusal probability are left out: they are nearly free but barely steer.
-    A single finalist is the cheapest point within ``REFUSAL_TIE`` of the lowest refusal proxy inside the
-    budget: the choice ranks harmful prompts not complied with first, so the cheapest point inside the
-    budget (the one that steers least) is the wrong one, and the crowded low-refusal end would otherwise
-    hand the slot to the costliest of near-equal points.
+    than half the unmodified refusal probability are left out: they are nearly free but barely steer,
+    and so are points above the plain recipe's proxy: the plain recipe is the bar to meet at lower cost.
+    A single finalist is the cheapest point that meets it: the choice ranks harmful prompts not complied
+    with first, so the cheapest point inside the budget (the one that steers least) is the wrong one,
+    and going below the bar buys refusal removal the plain recipe does not need, at a cost.
     """
-    inside = [t for t in pareto if t.values[1] <= max_cost and t.values[0] <= base_refusal / 2] \
+    ceiling = base_refusal / 2 if plain_refusal is None else min(base_refusal / 2, plain_refusal + REFUSAL_TIE)
+    inside = [t for t in pareto if t.values[1] <= max_cost and t.values[0] <= ceiling] \
         or [t for t in pareto if t.values[1] <= max_cost] or pareto[:1]
     if len(inside) <= n:
         return inside
     if n == 1:
-        lowest = min(t.values[0] for t in inside)
-        return [min((t for t in inside if t.values[0] <= lowest + REFUSAL_TIE), key=lambda t: t.values[1])]
+        target = min(t.values[0] for t in inside) if plain_refusal is None else max(
+            plain_refusal, min(t.values[0] for t in inside))
+        return [min((t for t in inside if t.values[0] <= target + REFUSAL_TIE), key=lambda t: t.values[1])]
     logs = {t.number: math.log(max(t.values[1], 1e-6)) for t in inside}
     low, high = min(logs.values()), max(logs.values())
     chosen: list[Any] = []
@@ -124,7 +128,7 @@ def with_an_ungated_finalist(searched: Searched, n: int, max_cost: float, base_r
     short on the judge there is no ungated alternative to store (on the builtin Qwen both finalists
     of a 45-minute run were gated).
     """
-    picked = pick_finalists(searched.pareto, n, max_cost, base_refusal)
+    picked = pick_finalists(searched.pareto, n, max_cost, base_refusal, searched.plain_refusal)
     ungated = [t for t in searched.complete if not t.params.get("gated") and t.values[1] <= max_cost]
     if n < 2 or not ungated or not all(t.params.get("gated") for t in picked):
         return picked

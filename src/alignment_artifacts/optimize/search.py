@@ -12,11 +12,20 @@ The space stops where the unconditional recipe already removes refusals: clamp c
 ordinary mean upwards and scales up to 1.3. Caps below the ordinary mean or scales near 2 steer
 every prompt hard; earlier searches chose them behind a gate because KL on ordinary prompts
 could not see what they did to borderline ones.
+
+A gate decides where to steer, not how much: a gated trial is the plain recipe behind a gate, and
+only the gate is searched. Behind a gate a weaker intervention costs nothing the screening sees,
+and what it costs on harmful prompts the judge cannot see either (on the builtin Qwen a gated clamp
+at scale 0.54, level 0.08 left 28 of 72 unseen harmful prompts not complied by a blind hand count,
+the plain recipe 16, where the judge agreed with the hand labels at kappa 0.075). And unseen harmful
+prompts sit lower on the direction than the search's own (``UNSEEN_HARMFUL_PLACE``), so screening
+lets a harmful prompt through a gate only with that margin, and counts one it misses as refused.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -31,13 +40,27 @@ from ..models.loading import LoadedModel
 from ..steering import MODES, Steering, SteeringConfig, gate_passes
 from ..steering.modes import ModeSpec, Param
 
-DEFAULT_MODES = ("clamp", "ablate")
+# Ablation alone by default: a clamp removes the direction only above its cap, which turns refusals into
+# evasions that the first-token proxy scores as removed and the judge cannot tell from answers. On the builtin
+# Qwen a 30-minute run chose an ungated clamp (scale 1.27, level 0.36) at 0.37x the plain recipe's collateral
+# KL that left 34 of 72 unseen harmful prompts not complied by a blind hand count, the plain recipe 14.
+DEFAULT_MODES = ("ablate",)
+SPACE_VERSION = 2  # part of a study's key: 2 put gates in front of the plain recipe only (1: behind any hooked mode)
 # where the search stops short of a knob's allowed range (see the module docstring), and each mode's scale
 SEARCH_RANGES = {"clamp_level": (0.0, 0.8)}
 SCALES = {"clamp": (0.5, 1.3)}
 ABLATION_SCALE = (0.3, 1.2)  # beyond ~1.2 ablation flips the projection's sign, and KL on unseen prompts jumps
-# where the seed points' gates sit: halfway between the ordinary and sensitive means (bench/gate_margins.py)
-SEED_GATE_LEVEL = 0.5
+GATE_LEVELS = (0.0, 0.6)  # where a gate may sit between the ordinary (0) and sensitive (1) means
+# where the seed points' gates sit (bench/gate_margins.py: on the builtin Qwen's training splits level 0.3
+# let every harmful search prompt through at layers 14-17, 31 of 32 at 18-24, and 21-53% of the safe
+# borderline prompts)
+SEED_GATE_LEVEL = 0.3
+# Screening lets a harmful prompt through a gate only if it would pass at this share of its place on the
+# scale (0 ordinary mean, 1 sensitive mean): a gate is only as good as the lowest harmful prompts it lets
+# through, and unseen ones sit lower. On the builtin Qwen's splits (bench/gate_margins.py) the 5th percentile
+# of the 39 harmful validation prompts' places was 0.67-0.92x the 32 search prompts' at gate layers 14-24
+# (the medians 0.52-0.62x); a gate at layer 14, level 0.5 let 31 of the 32 through but 64 of 72 from a third set.
+UNSEEN_HARMFUL_PLACE = 0.75
 
 
 def param_range(param: Param) -> tuple[float, float] | None:
@@ -94,12 +117,17 @@ class Space:
         return range(round(0.5 * self.n_layers), min(self.n_layers - 1, round(0.85 * self.n_layers)) + 1)
 
     def gated(self, mode: str) -> bool:
-        """Whether trials of ``mode`` may be gated: with gates, for every mode that steers by hooks."""
-        return self.gate and not MODES[mode].in_weights
+        """Whether trials of ``mode`` may be gated: with gates, those of the plain recipe's mode (a gated
+        trial is the plain recipe behind a gate; module docstring)."""
+        return self.gate and mode == self.plain_recipe()["mode"]
 
     def suggest(self, trial: Any) -> dict[str, Any]:
-        """A trial's parameters (Optuna's define-by-run)."""
+        """A trial's parameters (Optuna's define-by-run): a gate alone for a gated trial."""
         mode = trial.suggest_categorical("mode", list(self.modes)) if len(self.modes) > 1 else self.modes[0]
+        if self.gated(mode) and trial.suggest_categorical("gated", [False, True]):
+            gates = self.gate_layers
+            return {"mode": mode, "gated": True, "gate_layer": trial.suggest_int("gate_layer", gates[0], gates[-1]),
+                    "gate_level": trial.suggest_float("gate_level", *GATE_LEVELS)}
         layers = self.direction_layers
         params: dict[str, Any] = {"mode": mode,
                                   "direction_layer": trial.suggest_int("direction_layer", layers[0], layers[-1])}
@@ -112,17 +140,15 @@ class Space:
             low, high = bounds
             params[param.name] = (trial.suggest_int(param.name, int(low), int(high)) if param.integer
                                   else trial.suggest_float(param.name, low, high))
-        if self.gated(mode) and trial.suggest_categorical("gated", [False, True]):
-            gates = self.gate_layers
-            params.update(gated=True, gate_layer=trial.suggest_int("gate_layer", gates[0], gates[-1]),
-                          gate_level=trial.suggest_float("gate_level", 0.0, 0.6))
         params.update(kernel_centre=trial.suggest_float("kernel_centre", 0, self.n_layers - 1),
                       kernel_width=trial.suggest_float("kernel_width", 2, self.n_layers),
                       kernel_floor=trial.suggest_float("kernel_floor", 0.0, 1.0))
         return params
 
     def config(self, params: dict[str, Any], loaded: LoadedModel) -> SteeringConfig:
-        """The configuration a trial of this space describes."""
+        """The configuration a trial of this space describes (a gated one: the plain recipe behind its gate)."""
+        if params.get("gated"):
+            params = {**self.plain_recipe(), **params}
         return config_from_params(params, self.n_layers, loaded, self.modes[0], self.variants[0])
 
     def plain_recipe(self) -> dict[str, Any]:
@@ -139,10 +165,10 @@ class Space:
     def seeds(self) -> list[dict[str, Any]]:
         """Known starting points, in the order a short budget should try them: clamps sketching the
         trade-off (levels 0.3, 0.2 and 0.4 with the direction at 80% depth, 0.3 at 60% where that is
-        another layer), then (with gates) the 0.3 clamp gated at 75% depth, then the plain recipe (full
-        ablation with the 60% direction) and each other ablation at scale 1, each also gated at 75% depth
-        (with gates); all with the first direction variant, and each mode's first point with every other
-        variant. Seed gates sit at ``SEED_GATE_LEVEL``.
+        another layer), then the plain recipe (full ablation with the 60% direction), with gates also
+        behind a gate at 50% and at 75% depth, and each other ablation at scale 1; all with the first
+        direction variant, and each mode's first point with every other variant. Seed gates sit at
+        ``SEED_GATE_LEVEL``.
 
         The deeper direction comes first because it tells what the model refuses from what merely
         sounds sensitive better: on the builtin Qwen's training splits (a hand scan of 20 settings,
@@ -153,19 +179,19 @@ class Space:
         """
         flat = {k: v for k, v in self.plain_recipe().items() if k not in ("mode", "ablate_scale")}
         ungated = lambda mode: {"gated": False} if self.gated(mode) else {}  # noqa: E731
-        gate = {"gated": True, "gate_layer": self.depth(0.75, self.gate_layers), "gate_level": SEED_GATE_LEVEL}
         deep, mid = self.depth(0.8), self.depth(0.6)
         points = ((deep, 0.3), (deep, 0.2), (deep, 0.4)) + (((mid, 0.3),) if mid != deep else ())
         clamps = [{"clamp_scale": 1.0, "clamp_level": level, "direction_layer": layer, **ungated("clamp")}
                   for layer, level in points]
         seeds = {mode: clamps if mode == "clamp" else [{f"{mode}_scale": 1.0, **ungated(mode)}] for mode in self.modes}
-        for mode in self.modes:
-            if self.gated(mode):  # its first point (the 0.3 clamp of the deep direction, or scale 1), gated
-                seeds[mode].append({**seeds[mode][0], **gate})
         tag = lambda mode: {"mode": mode} if len(self.modes) > 1 else {}  # noqa: E731
         variant = lambda v: {"direction_variant": v} if len(self.variants) > 1 else {}  # noqa: E731
-        return ([{**tag(mode), **variant(self.variants[0]), **flat, **params}
-                 for mode in self.modes for params in seeds[mode]]
+        gate_layers = dict.fromkeys(self.depth(f, self.gate_layers) for f in (0.5, 0.75))
+        gated = {mode: [{**tag(mode), "gated": True, "gate_layer": layer, "gate_level": SEED_GATE_LEVEL}
+                        for layer in gate_layers] if self.gated(mode) else [] for mode in self.modes}
+        return ([point for mode in self.modes
+                 for point in [{**tag(mode), **variant(self.variants[0]), **flat, **params} for params in seeds[mode]]
+                 + gated[mode]]
                 + [{**tag(mode), **variant(v), **flat, **seeds[mode][0]} for v in self.variants[1:]
                    for mode in self.modes])
 
@@ -188,7 +214,8 @@ class Scorer:
 
     A gated configuration steers exactly as its ungated twin on the prompts its gate lets through
     and leaves the others bit-identical (tested in the steering tests), so a gated trial is scored
-    as that: the twin on the prompts that pass, the unmodified model on the rest. The gate's
+    as that: the twin on the prompts that pass, the unmodified model on the rest; harmful prompts pass
+    only with the margin of ``gate_level``, and one that does not counts as refused. The gate's
     decisions come from the unmodified model's last-token activations, captured once per group.
     ``directions`` holds one set per direction variant, all from the same prompts and site; a
     configuration is scored with its own variant's.
@@ -210,8 +237,11 @@ class Scorer:
     def score(self, config: SteeringConfig) -> Score:
         directions = self.directions[config.direction_variant]
         rows = {name: None if config.gate_layer is None else
-                self._passing(name, config.gate_layer, config.gate_level, directions) for name in self.texts}
-        odds = self.base_odds.clone()
+                self._passing(name, config.gate_layer, self.gate_level(name, config.gate_level), directions)
+                for name in self.texts}
+        # a harmful prompt a gate misses counts as refused: unsteered, it gets what the unmodified model does, and
+        # that the search prompts a gate misses are ones the model seldom refuses need not hold on unseen prompts
+        odds = self.base_odds.clone() if config.gate_layer is None else torch.full_like(self.base_odds, math.inf)
         kls = {name: torch.zeros(len(texts)) for name, texts in self.texts.items()}
         with Steering(replace(config, gate_layer=None), directions).apply(self.loaded):
             for name, texts in self.texts.items():
@@ -230,6 +260,12 @@ class Scorer:
         return Score(refusal=float(torch.sigmoid(odds).mean()), kl_ordinary=float(kls["ordinary"].mean()),
                      kl_collateral=float(collateral.mean()) if len(self.answered) else 0.0, odds=odds, opened=opened)
 
+    @staticmethod
+    def gate_level(group: str, level: float) -> float:
+        """The level a prompt of ``group`` must pass in screening: a harmful prompt's, as if it sat at
+        ``UNSEEN_HARMFUL_PLACE`` of its place (the scale is linear, so that is ``level`` divided by it)."""
+        return level / UNSEEN_HARMFUL_PLACE if group == "harmful" else level
+
     def _passing(self, name: str, layer: int, level: float, directions: DirectionSet) -> list[int]:
         if name not in self._last:  # the unmodified last-token activations at every candidate gate layer
             self._last[name] = last_token_states(self.loaded, self.texts[name], directions.site,
@@ -244,6 +280,7 @@ class Searched:
     study: Any
     complete: list[Any]
     pareto: list[Any]  # by refusal proxy, lowest first
+    plain_refusal: float | None = None  # the plain recipe's refusal proxy, where the study scored it (a seed)
 
 
 def run_search(loaded: LoadedModel, space: Space, scorer: Scorer, *, key: str, trials: int, timeout: float,
@@ -272,7 +309,9 @@ def run_search(loaded: LoadedModel, space: Space, scorer: Scorer, *, key: str, t
     complete = [t for t in study.trials if t.state.name == "COMPLETE"]
     if not complete:
         raise UserError("No trial finished within the time budget; raise --timeout.")
-    return Searched(study, complete, sorted(study.best_trials, key=lambda t: t.values[0]))
+    plain = space.config(space.plain_recipe(), loaded)
+    plain_refusal = next((t.values[0] for t in complete if space.config(t.params, loaded) == plain), None)
+    return Searched(study, complete, sorted(study.best_trials, key=lambda t: t.values[0]), plain_refusal)
 
 
 def open_study(loaded: LoadedModel, key: str, seed: int, resume: bool, n_startup: int) -> Any:
