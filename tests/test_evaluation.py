@@ -523,7 +523,8 @@ def test_a_single_finalist_is_the_cheapest_point_that_removes_refusals_as_the_pl
     assert numbers(pick_finalists(front, 1, 0.1, 0.8, plain_refusal=0.045)) == [2]  # within REFUSAL_TIE of it
     assert numbers(pick_finalists(front, 2, 0.1, 0.8, plain_refusal=0.05)) == [0, 2]  # a spread: none above it
     assert numbers(pick_finalists(front, 1, 0.1, 0.8, plain_refusal=0.3)) == [3]  # half the unmodified: a cap
-    assert numbers(pick_finalists(front, 1, 0.06, 0.8, plain_refusal=0.01)) == [1]  # nothing meets it: lowest
+    # nothing inside the cost budget meets it (0 does, at 0.09): the cheapest of the lowest inside
+    assert numbers(pick_finalists(front, 1, 0.06, 0.8, plain_refusal=0.005)) == [1]
 
 
 def test_the_search_records_the_plain_recipes_refusal_proxy(cache_root, prompt_files):

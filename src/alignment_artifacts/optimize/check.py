@@ -106,8 +106,8 @@ def pick_finalists(pareto: list[Any], n: int, max_cost: float, base_refusal: flo
     if len(inside) <= n:
         return inside
     if n == 1:
-        target = min(t.values[0] for t in inside) if plain_refusal is None else max(
-            plain_refusal, min(t.values[0] for t in inside))
+        lowest = min(t.values[0] for t in inside)
+        target = lowest if plain_refusal is None else max(plain_refusal, lowest)
         return [min((t for t in inside if t.values[0] <= target + REFUSAL_TIE), key=lambda t: t.values[1])]
     logs = {t.number: math.log(max(t.values[1], 1e-6)) for t in inside}
     low, high = min(logs.values()), max(logs.values())

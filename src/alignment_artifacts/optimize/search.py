@@ -181,8 +181,7 @@ class Space:
         ungated = lambda mode: {"gated": False} if self.gated(mode) else {}  # noqa: E731
         deep, mid = self.depth(0.8), self.depth(0.6)
         points = ((deep, 0.3), (deep, 0.2), (deep, 0.4)) + (((mid, 0.3),) if mid != deep else ())
-        clamps = [{"clamp_scale": 1.0, "clamp_level": level, "direction_layer": layer, **ungated("clamp")}
-                  for layer, level in points]
+        clamps = [{"clamp_scale": 1.0, "clamp_level": level, "direction_layer": layer} for layer, level in points]
         seeds = {mode: clamps if mode == "clamp" else [{f"{mode}_scale": 1.0, **ungated(mode)}] for mode in self.modes}
         tag = lambda mode: {"mode": mode} if len(self.modes) > 1 else {}  # noqa: E731
         variant = lambda v: {"direction_variant": v} if len(self.variants) > 1 else {}  # noqa: E731
