@@ -1,8 +1,8 @@
 """Bake the stored (or default) ablation into Qwen's weights and check the export.
 
 1. Exports an `hf` folder for the builtin Qwen model with directional ablation: the stored
-   `optimize` configuration when it is an `ablate` one (`optimize --modes ablate`), else plain
-   ablation at the default direction layer (clamp results are conditional, hooks only).
+   `optimize` configuration when it is an ungated `ablate` one (`optimize --modes ablate --no-gate`), else
+   plain ablation at the default direction layer (clamps and gates are conditional, hooks only).
 2. In a fresh process that imports only transformers, loads the folder and computes next-token
    logits on mild prompts; compares them with the hooked model in this process.
 Prints `max relative logit difference` (goal <= 1e-4 in float32). Needs about 3x the model's
@@ -55,7 +55,7 @@ def main() -> None:
         config = resolve_config(loaded, SteeringConfig.load(args.config))
     else:
         config = resolve_config(loaded, SteeringConfig(mode="auto"))
-        if config.mode != "ablate":
+        if config.mode != "ablate" or config.gate_layer is not None:
             config = resolve_config(loaded, SteeringConfig(mode="ablate"))
     directions = get_directions(loaded, config)
     out = args.out or os.path.join(tempfile.mkdtemp(prefix="aa-export-"), "ablated")
