@@ -28,9 +28,7 @@ from alignment_artifacts.optimize import OptimizeSettings, search_and_direction_
 from alignment_artifacts.optimize.search import Space
 from alignment_artifacts.prompts import resolve_prompts
 from alignment_artifacts.resolve import get_directions
-from alignment_artifacts.steering import SteeringConfig
-from alignment_artifacts.steering.gate import Gate
-from alignment_artifacts.steering.modes import mean_projection
+from alignment_artifacts.steering import SteeringConfig, gate_places
 from quality import DATA, harmful_files  # the same prompt files bench/quality.py gives optimize
 
 QUANTILES = (0.0, 0.05, 0.5, 0.95, 1.0)
@@ -69,12 +67,10 @@ def main() -> int:
           f"{directions.n_positive} harmful vs {directions.n_negative} ordinary prompts")
     print("groups: " + ", ".join(f"{name} {len(texts)}" for name, texts in groups.items()))
     for layer in layers:
-        u = Gate.from_directions(directions, layer, 0.0, torch.device("cpu")).u  # the gate's own unit direction
-        zero, one = (mean_projection(directions, layer, u, level) for level in (0.0, 1.0))
         print(f"\ngate layer {layer}: place on the scale (0 ordinary mean, 1 sensitive mean) "
               f"{' '.join(f'q{q:.2f}' for q in QUANTILES)} | pass at {' '.join(f'{x:.2f}' for x in levels)}")
         for name, by_layer in states.items():
-            place = (by_layer[layer] @ u - zero) / (one - zero)
+            place = gate_places(directions, layer, by_layer[layer])
             quantiles = place.quantile(torch.tensor(QUANTILES)).tolist()
             passing = [float((place > level).float().mean()) for level in levels]
             print(f"  {name:24} {' '.join(f'{q:5.2f}' for q in quantiles)} | "

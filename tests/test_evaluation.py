@@ -437,6 +437,51 @@ def test_optimize_charges_a_gate_for_the_borderline_prompts_it_steers(cache_root
     assert margin_mattered  # some level lets a harmful prompt through only without the margin
 
 
+def test_seed_gates_sit_at_the_highest_level_that_screening_lets_every_harmful_prompt_through(cache_root,
+                                                                                            prompt_files,
+                                                                                            monkeypatch):
+    """Per gate layer the refusal proxy is the plain recipe's up to the margin level and rises past it (a
+    missed harmful prompt counts as refused), while cost only falls with the level: so a short search
+    starts there."""
+    from alignment_artifacts.api import get_directions
+    from alignment_artifacts.optimize import search
+    from alignment_artifacts.optimize.search import GATE_LEVELS, Scorer, Space, run_search
+    from alignment_artifacts.steering import gate_places
+
+    # the tiny model's harmful prompts sit near 1 on the scale, where 0.75 of it is past the top of the range
+    monkeypatch.setattr(search, "UNSEEN_HARMFUL_PLACE", 0.5)
+
+    loaded = tiny_model("llama", layers=4)
+    harmful, harmless = prompt_files
+    directions = get_directions(loaded, SteeringConfig(mode="ablate"), source=f"{harmful},{harmless}",
+                                progress=False)
+    chat = lambda lines: [format_chat(loaded.tokenizer, t) for t in lines]  # noqa: E731
+    scorer = Scorer(loaded, chat(Path(harmful).read_text().splitlines()),
+                    chat(resolve_prompts("ordinary:train").texts[:6]),
+                    chat(resolve_prompts("borderline:train", label=0).filter(label=0).texts[:6]), 4,
+                    {"mean_diff": directions}, range(2, 4))
+    space = Space(4, ("ablate",), gate=True)
+    plain = space.config(space.plain_recipe(), loaded)
+    plain_refusal = scorer.score(plain).refusal
+    inside = 0
+    for layer in (2, 3):
+        level = scorer.margin_level(layer, "mean_diff")
+        assert GATE_LEVELS[0] <= level <= GATE_LEVELS[1] and level == round(level, 2)
+        lowest = float(gate_places(directions, layer, scorer._states("harmful")[layer]).min())
+        gated = lambda x, at=layer: scorer.score(replace(plain, gate_layer=at, gate_level=x)).refusal  # noqa: E731
+        if GATE_LEVELS[0] < level < GATE_LEVELS[1]:
+            inside += 1
+            assert level < search.UNSEEN_HARMFUL_PLACE * lowest <= level + 0.01
+            assert gated(level) == pytest.approx(plain_refusal, abs=1e-6)  # all pass: the plain recipe
+            assert gated(level + 0.01) > plain_refusal + 1 / len(scorer.texts["harmful"]) - 1e-3  # one missed
+    assert inside  # the tiny model's harmful prompts sit where the grid has room on some layer
+    searched = run_search(loaded, space, scorer, key="margin", trials=3, timeout=60, seed=0, resume=False,
+                          progress=False)
+    gated_seeds = [t.params for t in searched.complete if t.params.get("gated")]
+    assert [(p["gate_layer"], p["gate_level"]) for p in gated_seeds] == \
+        [(layer, scorer.margin_level(layer, "mean_diff")) for layer in space.seed_gate_layers]
+
+
 def test_optimize_searches_per_prompt_gates_unless_told_not_to(cache_root, prompt_files):
     """A gated trial is the plain recipe behind a gate: only the gate is searched."""
     import optuna
@@ -475,14 +520,14 @@ def test_only_the_plain_recipe_is_gated(cache_root, prompt_files):
     import optuna
 
     from alignment_artifacts.cache import cache_dir
-    from alignment_artifacts.optimize.search import SEED_GATE_LEVEL, Space
+    from alignment_artifacts.optimize.search import Space
 
     space = Space(4, ("clamp", "ablate", "ablate_weight_norm"), gate=True)
-    seeds = space.seeds()
+    seeds = space.seeds({2: 0.15, 3: 0.25})
     assert [(s["mode"], s.get("gated")) for s in seeds] == [("clamp", None)] * 4 + [
         ("ablate", False), ("ablate", True), ("ablate", True), ("ablate_weight_norm", None)]
-    assert seeds[5:7] == [{"mode": "ablate", "gated": True, "gate_layer": layer, "gate_level": SEED_GATE_LEVEL}
-                          for layer in (2, 3)]
+    assert seeds[5:7] == [{"mode": "ablate", "gated": True, "gate_layer": 2, "gate_level": 0.15},
+                          {"mode": "ablate", "gated": True, "gate_layer": 3, "gate_level": 0.25}]
     assert not any(s.get("gated") for s in Space(4, ("clamp", "ablate"), gate=False).seeds())
     loaded = tiny_model("llama", layers=4)
     optimize(loaded, _optimize_settings(prompt_files, trials=12, modes=list(space.modes), finalists=1),
@@ -542,7 +587,8 @@ def test_the_search_records_the_plain_recipes_refusal_proxy(cache_root, prompt_f
                     {"mean_diff": directions}, range(2, 4))
     for modes, plain_scored in ((("clamp", "ablate"), True), (("clamp",), False)):
         space = Space(4, modes, gate=True)
-        searched = run_search(loaded, space, scorer, key=f"plain-{len(modes)}", trials=len(space.seeds()),
+        trials = len(space.seeds(dict.fromkeys(space.seed_gate_layers, 0.0)))
+        searched = run_search(loaded, space, scorer, key=f"plain-{len(modes)}", trials=trials,
                               timeout=120, seed=0, resume=False, progress=False)
         plain = space.config(space.plain_recipe(), loaded)
         expected = [t.values[0] for t in searched.complete if space.config(t.params, loaded) == plain]

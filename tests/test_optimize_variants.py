@@ -46,7 +46,8 @@ def test_optimize_searches_modes_and_variants_and_auto_applies_the_stored_varian
 
     loaded = tiny_model("llama", layers=4)
     modes = ["ablate_weight_norm", "ablate"]
-    seeds = Space(4, tuple(modes), True, tuple(VARIANTS)).seeds()
+    space = Space(4, tuple(modes), True, tuple(VARIANTS))
+    seeds = space.seeds(dict.fromkeys(space.seed_gate_layers, 0.0))
     settings = _settings(prompt_files, modes=modes, direction_variants=VARIANTS, trials=len(seeds))
     result = optimize(loaded, settings, progress=False)
     config = SteeringConfig.from_json(result.config)

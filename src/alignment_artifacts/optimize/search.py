@@ -37,7 +37,7 @@ from ..errors import UserError
 from ..evaluation import first_logits, kl_divergence, refusal_log_odds, refusal_opening_ids
 from ..evaluation.passes import last_token_states
 from ..models.loading import LoadedModel
-from ..steering import MODES, Steering, SteeringConfig, gate_passes
+from ..steering import MODES, Steering, SteeringConfig, gate_passes, gate_places
 from ..steering.modes import ModeSpec, Param
 
 # Ablation alone by default: a clamp removes the direction only above its cap, which turns refusals into
@@ -51,10 +51,6 @@ SEARCH_RANGES = {"clamp_level": (0.0, 0.8)}
 SCALES = {"clamp": (0.5, 1.3)}
 ABLATION_SCALE = (0.3, 1.2)  # beyond ~1.2 ablation flips the projection's sign, and KL on unseen prompts jumps
 GATE_LEVELS = (0.0, 0.6)  # where a gate may sit between the ordinary (0) and sensitive (1) means
-# where the seed points' gates sit (bench/gate_margins.py: on the builtin Qwen's training splits level 0.3
-# let every harmful search prompt through at layers 14-17, 31 of 32 at 18-24, and 21-53% of the safe
-# borderline prompts)
-SEED_GATE_LEVEL = 0.3
 # Screening lets a harmful prompt through a gate only if it would pass at this share of its place on the
 # scale (0 ordinary mean, 1 sensitive mean): a gate is only as good as the lowest harmful prompts it lets
 # through, and unseen ones sit lower. On the builtin Qwen's splits (bench/gate_margins.py) the 5th percentile
@@ -162,13 +158,19 @@ class Space:
         layers = layers or self.direction_layers
         return min(max(round(fraction * self.n_layers), layers[0]), layers[-1])
 
-    def seeds(self) -> list[dict[str, Any]]:
+    @property
+    def seed_gate_layers(self) -> list[int]:
+        """Where the seed points' gates sit: at 50% and at 75% depth."""
+        return list(dict.fromkeys(self.depth(f, self.gate_layers) for f in (0.5, 0.75)))
+
+    def seeds(self, gate_levels: dict[int, float] | None = None) -> list[dict[str, Any]]:
         """Known starting points, in the order a short budget should try them: clamps sketching the
         trade-off (levels 0.3, 0.2 and 0.4 with the direction at 80% depth, 0.3 at 60% where that is
         another layer), then the plain recipe (full ablation with the 60% direction), with gates also
-        behind a gate at 50% and at 75% depth, and each other ablation at scale 1; all with the first
-        direction variant, and each mode's first point with every other variant. Seed gates sit at
-        ``SEED_GATE_LEVEL``.
+        behind a gate at each of ``seed_gate_layers``, and each other ablation at scale 1; all with the
+        first direction variant, and each mode's first point with every other variant. ``gate_levels``:
+        each seed gate layer's level (``Scorer.margin_level``: the cheapest the screening allows there
+        without a refusal more), needed where a mode is gated.
 
         The deeper direction comes first because it tells what the model refuses from what merely
         sounds sensitive better: on the builtin Qwen's training splits (a hand scan of 20 settings,
@@ -185,9 +187,9 @@ class Space:
         seeds = {mode: clamps if mode == "clamp" else [{f"{mode}_scale": 1.0, **ungated(mode)}] for mode in self.modes}
         tag = lambda mode: {"mode": mode} if len(self.modes) > 1 else {}  # noqa: E731
         variant = lambda v: {"direction_variant": v} if len(self.variants) > 1 else {}  # noqa: E731
-        gate_layers = dict.fromkeys(self.depth(f, self.gate_layers) for f in (0.5, 0.75))
-        gated = {mode: [{**tag(mode), "gated": True, "gate_layer": layer, "gate_level": SEED_GATE_LEVEL}
-                        for layer in gate_layers] if self.gated(mode) else [] for mode in self.modes}
+        levels = gate_levels or {}
+        gated = {mode: [{**tag(mode), "gated": True, "gate_layer": layer, "gate_level": levels[layer]}
+                        for layer in self.seed_gate_layers] if self.gated(mode) else [] for mode in self.modes}
         return ([point for mode in self.modes
                  for point in [{**tag(mode), **variant(self.variants[0]), **flat, **params} for params in seeds[mode]]
                  + gated[mode]]
@@ -259,17 +261,32 @@ class Scorer:
         return Score(refusal=float(torch.sigmoid(odds).mean()), kl_ordinary=float(kls["ordinary"].mean()),
                      kl_collateral=float(collateral.mean()) if len(self.answered) else 0.0, odds=odds, opened=opened)
 
+    def margin_level(self, layer: int, variant: str) -> float:
+        """The highest gate level (on a 0.01 grid inside ``GATE_LEVELS``) at which screening lets every harmful
+        search prompt through a gate at ``layer``. At one layer the refusal proxy is the plain recipe's up to
+        there and rises past it (a missed prompt counts as refused), while cost falls as the level rises: so
+        this is the cheapest gate there that refuses no more, the point a short search should start from."""
+        directions = self.directions[variant]
+        lowest = float(gate_places(directions, layer, self._states("harmful")[layer]).min())
+        level = math.floor(100 * UNSEEN_HARMFUL_PLACE * lowest - 1e-9) / 100  # strictly below: a gate passes "above"
+        return min(max(level, GATE_LEVELS[0]), GATE_LEVELS[1])
+
     @staticmethod
     def gate_level(group: str, level: float) -> float:
         """The level a prompt of ``group`` must pass in screening: a harmful prompt's, as if it sat at
         ``UNSEEN_HARMFUL_PLACE`` of its place (the scale is linear, so that is ``level`` divided by it)."""
         return level / UNSEEN_HARMFUL_PLACE if group == "harmful" else level
 
+    def _states(self, name: str) -> dict[int, torch.Tensor]:
+        """The unmodified last-token activations of a group at every candidate gate layer (captured once)."""
+        if name not in self._last:
+            site = next(iter(self.directions.values())).site
+            self._last[name] = last_token_states(self.loaded, self.texts[name], site, list(self.gate_layers),
+                                                 self.batch)
+        return self._last[name]
+
     def _passing(self, name: str, layer: int, level: float, directions: DirectionSet) -> list[int]:
-        if name not in self._last:  # the unmodified last-token activations at every candidate gate layer
-            self._last[name] = last_token_states(self.loaded, self.texts[name], directions.site,
-                                                 list(self.gate_layers), self.batch)
-        return gate_passes(directions, layer, level, self._last[name][layer]).nonzero().flatten().tolist()
+        return gate_passes(directions, layer, level, self._states(name)[layer]).nonzero().flatten().tolist()
 
 
 @dataclass
@@ -287,7 +304,10 @@ def run_search(loaded: LoadedModel, space: Space, scorer: Scorer, *, key: str, t
     """Minimise (refusal proxy, cost) over ``space`` until ``trials`` trials of the study have finished or
     ``timeout`` seconds have passed; a fresh study starts from the space's seed points. ``study``: one this
     process already searched, continued as it is (reopening it would restart its sampler's random stream)."""
-    seeds = space.seeds()
+    variant = space.variants[0]
+    gated = any(space.gated(mode) for mode in space.modes)
+    seeds = space.seeds({layer: scorer.margin_level(layer, variant) for layer in space.seed_gate_layers}
+                        if gated else None)
     study = study or open_study(loaded, key, seed, resume, n_startup=len(seeds) + 4)
 
     def objective(trial: Any) -> tuple[float, float]:

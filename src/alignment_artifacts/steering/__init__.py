@@ -13,11 +13,12 @@ The path of one steered prompt, and how to add a mode: docs/steering-modes.md.
 """
 
 from .config import CONFIG_VERSION, SteeringConfig
-from .gate import Gate, gate_passes
+from .gate import Gate, gate_passes, gate_places
 from .modes import MODES, PARAMS, STEERING_MODES, ModeSpec, Param, Term, format_advice, mode_spec
 from .value import Steering, SteeringHandle, apply_steering
 
 __all__ = [
     "CONFIG_VERSION", "MODES", "PARAMS", "STEERING_MODES", "Gate", "ModeSpec", "Param", "Steering",
-    "SteeringConfig", "SteeringHandle", "Term", "apply_steering", "format_advice", "gate_passes", "mode_spec",
+    "SteeringConfig", "SteeringHandle", "Term", "apply_steering", "format_advice", "gate_passes", "gate_places",
+    "mode_spec",
 ]

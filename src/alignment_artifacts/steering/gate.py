@@ -180,6 +180,15 @@ class Gate:
             self._direct, self.phase, self.deciding = False, None, False
 
 
+def gate_places(directions: DirectionSet, layer: int, last_token: torch.Tensor) -> torch.Tensor:
+    """Each prompt's place on a gate's scale at ``layer`` (0 the ordinary mean, 1 the sensitive mean), from
+    the unmodified model's last-token activations there [n, hidden]: a gate at ``level`` lets through the
+    prompts placed above it."""
+    gate = Gate.from_directions(directions, layer, 0.0, last_token.device)
+    one = mean_projection(directions, layer, gate.u, 1.0)
+    return (as_f32(last_token) @ gate.u - gate.cap) / (one - gate.cap)
+
+
 def gate_passes(directions: DirectionSet, layer: int, level: float, last_token: torch.Tensor) -> torch.Tensor:
     """Which prompts a gate at ``layer`` and ``level`` lets through, from the unmodified model's
     last-token activations there [n, hidden] (what the gate itself compares)."""
