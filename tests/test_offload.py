@@ -149,3 +149,18 @@ def test_layers_executing_on_gpu_and_cpu(config, twins):
         got = real_logits(mixed.model, mixed.tokenizer)
     torch.testing.assert_close(got.cpu(), expected, atol=1e-4, rtol=1e-4)
     assert handle.interventions() == expected_handle.interventions()
+
+
+def test_an_offloaded_run_uses_only_the_memory_of_the_device_asked_for(monkeypatch):
+    """accelerate's "auto" fills every GPU it sees first: "--device cpu --offload-folder" on a GPU machine must
+    stay off the GPUs, and "cuda:1" off GPU 0."""
+    import accelerate.utils
+
+    from alignment_artifacts.models.loading import dispatch_options
+
+    monkeypatch.setattr(accelerate.utils, "get_max_memory", lambda: {0: 80, 1: 70, "cpu": 64})
+    assert dispatch_options("cpu", offload=True) == {"device_map": "auto", "max_memory": {"cpu": 64}}
+    assert dispatch_options("cuda:1", offload=True) == {"device_map": "auto", "max_memory": {1: 70, "cpu": 64}}
+    assert dispatch_options("cuda", offload=True) == dispatch_options("cuda", offload=False) == {"device_map": "auto"}
+    assert dispatch_options("cuda:1", offload=False) == {"device_map": {"": "cuda:1"}}
+    assert dispatch_options("cpu", offload=False) == {}

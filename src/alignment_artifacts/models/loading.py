@@ -214,16 +214,27 @@ def _from_pretrained(source: str, device: str, dtype: torch.dtype, quantization:
     quant = _quantization_config(quantization, device)
     if quant is not None:
         options["quantization_config"] = quant
-    if device.startswith("cuda"):
-        options["device_map"] = "auto" if device == "cuda" else {"": device}
-    if options.get("offload_folder"):  # accelerate fills the GPUs, then CPU RAM, then this folder
-        options.setdefault("device_map", "auto")
+    options.update(dispatch_options(device, bool(options.get("offload_folder"))))
     model: Any = AutoModelForCausalLM.from_pretrained(source, **options)  # type: ignore[call-arg,arg-type]
     if "device_map" not in options:
         model.to(device)
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def dispatch_options(device: str, offload: bool) -> dict[str, Any]:
+    """accelerate's placement for ``device``: every GPU for "cuda"; with an offload folder, what does not fit
+    on the device goes to CPU RAM, then to the folder. accelerate's "auto" alone fills every GPU it sees
+    first, so an offloaded "cpu" or "cuda:N" run names the memory it may use."""
+    if device == "cuda":
+        return {"device_map": "auto"}
+    if not offload:
+        return {"device_map": {"": device}} if device.startswith("cuda:") else {}
+    from accelerate.utils import get_max_memory
+
+    own: Any = int(device.split(":")[1]) if device.startswith("cuda:") else device
+    return {"device_map": "auto", "max_memory": {k: v for k, v in get_max_memory().items() if k in (own, "cpu")}}
 
 
 def _check_model_folder(folder: Path) -> None:
