@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import pytest
 import torch
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -42,19 +43,26 @@ def tiny_tokenizer() -> Any:
     return fast
 
 
-def tiny_config(family: str, layers: int = 4, hidden: int = 64) -> Any:
-    import transformers as tf
+def config_class(name: str) -> Any:
+    """A config class of the installed transformers; a family an older release lacks skips the test."""
+    import transformers
 
+    cls = getattr(transformers, name, None)
+    if cls is None:
+        pytest.skip(f"transformers {transformers.__version__} has no {name}")
+    return cls
+
+
+def tiny_config(family: str, layers: int = 4, hidden: int = 64) -> Any:
     vocab = len(tiny_tokenizer())
     common: dict[str, Any] = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
                                   num_attention_heads=4, intermediate_size=hidden * 2,
                                   max_position_embeddings=256, pad_token_id=0, eos_token_id=2, bos_token_id=1,
                                   tie_word_embeddings=False)
-    llama_like = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config,
-                  "qwen3": tf.Qwen3Config, "phi3": tf.Phi3Config, "exaone": tf.ExaoneConfig,
-                  "internlm3": tf.InternLM3Config, "cohere": tf.CohereConfig, "granite": tf.GraniteConfig,
-                  "starcoder2": tf.Starcoder2Config, "olmo2": tf.Olmo2Config, "olmo3": tf.Olmo3Config,
-                  "exaone4": tf.Exaone4Config}
+    llama_like = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
+                  "phi3": "Phi3Config", "exaone": "ExaoneConfig", "internlm3": "InternLM3Config",
+                  "cohere": "CohereConfig", "granite": "GraniteConfig", "starcoder2": "Starcoder2Config",
+                  "olmo2": "Olmo2Config", "olmo3": "Olmo3Config", "exaone4": "Exaone4Config"}
     if family in llama_like:
         extra: dict[str, Any] = {"num_key_value_heads": 2}
         if family in ("qwen3", "internlm3", "exaone4"):
@@ -63,50 +71,51 @@ def tiny_config(family: str, layers: int = 4, hidden: int = 64) -> Any:
             extra.update(residual_multiplier=0.3, embedding_multiplier=2.0)
         if family in ("olmo3", "exaone4"):
             extra["sliding_window"] = 16
-        return llama_like[family](**common, **extra)
+        return config_class(llama_like[family])(**common, **extra)
     if family in MOE_FAMILIES:
         return _moe_config(family, common, hidden)
     if family == "phi":  # parallel attention and MLP, biased projections
-        return tf.PhiConfig(**common, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0)
+        return config_class("PhiConfig")(**common, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0)
     if family == "falcon":  # parallel attention and MLP, biased projections
-        return tf.FalconConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-                               bias=True, parallel_attn=True, ffn_hidden_size=hidden * 2, pad_token_id=0,
-                               eos_token_id=2, bos_token_id=1, tie_word_embeddings=False)
+        return config_class("FalconConfig")(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                                            num_attention_heads=4, bias=True, parallel_attn=True,
+                                            ffn_hidden_size=hidden * 2, pad_token_id=0, eos_token_id=2,
+                                            bos_token_id=1, tie_word_embeddings=False)
     if family in ("gemma", "gemma2", "gemma3_text"):
-        cls = {"gemma": tf.GemmaConfig, "gemma2": tf.Gemma2Config, "gemma3_text": tf.Gemma3TextConfig}[family]
+        names = {"gemma": "GemmaConfig", "gemma2": "Gemma2Config", "gemma3_text": "Gemma3TextConfig"}
+        cls = config_class(names[family])
         extra = {"num_key_value_heads": 2, "head_dim": hidden // 4}
         if family != "gemma":
             extra.update(sliding_window=16, query_pre_attn_scalar=hidden // 4)
         return cls(**common, **extra)
     if family == "gpt2":
-        return tf.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=256,
-                             pad_token_id=0, eos_token_id=2, bos_token_id=1, resid_pdrop=0.0, embd_pdrop=0.0,
-                             attn_pdrop=0.0)
+        return config_class("GPT2Config")(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4,
+                                          n_positions=256, pad_token_id=0, eos_token_id=2, bos_token_id=1,
+                                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     if family == "gpt_neox":
-        return tf.GPTNeoXConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
-                                num_attention_heads=4, intermediate_size=hidden * 2, max_position_embeddings=256,
-                                pad_token_id=0, eos_token_id=2, bos_token_id=1, use_parallel_residual=True,
-                                tie_word_embeddings=False)
+        return config_class("GPTNeoXConfig")(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                                             num_attention_heads=4, intermediate_size=hidden * 2,
+                                             max_position_embeddings=256, pad_token_id=0, eos_token_id=2,
+                                             bos_token_id=1, use_parallel_residual=True, tie_word_embeddings=False)
     raise ValueError(family)
 
 
 def _moe_config(family: str, common: dict[str, Any], hidden: int) -> Any:
     """Four experts, two per token, expert width unlike the hidden size (so a transposed layout shows)."""
-    import transformers as tf
-
     base = dict(common, num_key_value_heads=2, num_experts_per_tok=2)
     if family == "qwen2_moe":  # shared expert; layer 1 is a dense MLP
-        return tf.Qwen2MoeConfig(**base, num_experts=4, moe_intermediate_size=hidden // 2,
-                                 shared_expert_intermediate_size=hidden, mlp_only_layers=[1])
+        return config_class("Qwen2MoeConfig")(**base, num_experts=4, moe_intermediate_size=hidden // 2,
+                                              shared_expert_intermediate_size=hidden, mlp_only_layers=[1])
     if family == "qwen3_moe":
-        return tf.Qwen3MoeConfig(**base, num_experts=4, moe_intermediate_size=hidden // 2, head_dim=hidden // 4)
+        return config_class("Qwen3MoeConfig")(**base, num_experts=4, moe_intermediate_size=hidden // 2,
+                                              head_dim=hidden // 4)
     if family == "olmoe":
-        return tf.OlmoeConfig(**base, num_experts=4)
+        return config_class("OlmoeConfig")(**base, num_experts=4)
     if family == "mixtral":
-        return tf.MixtralConfig(**base, num_local_experts=4)
+        return config_class("MixtralConfig")(**base, num_local_experts=4)
     if family == "gpt_oss":  # fused [experts, inter, hidden] down projection with a bias
-        return tf.GptOssConfig(**base, num_local_experts=4, head_dim=hidden // 4, sliding_window=16,
-                               rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+        return config_class("GptOssConfig")(**base, num_local_experts=4, head_dim=hidden // 4, sliding_window=16,
+                                            rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     raise ValueError(family)
 
 
