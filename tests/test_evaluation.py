@@ -468,12 +468,14 @@ def test_seed_gates_sit_at_the_highest_level_that_screening_lets_every_harmful_p
         level = scorer.margin_level(layer, "mean_diff")
         assert GATE_LEVELS[0] <= level <= GATE_LEVELS[1] and level == round(level, 2)
         lowest = float(gate_places(directions, layer, scorer._states("harmful")[layer]).min())
-        gated = lambda x, at=layer: scorer.score(replace(plain, gate_layer=at, gate_level=x)).refusal  # noqa: E731
+        gated = lambda x, at=layer: scorer.score(replace(plain, gate_layer=at, gate_level=x))  # noqa: E731
         if GATE_LEVELS[0] < level < GATE_LEVELS[1]:
             inside += 1
             assert level < search.UNSEEN_HARMFUL_PLACE * lowest <= level + 0.01
-            assert gated(level) == pytest.approx(plain_refusal, abs=1e-6)  # all pass: the plain recipe
-            assert gated(level + 0.01) > plain_refusal + 1 / len(scorer.texts["harmful"]) - 1e-3  # one missed
+            at, above, below = gated(level), gated(level + 0.01), gated(level - 0.2)
+            assert at.refusal == pytest.approx(plain_refusal, abs=1e-6)  # all pass: the plain recipe
+            assert above.refusal > plain_refusal + 1 / len(scorer.texts["harmful"]) - 1e-3  # one missed
+            assert below.cost >= at.cost >= above.cost  # a lower gate lets more ordinary and borderline through
     assert inside  # the tiny model's harmful prompts sit where the grid has room on some layer
     searched = run_search(loaded, space, scorer, key="margin", trials=3, timeout=60, seed=0, resume=False,
                           progress=False)
