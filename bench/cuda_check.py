@@ -13,7 +13,8 @@ and prints, half precision against float32 on the same GPU:
 * greedy generation, batched against one prompt at a time: tokens that agree (float32, plain and ablated).
 
 Random weights make the directions meaningless as safety directions; the numerics are what is measured.
-Prints one line per check and a JSON summary (``--out``). Needs a CUDA GPU.
+Prints one line per check and a JSON summary (``--out``). Needs a CUDA GPU. The model folder is kept (its
+path is printed) for the other benches, e.g. ``bench/steer.py --model FOLDER``.
 """
 
 from __future__ import annotations
@@ -85,8 +86,8 @@ def main() -> int:
     full = load_model(str(folder), device=args.device, dtype="float32")
     half = load_model(str(folder), device=args.device, dtype="bfloat16" if args.device == "cpu" else args.dtype)
     gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else "none"
-    results: dict[str, Any] = {"gpu": gpu, "torch": torch.__version__,
-                               "half": half.info.dtype, "hidden": args.hidden, "layers": args.layers}
+    results: dict[str, Any] = {"gpu": gpu, "torch": torch.__version__, "half": half.info.dtype,
+                               "hidden": args.hidden, "layers": args.layers, "folder": str(folder)}
     print(json.dumps(results), flush=True)
     directions = {m.info.dtype: get_directions(m, SteeringConfig(mode="ablate"), progress=False)
                   for m in (full, half)}
